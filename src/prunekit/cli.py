@@ -1,0 +1,263 @@
+"""The ``prunekit`` command line: train, eval, prune, methods, models, datasets, bench.
+
+Errors caused by the user (unknown names, missing data, bad checkpoints,
+impossible targets) print one clear message and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prunekit.errors import PrunekitError
+
+EXIT_USAGE = 2
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--dataset", required=required, help="dataset name (see `prunekit datasets`)")
+    p.add_argument("--data-dir", default=None, help="where the dataset lives (else $PRUNEKIT_DATA, cache, ...)")
+    p.add_argument("--no-download", action="store_true", help="never try to download the dataset")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--eval-batch-size", type=int, default=512)
+    p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _setup_runtime(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def load_data(args: argparse.Namespace, name: str | None = None) -> tuple[Any, Any]:
+    from prunekit.data import get_dataset
+
+    name = name or args.dataset
+    kw = {"data_dir": args.data_dir, "download": not getattr(args, "no_download", False)}
+    return get_dataset(name, "train", **kw), get_dataset(name, "test", **kw)
+
+
+def _test_loader(test_ds: Any, args: argparse.Namespace, device: str) -> Any:
+    from prunekit.data import BatchLoader
+
+    return BatchLoader(test_ds, batch_size=args.eval_batch_size, device=device)
+
+
+def summarize(model: Any, test_ds: Any, args: argparse.Namespace, device: str, reference: Any = None) -> dict:
+    from prunekit.metrics import model_summary
+
+    info = test_ds.info
+    return model_summary(model, (info.in_channels, info.image_size, info.image_size),
+                         loader=_test_loader(test_ds, args, device), reference=reference,
+                         latency=not args.no_latency)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def print_metrics(m: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(m, indent=2, sort_keys=True, default=str))
+        return
+    for k in ("top1", "top5", "base_top1", "agreement", "params", "nonzero_params", "flops", "effective_flops",
+              "compression", "flops_speedup", "latency_speedup", "prune_seconds"):
+        if k in m and m[k] is not None:
+            v = m[k]
+            print(f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v:,}" if isinstance(v, int) else
+                  f"{k:>16}: {v}")
+    if "latency_ms" in m and isinstance(m["latency_ms"], dict):
+        lat = ", ".join(f"batch {k}: {v:.2f} ms" for k, v in m["latency_ms"].items()
+                        if k not in ("threads", "device") and isinstance(v, (int, float)))
+        print(f"{'latency':>16}: {lat} ({m['latency_ms'].get('threads')} threads)")
+
+
+# -------------------------------------------------------------------------------------------- commands
+def cmd_models(args: argparse.Namespace) -> int:
+    from prunekit.models import get_model_info, list_models
+
+    rows = [{"name": n, "family": get_model_info(n).family, "description": get_model_info(n).description}
+            for n in list_models()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['name']:<16} {r['family']:<10} {r['description']}")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from prunekit.data import list_datasets
+
+    for n in list_datasets():
+        print(n)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from prunekit.data import BatchLoader
+    from prunekit.io import save
+    from prunekit.models import create_model_for_dataset, get_model_info
+    from prunekit.train import TrainConfig, Trainer, config_dict
+
+    _setup_runtime(args)
+    device = _device(args.device)
+    get_model_info(args.model)  # fail fast on an unknown model, before loading data
+    train_ds, test_ds = load_data(args)
+    model_kw = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    torch.manual_seed(args.seed)
+    model = create_model_for_dataset(args.model, train_ds.info, **model_kw)
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
+                      weight_decay=args.weight_decay, schedule=args.schedule, label_smoothing=args.label_smoothing,
+                      temperature=args.temperature, channels_last=args.channels_last, amp=args.amp,
+                      warmup_epochs=args.warmup_epochs, seed=args.seed)
+    loader = BatchLoader(train_ds, batch_size=args.batch_size, shuffle=True, augment=not args.no_augment,
+                         seed=args.seed, drop_last=True, device=device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(model, cfg, loader, val_loader=_test_loader(test_ds, args, device) if args.eval_every else None,
+                      device=device, checkpoint_dir=out / "train_state", resume=args.resume,
+                      log_dir=out / "tb" if args.tensorboard else None, progress=not args.quiet)
+    t0 = time.time()
+    history = trainer.fit()
+    seconds = time.time() - t0
+    model.to("cpu").eval()
+    if args.channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    metrics = summarize(model, test_ds, args, "cpu")
+    metrics.update({"model": args.model, "dataset": args.dataset, "seed": args.seed, "epochs": args.epochs,
+                    "train_seconds": round(seconds, 1)})
+    save(model, out / "model.pt", meta={"dataset": args.dataset, "train_config": config_dict(cfg),
+                                         "history": history, "metrics": metrics})
+    metrics["file_size"] = (out / "model.pt").stat().st_size
+    write_json(out / "metrics.json", metrics)
+    print_metrics(metrics, False)
+    print(f"wrote {out / 'model.pt'} and {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from prunekit.io import load
+
+    _setup_runtime(args)
+    model = load(args.checkpoint)
+    meta = getattr(model, "prunekit_meta", {})
+    dataset = args.dataset or meta.get("dataset")
+    if not dataset:
+        raise PrunekitError("the checkpoint does not record its dataset: pass --dataset")
+    args.dataset = dataset
+    _, test_ds = load_data(args)
+    metrics = summarize(model.eval(), test_ds, args, _device(args.device))
+    metrics.update({"checkpoint": str(args.checkpoint), "dataset": dataset,
+                    "file_size": Path(args.checkpoint).stat().st_size})
+    print_metrics(metrics, args.json)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    from prunekit._version import __version__
+
+    p = argparse.ArgumentParser(prog="prunekit", description="Prune PyTorch networks and measure the result.")
+    p.add_argument("--version", action="version", version=f"prunekit {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("models", help="list the model zoo")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_models)
+
+    s = sub.add_parser("datasets", help="list the datasets")
+    s.set_defaults(fn=cmd_datasets)
+
+    s = sub.add_parser("train", help="train a zoo model; writes OUT/model.pt and OUT/metrics.json")
+    s.add_argument("--model", required=True)
+    _add_data_args(s)
+    s.add_argument("--epochs", type=float, default=1)
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--lr", type=float, default=0.1)
+    s.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
+    s.add_argument("--momentum", type=float, default=0.9)
+    s.add_argument("--weight-decay", type=float, default=5e-4)
+    s.add_argument("--schedule", default="cosine", choices=["cosine", "step", "onecycle", "constant"])
+    s.add_argument("--warmup-epochs", type=float, default=0.0)
+    s.add_argument("--label-smoothing", type=float, default=0.0)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--channels-last", action="store_true")
+    s.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    s.add_argument("--no-augment", action="store_true")
+    s.add_argument("--eval-every", action="store_true", help="evaluate on the test split after every epoch")
+    s.add_argument("--resume", action="store_true", help="resume from OUT/train_state/last.pt")
+    s.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to OUT/tb")
+    s.add_argument("--model-kwargs", default=None, help='JSON options for the model, e.g. \'{"width": 2}\'')
+    _add_runtime_args(s)
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("eval", help="evaluate a checkpoint")
+    s.add_argument("--checkpoint", required=True)
+    _add_data_args(s, required=False)
+    s.add_argument("--json", action="store_true")
+    _add_runtime_args(s)
+    s.set_defaults(fn=cmd_eval)
+
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return p
+
+
+# Later modules (prune, methods, bench) add their sub-commands here.
+_EXTRA_COMMANDS: list[Any] = []
+
+
+def _register_extra_commands() -> None:
+    try:
+        from prunekit.cli_prune import add_commands
+    except ImportError:
+        return
+    _EXTRA_COMMANDS.append(add_commands)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _register_extra_commands()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.fn(args) or 0)
+    except PrunekitError as e:
+        print(f"prunekit: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("prunekit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

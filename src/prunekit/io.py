@@ -1,0 +1,253 @@
+"""Saving and loading (pruned) models without pickled classes.
+
+A checkpoint is a plain dictionary of tensors, numbers and strings that
+``torch.load(..., weights_only=True)`` accepts:
+
+``format``/``format_version``
+    identify the file as a prunekit checkpoint;
+``arch``
+    the zoo name and constructor options (``model.prunekit_config``);
+``modules``
+    a spec (type + constructor arguments) of every layer whose shape or type is
+    not what the constructor builds -- what pruning changed. Loading builds the
+    architecture, then replays these specs, then loads the state dict strictly.
+    Pruned models are thus "the original architecture plus recorded shapes";
+``state_dict``
+    the weights (masks baked in);
+``masks``
+    the boolean masks of masked (reversible) pruning, re-applied on load;
+``meta``
+    free-form JSON-like metadata (dataset, metrics, pruning report, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from prunekit._version import __version__
+from prunekit.errors import CheckpointError
+
+FORMAT = "prunekit-checkpoint"
+FORMAT_VERSION = 1
+
+# Integer attributes of custom modules that pruning may change (e.g. attention heads).
+_SHAPE_ATTRS = ("num_heads", "head_dim", "embed_dim", "dim", "hidden_dim", "in_features", "out_features")
+
+
+def _conv_spec(m: nn.modules.conv._ConvNd) -> dict[str, Any]:
+    return {
+        "in_channels": m.in_channels,
+        "out_channels": m.out_channels,
+        "kernel_size": list(m.kernel_size),
+        "stride": list(m.stride),
+        "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
+        "dilation": list(m.dilation),
+        "groups": m.groups,
+        "bias": m.bias is not None,
+        "padding_mode": m.padding_mode,
+    }
+
+
+def _bn_spec(m: nn.modules.batchnorm._BatchNorm) -> dict[str, Any]:
+    return {
+        "num_features": m.num_features,
+        "eps": m.eps,
+        "momentum": m.momentum,
+        "affine": m.affine,
+        "track_running_stats": m.track_running_stats,
+    }
+
+
+# type name -> (class, spec function). Extended by `register_module_spec`.
+_SPECS: dict[str, tuple[type[nn.Module], Callable[[nn.Module], dict[str, Any]]]] = {
+    "Conv1d": (nn.Conv1d, _conv_spec),
+    "Conv2d": (nn.Conv2d, _conv_spec),
+    "Linear": (nn.Linear, lambda m: {"in_features": m.in_features, "out_features": m.out_features,
+                                     "bias": m.bias is not None}),
+    "BatchNorm1d": (nn.BatchNorm1d, _bn_spec),
+    "BatchNorm2d": (nn.BatchNorm2d, _bn_spec),
+    "LayerNorm": (nn.LayerNorm, lambda m: {"normalized_shape": list(m.normalized_shape), "eps": m.eps,
+                                           "elementwise_affine": m.elementwise_affine,
+                                           "bias": getattr(m, "bias", None) is not None}),
+    "GroupNorm": (nn.GroupNorm, lambda m: {"num_groups": m.num_groups, "num_channels": m.num_channels,
+                                           "eps": m.eps, "affine": m.affine}),
+    "Identity": (nn.Identity, lambda m: {}),
+    "Sequential": (nn.Sequential, lambda m: {}),
+}
+
+
+def register_module_spec(cls: type[nn.Module], spec_fn: Callable[[nn.Module], dict[str, Any]]) -> None:
+    """Let checkpoints rebuild instances of ``cls`` (``cls(**spec_fn(module))`` must recreate it)."""
+    _SPECS[cls.__name__] = (cls, spec_fn)
+
+
+def module_spec(m: nn.Module) -> dict[str, Any] | None:
+    """The spec of one module (type, constructor args, shape attributes), or None for an unknown type."""
+    name = type(m).__name__
+    entry = _SPECS.get(name)
+    spec: dict[str, Any] = {"type": name}
+    if entry is not None and type(m) is entry[0]:
+        spec["args"] = entry[1](m)
+    attrs = {a: getattr(m, a) for a in _SHAPE_ATTRS if isinstance(getattr(m, a, None), int)
+             and not isinstance(getattr(m, a), bool)}
+    if entry is None and not attrs:
+        return None
+    if attrs and entry is None:
+        spec["attrs"] = attrs
+    return spec
+
+
+def _model_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    out = {}
+    for path, m in model.named_modules():
+        if path and (s := module_spec(m)) is not None:
+            out[path] = s
+    return out
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+
+
+def _effective_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """State dict with parametrizations / prune masks folded in, plus the masks themselves."""
+    from prunekit.surgery.masks import baked_state_and_masks  # local: surgery imports io
+
+    return baked_state_and_masks(model)
+
+
+def save(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
+    """Save ``model`` (pruned or not) to ``path`` atomically; returns the path.
+
+    The model must come from :func:`prunekit.create_model` (or :func:`load`), so that
+    its architecture can be rebuilt without pickling its class.
+    """
+    model = _unwrap(model)
+    cfg = getattr(model, "prunekit_config", None)
+    if cfg is None:
+        raise CheckpointError(
+            "prunekit.save needs a model built by prunekit.create_model (it records the architecture in "
+            "model.prunekit_config); for other models save model.state_dict() with torch.save"
+        )
+    state, masks = _effective_state_dict(model)
+    base = _build_base(cfg)
+    base_specs = _model_specs(base)
+    changed = {p: s for p, s in _model_specs(model).items() if base_specs.get(p) != s}
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "prunekit_version": __version__,
+        "arch": cfg,
+        "modules": changed,
+        "state_dict": {k: v.detach().cpu() for k, v in state.items()},
+        "masks": {k: v.detach().cpu() for k, v in masks.items()},
+        "meta": meta or {},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _build_base(cfg: dict[str, Any]) -> nn.Module:
+    from prunekit.models import create_model
+
+    return create_model(cfg["name"], num_classes=cfg["num_classes"], in_channels=cfg["in_channels"],
+                        **cfg.get("kwargs", {}))
+
+
+def _build_module(spec: dict[str, Any], path: str) -> nn.Module:
+    entry = _SPECS.get(spec.get("type", ""))
+    if entry is None:
+        raise CheckpointError(f"checkpoint layer {path!r} has type {spec.get('type')!r}, which this version "
+                              f"of prunekit cannot rebuild (known: {', '.join(sorted(_SPECS))})")
+    args = dict(spec.get("args", {}))
+    for k in ("kernel_size", "stride", "dilation", "normalized_shape"):
+        if isinstance(args.get(k), list):
+            args[k] = tuple(args[k])
+    if isinstance(args.get("padding"), list):
+        args["padding"] = tuple(args["padding"])
+    if spec["type"] == "LayerNorm" and not args.get("bias", True) and torch.__version__ < "2.1":
+        args.pop("bias")
+    return entry[0](**args)
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and validate a checkpoint file (``weights_only=True``) without building the model."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint (corrupt, truncated, or a pickled "
+                              f"object that weights_only loading refuses): {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        hint = ""
+        if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+            hint = (" It looks like a bare state_dict: build the model with prunekit.create_model(...) and call "
+                    "model.load_state_dict(torch.load(path, weights_only=True)).")
+        raise CheckpointError(f"{str(path)!r} is not a prunekit checkpoint.{hint}")
+    if int(payload.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{str(path)!r} was written by a newer prunekit (format "
+                              f"{payload.get('format_version')}); upgrade prunekit to read it")
+    return payload
+
+
+def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -> nn.Module:
+    """Rebuild the model stored in a checkpoint dictionary (see :func:`read_checkpoint`)."""
+    from prunekit.errors import UnknownNameError
+
+    try:
+        model = _build_base(payload["arch"])
+    except (UnknownNameError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{source}: cannot rebuild its architecture {payload.get('arch')!r}: {e}") from None
+    # replay parents before children so that replaced containers get their children afterwards
+    for path, spec in sorted(payload.get("modules", {}).items(), key=lambda kv: kv[0].count(".")):
+        try:
+            current = model.get_submodule(path)
+        except AttributeError:
+            current = None
+        if "args" in spec or current is None:
+            if current is None or module_spec(current) != spec:
+                _set_submodule(model, path, _build_module(spec, path))
+        for a, v in spec.get("attrs", {}).items():
+            setattr(model.get_submodule(path), a, v)
+    masks = payload.get("masks", {})
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source}: weights do not match the recorded architecture: "
+                              f"{str(e).splitlines()[0]}") from None
+    if masks:
+        from prunekit.surgery.masks import apply_masks_
+
+        apply_masks_(model, masks)
+    model.prunekit_meta = payload.get("meta", {})
+    return model
+
+
+def load(path: str | os.PathLike) -> nn.Module:
+    """Load a model saved by :func:`save`; ``model.prunekit_meta`` holds its metadata."""
+    return model_from_checkpoint(read_checkpoint(path), source=repr(str(path)))

@@ -1,0 +1,1 @@
+"""Plans and surgery: masks, coupled-channel removal, low-rank replacement."""

@@ -1,0 +1,330 @@
+"""The training loop every prunekit workflow uses (base training, fine-tuning, prune-and-train).
+
+Callbacks see the trainer after every batch and epoch: the Koopman trajectory
+recorder and prune-and-train rounds plug in there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from prunekit.errors import PrunekitError
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (all plain values: it is saved with results)."""
+
+    epochs: float = 1
+    lr: float = 0.1
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: Literal["cosine", "step", "onecycle", "constant"] = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)  # step schedule: fractions of the run
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    temperature: float = 1.0  # logits are divided by it in the loss
+    channels_last: bool = False
+    amp: bool = False  # mixed precision, CUDA only
+    grad_clip: float | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.epochs <= 0:
+            raise PrunekitError(f"epochs must be > 0, got {self.epochs}")
+        if self.lr <= 0:
+            raise PrunekitError(f"lr must be > 0, got {self.lr}")
+        if self.temperature <= 0:
+            raise PrunekitError(f"temperature must be > 0, got {self.temperature}")
+        for name, choices in (("optimizer", ("sgd", "adam", "adamw")),
+                              ("schedule", ("cosine", "step", "onecycle", "constant"))):
+            if getattr(self, name) not in choices:
+                raise PrunekitError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+
+
+class Callback(Protocol):
+    """Hooks called by :class:`Trainer`; implement any subset (missing ones are skipped)."""
+
+    def on_train_begin(self, trainer: Trainer) -> None: ...
+    def on_batch_end(self, trainer: Trainer, loss: float) -> None: ...
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None: ...
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = list(params)
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]  # no weight decay on BN/LN/biases
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_factor(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base learning rate at optimisation ``step`` of ``total``."""
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "onecycle":
+        up = max(1, int(0.3 * total))
+        if step < up:
+            return 0.04 + 0.96 * step / up
+        t = (step - up) / max(1, total - up)
+        return 0.5 * (1 + math.cos(math.pi * t)) * (1 - 4e-4) + 4e-4
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    if cfg.schedule == "step":
+        return cfg.gamma ** sum(t >= m for m in cfg.milestones)
+    return 1.0
+
+
+class Trainer:
+    """Train ``model`` on ``train_loader`` for ``cfg.epochs`` epochs.
+
+    ``checkpoint_dir``: a ``last.pt`` is written after every epoch and training resumes
+    from it when ``resume=True``. ``optimizer``: pass one to keep its state across
+    prune-and-train rounds. ``log_dir``: TensorBoard scalars when tensorboard is installed.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        train_loader: Any,
+        val_loader: Any = None,
+        callbacks: Iterable[Any] = (),
+        device: str | torch.device = "cpu",
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = False,
+        log_dir: str | os.PathLike | None = None,
+        progress: bool = True,
+        optimizer: torch.optim.Optimizer | None = None,
+        keep_initial_weights: bool = False,
+    ):
+        cfg.validate()
+        self.cfg, self.model = cfg, model
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.callbacks = list(callbacks)
+        self.device = torch.device(device)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.progress = progress
+        self.history: list[dict[str, Any]] = []
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimisation steps taken
+        self.stop = False  # a callback may set it
+        self.last_loss = float("nan")
+        self.model.to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.initial_state = ({k: v.detach().clone() for k, v in model.state_dict().items()}
+                              if keep_initial_weights else None)
+        seed_everything(cfg.seed)
+        self.optimizer = optimizer or make_optimizer(model.parameters(), cfg)
+        self.base_lrs = [g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups]
+        for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            g["initial_lr"] = lr
+        self.use_amp = cfg.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if self.use_amp else None
+        self._tb = self._make_tb(log_dir)
+        if resume and self.checkpoint_dir and (self.checkpoint_dir / "last.pt").exists():
+            self._load_state(self.checkpoint_dir / "last.pt")
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @staticmethod
+    def _make_tb(log_dir: Any) -> Any:
+        if not log_dir:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard not installed: scalars go to history.json only
+            return None
+        return SummaryWriter(str(log_dir))
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(self, *args)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.train_loader))
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, int(round(self.cfg.epochs * self.steps_per_epoch)))
+
+    def set_lr(self) -> float:
+        f = lr_factor(self.cfg, self.step, self.total_steps, self.steps_per_epoch)
+        for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = lr * f
+        return self.base_lrs[0] * f
+
+    def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits / self.cfg.temperature, y, label_smoothing=self.cfg.label_smoothing)
+
+    def reset_optimizer(self, keep_state: bool = False) -> None:
+        """Rebuild the optimiser after the model's parameters changed (e.g. pruning)."""
+        old = self.optimizer
+        self.optimizer = make_optimizer(self.model.parameters(), self.cfg)
+        for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            g["initial_lr"] = lr
+        if keep_state:
+            for p in self.model.parameters():
+                if p in old.state:
+                    st = old.state[p]
+                    if all(not torch.is_tensor(v) or v.shape in (p.shape, torch.Size([])) for v in st.values()):
+                        self.optimizer.state[p] = st
+
+    # -- checkpointing -----------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": json.dumps(self.history),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def save_state(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(self._state(), tmp)
+        os.replace(tmp, path)
+
+    def _load_state(self, path: Path) -> None:
+        st = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(st["model"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.epoch, self.step = int(st["epoch"]), int(st["step"])
+        self.history = json.loads(st["history"])
+        torch.set_rng_state(st["torch_rng"].cpu())
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def train_epoch(self) -> dict[str, Any]:
+        model, dev = self.model, self.device
+        model.train()
+        if hasattr(self.train_loader, "set_epoch"):
+            self.train_loader.set_epoch(self.epoch)
+        n_batches = self.steps_per_epoch
+        budget = self.total_steps - self.step  # fractional last epoch
+        tot_loss, tot_correct, tot_n, t0 = 0.0, 0, 0, time.time()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=min(n_batches, budget), desc=f"epoch {self.epoch + 1}", leave=False, dynamic_ncols=True)
+        for i, (x, y) in enumerate(self.train_loader):
+            if i >= budget or self.stop:
+                break
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            if self.cfg.channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            lr = self.set_lr()
+            with torch.autocast(dev.type, dtype=torch.float16, enabled=self.use_amp):
+                logits = model(x)
+                loss = self.loss_fn(logits, y)
+            if not torch.isfinite(loss):
+                raise PrunekitError(f"training diverged (loss={loss.item()}) at epoch {self.epoch + 1} step "
+                                    f"{self.step}; lower the learning rate (now {lr:.4g})")
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+            if self.cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.step += 1
+            self.last_loss = loss.item()
+            tot_loss += self.last_loss * len(y)
+            tot_correct += (logits.argmax(1) == y).sum().item()
+            tot_n += len(y)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{lr:.3g}")
+            self._call("on_batch_end", self.last_loss)
+            if self._tb is not None:
+                self._tb.add_scalar("train/loss", self.last_loss, self.step)
+        if bar is not None:
+            bar.close()
+        return {"train_loss": tot_loss / max(1, tot_n), "train_top1": tot_correct / max(1, tot_n),
+                "seconds": time.time() - t0, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def evaluate(self, loader: Any = None) -> dict[str, Any]:
+        from prunekit.metrics import evaluate
+
+        return evaluate(self.model, loader or self.val_loader, device=self.device)
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Run the remaining epochs; returns the per-epoch history."""
+        self._call("on_train_begin")
+        n_epochs = math.ceil(self.cfg.epochs)
+        while self.epoch < n_epochs and self.step < self.total_steps and not self.stop:
+            record = {"epoch": self.epoch + 1, **self.train_epoch()}
+            self.epoch += 1
+            if self.val_loader is not None:
+                ev = self.evaluate()
+                record.update({"val_top1": ev["top1"], "val_top5": ev["top5"]})
+            self.history.append(record)
+            if self._tb is not None:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k != "epoch":
+                        self._tb.add_scalar(f"epoch/{k}", v, self.epoch)
+            if self.progress:
+                msg = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+                print(msg, flush=True)
+            self._call("on_epoch_end", record)
+            if self.checkpoint_dir is not None:
+                self.save_state(self.checkpoint_dir / "last.pt")
+        self._call("on_train_end")
+        if self._tb is not None:
+            self._tb.flush()
+        return self.history
+
+
+def train(model: nn.Module, train_loader: Any, cfg: TrainConfig | None = None, **kwargs: Any) -> list[dict]:
+    """Convenience wrapper: ``Trainer(model, cfg, train_loader, **kwargs).fit()``."""
+    return Trainer(model, cfg or TrainConfig(), train_loader, **kwargs).fit()
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["milestones"] = list(d["milestones"])
+    return d
+
+
+__all__ = ["TrainConfig", "Trainer", "Callback", "train", "make_optimizer", "lr_factor", "seed_everything",
+           "config_dict"]
