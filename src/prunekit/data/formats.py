@@ -182,7 +182,9 @@ def load_cifar(
 # --------------------------------------------------------------------------- image folders
 
 
-def list_image_folder(split_dir: Path, classes: Sequence[str] | None = None) -> tuple[list[str], list[Path], np.ndarray]:
+def list_image_folder(
+    split_dir: Path, classes: Sequence[str] | None = None
+) -> tuple[list[str], list[Path], np.ndarray]:
     """Files of an image-folder split ``split_dir/<class>/<image>``, sorted by class then file name.
 
     ``classes`` fixes the class list (e.g. taken from the train split); by default the sorted
@@ -218,7 +220,7 @@ def _to_array(data: bytes | str, where: str) -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-            if im.mode in ("L", "1", "I;16", "I", "F") or (im.mode == "P" and _palette_is_gray(im)):
+            if im.mode in ("L", "LA", "1", "I;16", "I", "F") or (im.mode == "P" and _palette_is_gray(im)):
                 im = im.convert("L")
             elif im.mode != "RGB":
                 im = im.convert("RGB")
@@ -260,7 +262,11 @@ def _pool_map(fn: Callable[[Any], Any], jobs: list[Any], workers: int) -> list[A
     if workers <= 1 or len(jobs) <= 1:
         return [fn(j) for j in jobs]
     method = "fork" if "fork" in mp.get_all_start_methods() else None
-    with mp.get_context(method).Pool(workers) as pool:
+    try:
+        pool = mp.get_context(method).Pool(workers)
+    except (AssertionError, OSError, ValueError):  # e.g. inside a daemonic worker process: decode here
+        return [fn(j) for j in jobs]
+    with pool:
         return pool.map(fn, jobs)
 
 
@@ -291,7 +297,9 @@ def decode_image_tar(tar_path: Path, prefix: str = "", workers: int | None = Non
     """Decode every image file under ``prefix`` in a tarball without unpacking it: ``{member: array}``."""
     workers = default_workers() if workers is None else workers
     try:
-        parts = _pool_map(_decode_tar_part, [(str(tar_path), prefix, i, workers) for i in range(workers)], workers)
+        parts = _pool_map(
+            _decode_tar_part, [(str(tar_path), prefix, i, workers) for i in range(workers)], workers
+        )
     except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as e:
         raise DatasetFormatError(f"cannot read archive {tar_path}: {e}") from None
     out: dict[str, np.ndarray] = {}

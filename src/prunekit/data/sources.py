@@ -44,7 +44,7 @@ log = logging.getLogger("prunekit.data")
 #: System-wide dataset directories searched last (Debian's ``dataset-*`` packages install here).
 SYSTEM_ROOTS: list[Path] = [Path("/usr/share/datasets")]
 #: Seconds urllib waits for a connection / for each read before giving up.
-DOWNLOAD_TIMEOUT = 15.0
+DOWNLOAD_TIMEOUT = 10.0
 #: Bumped whenever the layout of the decoded ``.npz`` cache files changes.
 CACHE_FORMAT_VERSION = 1
 
@@ -138,7 +138,7 @@ def _safe(name: str) -> str:
 
 
 def decoded_cache_path(dataset: str, split: str, fp: tuple[str, str]) -> Path:
-    """Cache file for the decoded arrays of ``dataset``/``split`` read from sources with fingerprint ``fp``."""
+    """Cache file for the decoded arrays of ``dataset``/``split`` from sources with fingerprint ``fp``."""
     return cache_dir() / "decoded" / f"{_safe(dataset)}-{split}-{fp[0]}-{fp[1]}.npz"
 
 
@@ -154,6 +154,7 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray], *, prune_stale: bool 
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; the cache is ordinary user data
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -170,7 +171,7 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray], *, prune_stale: bool 
 
 
 def load_arrays(path: Path, keys: Sequence[str] | None = None) -> dict[str, np.ndarray] | None:
-    """Load (only ``keys`` of) a cache file written by :func:`save_arrays`; None when missing or unreadable."""
+    """Load (only ``keys`` of) a cache file written by :func:`save_arrays`; None if missing/unreadable."""
     if not path.is_file():
         return None
     try:
@@ -205,20 +206,18 @@ def download_file(
     """
     dest = Path(dest)
     timeout = DOWNLOAD_TIMEOUT if timeout is None else timeout
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DownloadError(f"cannot create {dest.parent}: {_describe(e)}") from None
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
     h = hashlib.sha256() if sha256 else hashlib.md5(usedforsecurity=False) if md5 else None
     log.info("downloading %s -> %s", url, dest)
     try:
         req = urllib.request.Request(url, headers={"User-Agent": "prunekit"})
-        with urllib.request.urlopen(req, timeout=timeout) as resp, open(tmp, "wb") as f:
-            while chunk := resp.read(1 << 20):
-                f.write(chunk)
-                if h is not None:
-                    h.update(chunk)
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    if h is not None:
+                        h.update(chunk)
         if h is not None:
             want = (sha256 or md5 or "").lower()
             if h.hexdigest() != want:

@@ -124,6 +124,7 @@ class Trainer:
         resume: bool = False,
         log_dir: str | os.PathLike | None = None,
         progress: bool = True,
+        log_epochs: bool = True,
         optimizer: torch.optim.Optimizer | None = None,
         keep_initial_weights: bool = False,
     ):
@@ -134,6 +135,7 @@ class Trainer:
         self.device = torch.device(device)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.progress = progress
+        self.log_epochs = log_epochs
         self.history: list[dict[str, Any]] = []
         self.epoch = 0  # epochs completed
         self.step = 0  # optimisation steps taken
@@ -303,7 +305,7 @@ class Trainer:
                 for k, v in record.items():
                     if isinstance(v, (int, float)) and k != "epoch":
                         self._tb.add_scalar(f"epoch/{k}", v, self.epoch)
-            if self.progress:
+            if self.log_epochs:
                 msg = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
                 print(msg, flush=True)
             self._call("on_epoch_end", record)

@@ -1,0 +1,123 @@
+"""``prunekit bench``: run, resume, shard and merge benchmark sweeps.
+
+Usage::
+
+    prunekit bench EXPERIMENT_OR_PRESET --out DIR [--set key=value ...] [--shard i/n] [--methods a,b]
+    prunekit bench merge OUT1 OUT2 ... --out DIR     # merge results (dedupe by cell id), rebuild the report
+    prunekit bench report OUT                        # rebuild report.md and the plots of OUT
+    prunekit bench list                              # the bundled presets
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from prunekit.errors import PrunekitError
+
+_KEYWORDS = ("merge", "report", "list")
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add the ``bench`` sub-command to the ``prunekit`` parser's sub-parsers."""
+    s = subparsers.add_parser(
+        "bench", help="run a benchmark sweep (method x target x seed); also `bench merge`, `bench report`",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("experiment", metavar="EXPERIMENT_OR_PRESET",
+                   help="an experiment YAML file or a bundled preset name (see `prunekit bench list`); "
+                        "or one of: merge, report, list")
+    s.add_argument("inputs", nargs="*", metavar="DIR", help="for merge / report: result directories")
+    s.add_argument("--out", help="output directory (results.jsonl/csv, config.yaml, report.md, plots/)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (dotted key, YAML value), e.g. --set finetune.epochs=0.5; repeatable")
+    s.add_argument("--shard", default=None, metavar="I/N", help="run only the I-th of N deterministic slices")
+    s.add_argument("--methods", default=None, help="comma-separated method names or labels to run")
+    s.add_argument("--retry-failed", action="store_true", help="recompute cells recorded as failed")
+    s.add_argument("--dry-run", action="store_true", help="list the cells that would run and exit")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(fn=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.experiment == "list":
+        return _cmd_list()
+    if args.experiment == "merge":
+        return _cmd_merge(args)
+    if args.experiment == "report":
+        return _cmd_report(args)
+    if args.inputs:
+        raise PrunekitError(f"unexpected argument(s) {' '.join(args.inputs)} (did you mean "
+                            f"`prunekit bench merge {' '.join(args.inputs)} --out DIR`?)")
+    if not args.out:
+        raise PrunekitError("prunekit bench needs --out DIR")
+    from prunekit.bench.config import load_experiment
+    from prunekit.bench.runner import Runner, parse_shard
+
+    exp = load_experiment(args.experiment, args.overrides)
+    shard = parse_shard(args.shard)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    runner = Runner(exp, args.out, progress=not args.quiet, retry_failed=args.retry_failed,
+                    source=_source(args.experiment), overrides=args.overrides)
+    if args.dry_run:
+        cells = runner.cells(shard, methods)
+        for c in cells:
+            print(f"{c.cell_id}  {c.label:<20} {c.target:<12} seed={c.seed}")
+        print(f"{len(cells)} cell(s)")
+        return 0
+    s = runner.run(shard=shard, methods=methods)
+    print(f"bench: {s.total} cell(s): {s.ok} ok, {s.failed} failed, {s.skipped} skipped, "
+          f"{s.done_before} already done; {s.seconds:.0f} s")
+    print(f"bench: results in {Path(args.out) / 'results.csv'}, report in {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def _source(experiment: str) -> str:
+    return experiment if Path(experiment).is_file() else f"preset:{experiment}"
+
+
+def _cmd_list() -> int:
+    from prunekit.bench.config import list_presets, read_experiment_file
+
+    for name in list_presets():
+        doc, _ = read_experiment_file(name)
+        print(f"{name:<20} {doc.get('description', '')}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from prunekit.bench.results import merge
+    from prunekit.bench.runner import build_outputs
+
+    if not args.inputs or not args.out:
+        raise PrunekitError("usage: prunekit bench merge OUT1 OUT2 ... --out DIR")
+    out = Path(args.out)
+    rows = merge([Path(p) for p in args.inputs], out)
+    _copy_config(args.inputs, out)
+    build_outputs(out)
+    print(f"bench: merged {len(rows)} cell(s) from {len(args.inputs)} director(ies) into {out}")
+    return 0
+
+
+def _copy_config(inputs: list[str], out: Path) -> None:
+    if (out / "config.yaml").exists():
+        return
+    for d in inputs:
+        src = Path(d) / "config.yaml"
+        if src.is_file():
+            (out / "config.yaml").write_text(src.read_text())
+            return
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from prunekit.bench.runner import build_outputs
+
+    dirs = args.inputs or ([args.out] if args.out else [])
+    if len(dirs) != 1:
+        raise PrunekitError("usage: prunekit bench report OUT")
+    for p in build_outputs(Path(dirs[0])):
+        print(p)
+    return 0
+
+
+__all__ = ["add_commands", "cmd_bench"]

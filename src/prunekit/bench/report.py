@@ -1,0 +1,190 @@
+"""``report.md``: one table per target (methods x metrics, mean ± std over seeds), the Pareto front."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prunekit.bench.results import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED
+
+#: (row key, column title, higher is better, format)
+TABLE_COLUMNS: tuple[tuple[str, str, bool, str], ...] = (
+    ("top1_pruned", "top-1 pruned %", True, "pct"),
+    ("top1_finetuned", "top-1 fine-tuned %", True, "pct"),
+    ("agreement_final", "agreement %", True, "pct"),
+    ("flops_speedup", "FLOPs ×", True, "x"),
+    ("latency_speedup_b1", "latency × b1", True, "x"),
+    ("latency_speedup_b64", "latency × b64", True, "x"),
+    ("compression", "compression ×", True, "x"),
+    ("prune_seconds", "prune s", False, "s"),
+)
+AGG_KEYS = tuple(k for k, *_ in TABLE_COLUMNS) + ("top1_final", "dense_flops_speedup", "params_nonzero",
+                                                  "flops_effective", "agreement_pruned", "agreement_finetuned")
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def target_sort_key(target: str) -> tuple[str, float]:
+    kind, _, value = target.partition("=")
+    try:
+        return kind, float(value)
+    except ValueError:
+        return kind, math.inf
+
+
+def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and std over seeds of every metric, per (method label, target), for successful cells."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("status") == STATUS_OK:
+            groups.setdefault((r.get("label") or r["method"], r["target"]), []).append(r)
+    out = []
+    for (label, target), rs in groups.items():
+        agg: dict[str, Any] = {"label": label, "target": target, "method": rs[0]["method"],
+                               "granularity": rs[0].get("granularity"), "n": len(rs),
+                               "target_kind": rs[0].get("target_kind"), "target_value": rs[0].get("target_value")}
+        for k in AGG_KEYS:
+            vals = [x for x in (_num(r.get(k)) for r in rs) if x is not None]
+            agg[k] = statistics.fmean(vals) if vals else None
+            agg[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else (0.0 if vals else None)
+        out.append(agg)
+    out.sort(key=lambda a: (target_sort_key(a["target"]), a["label"]))
+    return out
+
+
+def pareto_front(points: Sequence[dict[str, Any]], x: str = "flops_speedup", y: str = "top1_final"
+                 ) -> list[dict[str, Any]]:
+    """The points no other point beats in both ``x`` and ``y`` (higher is better), sorted by ``x``."""
+    pts = [p for p in points if _num(p.get(x)) is not None and _num(p.get(y)) is not None]
+    front = []
+    for p in pts:
+        dominated = any(q is not p and q[x] >= p[x] and q[y] >= p[y] and (q[x] > p[x] or q[y] > p[y]) for q in pts)
+        if not dominated:
+            front.append(p)
+    return sorted(front, key=lambda p: (p[x], -p[y]))
+
+
+def _fmt(v: float | None, std: float | None, kind: str, with_std: bool) -> str:
+    if v is None:
+        return "–"
+    if kind == "pct":
+        s = f"{100 * v:.2f}"
+        sd = f"{100 * std:.2f}" if std is not None else None
+    elif kind == "x":
+        s = f"{v:.2f}"
+        sd = f"{std:.2f}" if std is not None else None
+    else:
+        s = f"{v:.2f}" if v < 100 else f"{v:.0f}"
+        sd = (f"{std:.2f}" if v < 100 else f"{std:.0f}") if std is not None else None
+    return f"{s} ± {sd}" if with_std and sd is not None else s
+
+
+def _table(aggs: list[dict[str, Any]]) -> list[str]:
+    cols = [c for c in TABLE_COLUMNS if any(a.get(c[0]) is not None for a in aggs)]
+    multi_seed = any(a["n"] > 1 for a in aggs)
+    best: dict[str, float] = {}
+    for key, _, higher, _ in cols:
+        vals = [a[key] for a in aggs if a.get(key) is not None]
+        if vals:
+            best[key] = max(vals) if higher else min(vals)
+    header = "| method | seeds | " + " | ".join(c[1] for c in cols) + " |"
+    lines = [header, "|" + "---|" * (len(cols) + 2)]
+    for a in sorted(aggs, key=lambda a: -(a.get("top1_final") or -1)):
+        cells = []
+        for key, _, _, kind in cols:
+            text = _fmt(a.get(key), a.get(key + "_std"), kind, multi_seed)
+            if a.get(key) is not None and key in best and math.isclose(a[key], best[key], rel_tol=1e-9, abs_tol=1e-12):
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append(f"| {a['label']} | {a['n']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_report(rows: Sequence[dict[str, Any]]) -> str:
+    """The markdown report of a set of result rows."""
+    ok = [r for r in rows if r.get("status") == STATUS_OK]
+    failed = [r for r in rows if r.get("status") == STATUS_FAILED]
+    skipped = [r for r in rows if r.get("status") == STATUS_SKIPPED]
+    ref = ok[0] if ok else (rows[0] if rows else {})
+    lines = [f"# Benchmark: {ref.get('experiment', '')}", ""]
+    if ref:
+        lines += [
+            f"- model **{ref.get('model')}** on **{ref.get('dataset')}**; "
+            f"cells: {len(ok)} ok, {len(failed)} failed, {len(skipped)} skipped",
+            f"- fine-tuning budget (identical for every method): {ref.get('finetune_epochs')} epoch(s) at "
+            f"lr {ref.get('finetune_lr')}",
+            f"- machine: {ref.get('machine', ref.get('cpu', '?'))}; torch threads {ref.get('threads', '?')}; "
+            f"device {ref.get('device', '?')}; prunekit {ref.get('prunekit_version', '?')}, "
+            f"torch {ref.get('torch_version', '?')}",
+        ]
+    if ok:
+        b = ok[0]
+        lat = ", ".join(f"b{k[len('latency_b'):-len('_base_ms')]} {b[k]:.3f} ms" for k in sorted(b)
+                        if k.startswith("latency_b") and k.endswith("_base_ms") and _num(b[k]) is not None)
+        lines.append(f"- base model: top-1 {100 * b['top1_base']:.2f} %, top-5 {100 * (b.get('top5_base') or 0):.2f} %, "
+                     f"{b.get('params_base', 0):,} parameters, {b.get('flops_base', 0):,} MACs"
+                     + (f", CPU latency {lat}" if lat else ""))
+    lines += [
+        "",
+        "FLOPs are multiply-adds (MACs) for one example; `FLOPs ×` = base / pruned with zero weights skipped "
+        "(theoretical for unstructured methods); latency × = measured median CPU latency, base / pruned; "
+        "compression = base parameters / non-zero parameters; agreement = share of test examples whose top-1 "
+        "prediction equals the base model's (after fine-tuning when there is one). "
+        "Mean ± std over seeds; best per column in bold.",
+        "",
+    ]
+    aggs = aggregate(rows)
+    for target in sorted({a["target"] for a in aggs}, key=target_sort_key):
+        lines += [f"## Target `{target}`", ""]
+        lines += _table([a for a in aggs if a["target"] == target])
+        lines.append("")
+    front = pareto_front(aggs)
+    if front:
+        lines += ["## Pareto front (top-1 vs FLOPs speedup)", "",
+                  "Method/target pairs no other pair beats in both final top-1 and FLOPs speedup.", "",
+                  "| FLOPs × | top-1 % | method | target |", "|---|---|---|---|"]
+        lines += [f"| {p['flops_speedup']:.2f} | {100 * p['top1_final']:.2f} | {p['label']} | `{p['target']}` |"
+                  for p in front]
+        lines.append("")
+    if failed:
+        lines += ["## Failed cells", "", "| method | target | seed | error |", "|---|---|---|---|"]
+        for r in sorted(failed, key=lambda r: (r.get("label") or r["method"], target_sort_key(r["target"]))):
+            err = str(r.get("error") or "").replace("|", "\\|").replace("\n", " ")[:300]
+            lines.append(f"| {r.get('label') or r['method']} | `{r['target']}` | {r.get('seed')} | {err} |")
+        lines.append("")
+    if skipped:
+        reasons: dict[str, str] = {}
+        for r in skipped:
+            reasons.setdefault(r.get("label") or r["method"], str(r.get("error") or ""))
+        lines += ["## Skipped methods", ""]
+        lines += [f"- **{m}**: {why}" for m, why in sorted(reasons.items())]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(rows: Sequence[dict[str, Any]], out: Path) -> Path:
+    """Write ``out/report.md`` atomically; returns its path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.md"
+    fd, tmp = tempfile.mkstemp(dir=out, prefix="report.md", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(render_report(rows) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = ["TABLE_COLUMNS", "aggregate", "pareto_front", "render_report", "target_sort_key", "write_report"]

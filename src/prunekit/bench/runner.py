@@ -1,0 +1,627 @@
+"""The benchmark runner: method x target x seed cells, each independent, resumable and shardable.
+
+>>> from prunekit.bench import load_experiment, Runner
+>>> Runner(load_experiment("quick"), "runs/quick").run()
+
+Every cell deep-copies the base model, prunes it with :func:`prunekit.api.prune` (or an
+injected ``prune_fn`` with the same signature), evaluates it, fine-tunes it with the budget
+shared by all methods, evaluates again and measures size, FLOPs and latency. The finished row
+is appended to ``results.jsonl`` before the next cell starts, so a killed run loses at most the
+cell in progress and a rerun of the same command skips every finished cell (by ``cell_id``).
+A cell that raises is recorded as ``failed`` with the error and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from prunekit.bench import results as R
+from prunekit.bench.config import Experiment, MethodSpec, dump_experiment, stable_hash
+from prunekit.errors import ConfigError, PrunekitError
+
+PruneFn = Callable[..., Any]
+PREDICTIONS_FILE = "base_predictions.pt"
+
+
+# --------------------------------------------------------------------------------------------- cells
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work: a method (with options) at one target for one seed."""
+
+    method: str
+    label: str
+    options: dict[str, Any]
+    target: str
+    seed: int
+    granularity: str
+    family: str
+    cell_id: str
+
+    def describe(self) -> str:
+        return f"{self.label} {self.target} seed={self.seed}"
+
+
+def cell_id(method: str, options: dict[str, Any], target: str, seed: int, config_hash: str) -> str:
+    """Hash of everything a cell's result depends on."""
+    return stable_hash({"method": method, "options": options, "target": target, "seed": seed,
+                        "config": config_hash})
+
+
+def plan_cells(exp: Experiment) -> list[Cell]:
+    """Every cell of the experiment, in a stable order (methods, then targets, then seeds)."""
+    from prunekit.methods import get_method_info
+
+    h = exp.config_hash()
+    cells = []
+    for spec in exp.method_specs():
+        info = get_method_info(spec.name)
+        for target in exp.targets_for(spec):
+            for seed in exp.seeds:
+                cells.append(Cell(spec.name, spec.display, dict(spec.options), target, seed, info.granularity,
+                                  info.family, cell_id(spec.name, spec.options, target, seed, h)))
+    return cells
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
+    if not text:
+        return None
+    try:
+        i, n = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard expects i/n (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--shard {text}: need n >= 1 and 0 <= i < n")
+    return i, n
+
+
+def shard_cells(cells: Sequence[Cell], shard: tuple[int, int] | None) -> list[Cell]:
+    """The ``i``-th of every ``n`` cells sorted by id: shards ``0/n .. n-1/n`` partition the grid."""
+    if shard is None:
+        return list(cells)
+    i, n = shard
+    return sorted(cells, key=lambda c: c.cell_id)[i::n]
+
+
+def filter_methods(cells: Sequence[Cell], methods: Sequence[str] | None) -> list[Cell]:
+    """Keep the cells of the named methods (registered name or label)."""
+    if not methods:
+        return list(cells)
+    known = {c.method for c in cells} | {c.label for c in cells}
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ConfigError(f"--methods: {', '.join(unknown)} not in this experiment; its methods: "
+                          f"{', '.join(sorted({c.label for c in cells}))}")
+    return [c for c in cells if c.method in methods or c.label in methods]
+
+
+# --------------------------------------------------------------------------------------------- machine
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from prunekit._version import __version__
+
+    return {"cpu": cpu, "machine": f"{cpu} ({os.cpu_count()} logical cores, {platform.system()})",
+            "prunekit_version": __version__, "torch_version": torch.__version__}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _short_traceback(exc: BaseException, limit: int = 6, width: int = 2000) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)[-limit:]
+    text = "".join(traceback.format_list(frames)) + f"{type(exc).__name__}: {exc}"
+    return text[-width:]
+
+
+# --------------------------------------------------------------------------------------------- the run
+@dataclass
+class RunSummary:
+    """What :meth:`Runner.run` did."""
+
+    total: int = 0  # cells in the selected grid (after shard / method filter)
+    done_before: int = 0  # finished in an earlier run, not recomputed
+    ran: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    out: str = ""
+    outputs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Env:
+    """Data, base model and base metrics shared by every cell of a run."""
+
+    device: torch.device
+    info: Any
+    input_shape: tuple[int, int, int]
+    train_ds: Any
+    eval_loader: Any
+    base_model: nn.Module
+    base: dict[str, Any]
+    base_preds: torch.Tensor
+    prune_loaders: dict[int, Any] = field(default_factory=dict)
+
+
+class Runner:
+    """Run (or resume) an experiment into ``out``.
+
+    ``prune_fn`` defaults to :func:`prunekit.api.prune`; tests inject a stand-in with the same
+    signature ``prune_fn(model, method, target, data=None, *, input_shape, ...) -> result`` whose
+    result has ``.model`` and ``.report``. ``retry_failed`` recomputes cells recorded as failed.
+    """
+
+    def __init__(
+        self,
+        exp: Experiment,
+        out: str | os.PathLike,
+        *,
+        prune_fn: PruneFn | None = None,
+        progress: bool = True,
+        retry_failed: bool = False,
+        source: str = "",
+        overrides: Sequence[str] = (),
+        log: Callable[[str], None] | None = None,
+        make_report: bool = True,
+    ):
+        self.exp = exp
+        self.out = Path(out)
+        self._prune_fn = prune_fn
+        self.progress = progress
+        self.retry_failed = retry_failed
+        self.source = source
+        self.overrides = list(overrides)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.make_report = make_report
+        self.machine = machine_info()
+
+    # -- public -------------------------------------------------------------------------------------
+    def cells(self, shard: tuple[int, int] | None = None, methods: Sequence[str] | None = None) -> list[Cell]:
+        return filter_methods(shard_cells(plan_cells(self.exp), shard), methods)
+
+    def run(self, shard: tuple[int, int] | str | None = None, methods: Sequence[str] | None = None) -> RunSummary:
+        """Run every pending cell of the (sharded, filtered) grid; returns a summary."""
+        from prunekit.methods import get_method_info
+
+        t_start = time.time()
+        if isinstance(shard, str):
+            shard = parse_shard(shard)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+        cells = self.cells(shard, methods)
+        existing = {r["cell_id"]: r for r in R.load_rows(self.out)}
+        finished = {R.STATUS_OK} if self.retry_failed else {R.STATUS_OK, R.STATUS_FAILED}
+        summary = RunSummary(total=len(cells), out=str(self.out))
+        pending: list[Cell] = []
+        for c in cells:
+            prev = existing.get(c.cell_id)
+            if prev is not None and prev.get("status") in finished:
+                summary.done_before += 1
+                continue
+            reason = self._skip_reason(get_method_info(c.method))
+            if reason:
+                summary.skipped += 1
+                if prev is None or prev.get("status") != R.STATUS_SKIPPED or prev.get("error") != reason:
+                    self._append(self._skipped_row(c, reason))
+                continue
+            pending.append(c)
+        if summary.done_before:
+            self.log(f"bench: {summary.done_before} of {len(cells)} cell(s) already finished in {self.out}; "
+                     "skipping them")
+        if pending:
+            prune_fn = self._resolve_prune_fn()
+            env = self._prepare()
+            bar = self._bar(len(pending))
+            try:
+                for c in pending:
+                    if bar is not None:
+                        bar.set_postfix_str(c.describe(), refresh=True)
+                    row = self.run_cell(c, env, prune_fn)
+                    self._append(row)
+                    summary.ran += 1
+                    if row["status"] == R.STATUS_OK:
+                        summary.ok += 1
+                    else:
+                        summary.failed += 1
+                        self.log(f"bench: cell {c.describe()} failed: {row['error']}")
+                    if bar is not None:
+                        bar.update(1)
+            finally:
+                if bar is not None:
+                    bar.close()
+        R.write_csv(self.out)
+        if self.make_report:
+            summary.outputs = self.report()
+        summary.seconds = time.time() - t_start
+        return summary
+
+    def report(self) -> list[str]:
+        """Rebuild report.md, the plots and TensorBoard scalars from the results; returns the files written."""
+        return build_outputs(self.out, self.log)
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _write_config(self) -> None:
+        path = self.out / "config.yaml"
+        old_hash = None
+        if path.is_file():
+            import yaml
+
+            try:
+                old = yaml.safe_load(path.read_text()) or {}
+                old_hash = Experiment.model_validate(old).config_hash()
+            except Exception:  # noqa: BLE001 - an unreadable old config is simply replaced
+                old_hash = None
+        new_hash = self.exp.config_hash()
+        if old_hash is not None and old_hash != new_hash:
+            self.log(f"bench: note: {path} described a different experiment (hash {old_hash}, now {new_hash}); "
+                     "finished cells of the old one stay in the results but are not recomputed")
+        header = (f"# resolved by prunekit bench from {self.source or 'a mapping'}"
+                  + (f" with --set {' '.join(self.overrides)}" if self.overrides else "")
+                  + f"\n# config hash {new_hash}")
+        dump_experiment(self.exp, path, header)
+
+    def _append(self, row: dict[str, Any]) -> None:
+        R.append_row(self.out, row)
+        R.write_csv(self.out)
+
+    @staticmethod
+    def _skip_reason(info: Any) -> str | None:
+        if not info.available():
+            return (f"skipped: optional package {info.requires!r} is not installed "
+                    f"(pip install {info.requires.replace('_', '-')})")
+        if getattr(info, "needs_trajectory", False):
+            return ("skipped: the method needs a parameter trajectory recorded while training the base model; "
+                    "the benchmark runner does not record one")
+        return None
+
+    def _bar(self, total: int) -> Any:
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc="bench", unit="cell", dynamic_ncols=True)
+
+    def _resolve_prune_fn(self) -> PruneFn:
+        if self._prune_fn is not None:
+            return self._prune_fn
+        try:
+            from prunekit.api import prune
+        except ImportError as e:
+            raise PrunekitError(f"the pruning engine (prunekit.api.prune) is not available: {e}") from None
+        return prune
+
+    def _device(self) -> torch.device:
+        if self.exp.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.exp.device)
+
+    def _row_header(self, c: Cell) -> dict[str, Any]:
+        from prunekit.methods.base import Target
+
+        t = Target.parse(c.target)
+        ft = self.exp.finetune
+        return {
+            "cell_id": c.cell_id, "method": c.method, "label": c.label, "granularity": c.granularity,
+            "family": c.family, "options": json.dumps(c.options, sort_keys=True, default=str),
+            "model": self.exp.model, "dataset": self.exp.dataset, "seed": c.seed, "target": c.target,
+            "target_kind": t.kind, "target_value": t.value, "finetune_epochs": ft.epochs, "finetune_lr": ft.lr,
+            "config_hash": self.exp.config_hash(), "experiment": self.exp.name, "flops_unit": "MACs",
+            **self.machine,
+        }
+
+    def _skipped_row(self, c: Cell, reason: str) -> dict[str, Any]:
+        return {**self._row_header(c), "status": R.STATUS_SKIPPED, "error": reason, "timestamp": _now(),
+                "duration_s": 0.0}
+
+    # -- data and base model -------------------------------------------------------------------------
+    def _prepare(self) -> _Env:
+        from prunekit.data import BatchLoader, get_dataset, train_holdout_split
+        from prunekit.metrics import count_flops, count_params, evaluate, predictions
+
+        exp = self.exp
+        if exp.threads:
+            torch.set_num_threads(exp.threads)
+        device = self._device()
+        kw: dict[str, Any] = dict(exp.dataset_kwargs)
+        if exp.dataset != "synthetic":
+            kw.update(data_dir=exp.data_dir, download=exp.download)
+        self.log(f"bench: loading {exp.dataset}")
+        train_ds = get_dataset(exp.dataset, "train", **kw)
+        test_ds = get_dataset(exp.dataset, "test", **kw)
+        if exp.measure.eval_subset and exp.measure.eval_subset < len(test_ds):
+            test_ds = train_holdout_split(test_ds, exp.measure.eval_subset, seed=0)[1]
+        info = train_ds.info
+        input_shape = tuple(int(s) for s in info.input_size)
+        eval_loader = BatchLoader(test_ds, batch_size=exp.measure.eval_batch_size, device=device)
+        base_model = self._base_model(train_ds, test_ds, device).to(device).eval()
+        self.log("bench: measuring the base model")
+        ev = evaluate(base_model, eval_loader, device=device)
+        preds, _ = predictions(base_model, eval_loader, device=device)
+        sizes = count_params(base_model)
+        base = {"top1": ev["top1"], "top5": ev["top5"], "params": sizes["params"],
+                "nonzero_params": sizes["nonzero_params"], "flops": count_flops(base_model, input_shape),
+                "latency": self._latency(base_model, input_shape, device)}
+        torch.save(preds, self.out / PREDICTIONS_FILE)
+        (self.out / "base_metrics.json").write_text(json.dumps(base, indent=2, default=str) + "\n")
+        self.log(f"bench: base model top1={base['top1']:.4f} params={base['params']:,} flops={base['flops']:,}")
+        return _Env(device, info, input_shape, train_ds, eval_loader, base_model, base, preds)
+
+    def _base_model(self, train_ds: Any, test_ds: Any, device: torch.device) -> nn.Module:
+        from prunekit.io import load, save
+        from prunekit.models import create_model_for_dataset
+        from prunekit.train import Trainer, config_dict, seed_everything
+
+        exp = self.exp
+        spec = exp.base
+        if spec.checkpoint:
+            path = self._resolve_checkpoint(spec.checkpoint)
+            if path is not None:
+                self.log(f"bench: base model from {path}")
+                model = load(path)
+                self._check_base(model, str(path))
+                return model
+            if spec.train is None:
+                raise ConfigError(f"base.checkpoint {spec.checkpoint!r} does not exist and no base.train spec is given")
+            self.log(f"bench: {spec.checkpoint} not found; training the base model instead")
+        assert spec.train is not None
+        key = stable_hash({"model": exp.model, "model_kwargs": exp.model_kwargs, "dataset": exp.dataset,
+                           "dataset_kwargs": exp.dataset_kwargs, "train": spec.train.model_dump(mode="json")})
+        cache = Path(spec.cache_dir).expanduser() if spec.cache_dir else self.out / "base"
+        path = cache / f"{exp.model}-{exp.dataset}-{key}.pt"
+        if path.is_file():
+            self.log(f"bench: base model from cache {path}")
+            model = load(path)
+            self._check_base(model, str(path))
+            return model
+        self.log(f"bench: training base model {exp.model} on {exp.dataset} for {spec.train.epochs:g} epoch(s)")
+        seed_everything(spec.train.seed)
+        model = create_model_for_dataset(exp.model, train_ds.info, **exp.model_kwargs)
+        t0 = time.time()
+        cfg = train_config(spec.train, seed=spec.train.seed)
+        Trainer(model, cfg, self._train_loader(train_ds, spec.train, spec.train.seed, device), device=device,
+                progress=self.progress).fit()
+        model.to("cpu").eval()
+        if cfg.channels_last:
+            model.to(memory_format=torch.contiguous_format)
+        save(model, path, meta={"dataset": exp.dataset, "train_config": config_dict(cfg),
+                                "train_seconds": round(time.time() - t0, 1), "bench_key": key})
+        self.log(f"bench: base model trained in {time.time() - t0:.0f} s, cached at {path}")
+        return model
+
+    def _resolve_checkpoint(self, ckpt: str) -> Path | None:
+        p = Path(ckpt).expanduser()
+        candidates = [p]
+        if not p.is_absolute() and self.source and not self.source.startswith("preset:"):
+            candidates.append(Path(self.source).parent / p)
+        for c in candidates:
+            if c.is_file():
+                return c
+        return None
+
+    def _check_base(self, model: nn.Module, where: str) -> None:
+        cfg = getattr(model, "prunekit_config", {}) or {}
+        if cfg.get("name") and cfg["name"] != self.exp.model:
+            raise ConfigError(f"{where} holds a {cfg['name']!r} model but the experiment says model: "
+                              f"{self.exp.model!r}")
+        ds = (getattr(model, "prunekit_meta", {}) or {}).get("dataset")
+        if ds and ds != self.exp.dataset:
+            raise ConfigError(f"{where} was trained on {ds!r} but the experiment says dataset: {self.exp.dataset!r}")
+
+    @staticmethod
+    def _train_loader(ds: Any, spec: Any, seed: int, device: torch.device) -> Any:
+        from prunekit.data import BatchLoader
+
+        augment = True if spec.augment is None else bool(spec.augment)
+        return BatchLoader(ds, batch_size=spec.batch_size, shuffle=True, augment=augment, seed=seed,
+                           drop_last=len(ds) > spec.batch_size, device=device)
+
+    def _prune_loader(self, env: _Env, seed: int) -> Any:
+        from prunekit.data import BatchLoader, train_holdout_split
+
+        n = self.exp.prune.prune_set
+        if n <= 0:
+            return None
+        if seed not in env.prune_loaders:
+            ds = env.train_ds if n >= len(env.train_ds) else train_holdout_split(env.train_ds, n, seed=seed)[1]
+            env.prune_loaders[seed] = BatchLoader(ds, batch_size=self.exp.prune.batch_size, shuffle=False,
+                                                  augment=False, seed=seed, device=env.device)
+        return env.prune_loaders[seed]
+
+    def _latency(self, model: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> dict[str, Any]:
+        """CPU latency (and GPU latency when running on CUDA) of a copy with masks baked in."""
+        from prunekit.metrics import measure_latency
+
+        m = self.exp.measure
+        if not m.latency:
+            return {}
+        kw = {"batch_sizes": m.latency_batch_sizes, "warmup": m.latency_warmup, "repeats": m.latency_repeats,
+              "time_budget_s": m.latency_budget_s}
+        plain = _baked_copy(model, "cpu")
+        out: dict[str, Any] = {"cpu": measure_latency(plain, input_shape, threads=m.threads, **kw)}
+        if device.type == "cuda" and m.gpu_latency:
+            out["gpu"] = measure_latency(plain.to(device), input_shape, **kw)
+        return out
+
+    # -- one cell ------------------------------------------------------------------------------------
+    def run_cell(self, c: Cell, env: _Env, prune_fn: PruneFn) -> dict[str, Any]:
+        """Prune, measure, fine-tune and measure one cell; never raises for a failing method."""
+        from prunekit.metrics import count_flops, count_params, effective_flops, evaluate
+        from prunekit.train import Trainer, seed_everything
+
+        exp, base = self.exp, env.base
+        row = self._row_header(c)
+        row.update({"top1_base": base["top1"], "top5_base": base["top5"], "params_base": base["params"],
+                    "flops_base": base["flops"], "device": env.device.type, "threads": torch.get_num_threads()})
+        t_cell = time.time()
+        try:
+            seed_everything(c.seed)
+            model = copy.deepcopy(env.base_model).to(env.device)
+            data = self._prune_loader(env, c.seed)
+            engine_kw = {k: v for k, v in exp.prune.model_dump().items()
+                         if k in ("mode", "scope", "round_to", "rounds") and v is not None}
+            if env.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(env.device)
+            t0 = time.perf_counter()
+            result = prune_fn(model, c.method, c.target, data=data, input_shape=env.input_shape, **engine_kw,
+                              **c.options)
+            prune_wall = time.perf_counter() - t0
+            pruned: nn.Module = getattr(result, "model", result)
+            report = dict(getattr(result, "report", None) or {})
+            row["prune_seconds"] = _first(report, ("prune_seconds", "seconds", "time_s")) or prune_wall
+            row["prune_peak_mem_mb"] = _peak_mb(report, env.device)
+            pruned.to(env.device).eval()
+
+            ev = evaluate(pruned, env.eval_loader, reference=env.base_preds, device=env.device)
+            row.update({"top1_pruned": ev["top1"], "top5_pruned": ev["top5"], "agreement_pruned": ev["agreement"]})
+            ft = exp.finetune
+            if ft.epochs > 0:
+                t1 = time.time()
+                cfg = train_config(ft, seed=c.seed)
+                Trainer(pruned, cfg, self._train_loader(env.train_ds, ft, c.seed, env.device), device=env.device,
+                        progress=False).fit()
+                if cfg.channels_last:
+                    pruned.to(memory_format=torch.contiguous_format)
+                pruned.eval()
+                row["finetune_seconds"] = time.time() - t1
+                ev = evaluate(pruned, env.eval_loader, reference=env.base_preds, device=env.device)
+                row.update({"top1_finetuned": ev["top1"], "top5_finetuned": ev["top5"],
+                            "agreement_finetuned": ev["agreement"]})
+            row["top1_final"] = row.get("top1_finetuned", row["top1_pruned"])
+            row["agreement_final"] = row.get("agreement_finetuned", row["agreement_pruned"])
+
+            sizes = count_params(pruned)
+            flops_dense = count_flops(pruned, env.input_shape)
+            flops_eff = effective_flops(pruned, env.input_shape)
+            row.update({
+                "params_dense": sizes["params"], "params_nonzero": sizes["nonzero_params"],
+                "flops_dense": flops_dense, "flops_effective": flops_eff,
+                "compression": base["params"] / max(1, sizes["nonzero_params"]),
+                "flops_speedup": base["flops"] / max(1, flops_eff),
+                "dense_flops_speedup": base["flops"] / max(1, flops_dense),
+            })
+            row.update(_latency_columns(base["latency"], self._latency(pruned, env.input_shape, env.device)))
+            for k, v in report.items():  # keep the engine's own scalars for reference
+                if isinstance(v, (int, float, str, bool)) and f"report_{k}" not in row:
+                    row[f"report_{k}"] = v
+            row["status"] = R.STATUS_OK
+            row["error"] = None
+        except Exception as e:  # noqa: BLE001 - a failing cell is recorded, the sweep goes on
+            row.update({"status": R.STATUS_FAILED, "error": f"{type(e).__name__}: {e}"[:1000],
+                        "traceback": _short_traceback(e)})
+        row["duration_s"] = round(time.time() - t_cell, 3)
+        row["timestamp"] = _now()
+        return row
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def train_config(spec: Any, seed: int) -> Any:
+    """A :class:`prunekit.train.TrainConfig` from a :class:`~prunekit.bench.config.TrainSpec`."""
+    from prunekit.train import TrainConfig
+
+    return TrainConfig(epochs=spec.epochs, lr=spec.lr, optimizer=spec.optimizer, momentum=spec.momentum,
+                       nesterov=spec.nesterov, weight_decay=spec.weight_decay, schedule=spec.schedule,
+                       milestones=tuple(spec.milestones), gamma=spec.gamma, warmup_epochs=spec.warmup_epochs,
+                       label_smoothing=spec.label_smoothing, channels_last=spec.channels_last, amp=spec.amp,
+                       seed=seed)
+
+
+def _baked_copy(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """A copy on ``device`` with masks folded into plain weights (no parametrization overhead)."""
+    m = copy.deepcopy(model).to(device).eval()
+    try:
+        from prunekit.surgery.masks import remove_masks_
+
+        remove_masks_(m)
+    except Exception:  # noqa: BLE001 - a model without masks needs nothing
+        pass
+    return m
+
+
+def _first(d: dict[str, Any], keys: Sequence[str]) -> Any:
+    for k in keys:
+        if isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool):
+            return d[k]
+    return None
+
+
+def _peak_mb(report: dict[str, Any], device: torch.device) -> float | None:
+    """Peak memory of the pruning step: the engine's figure, else CUDA's peak allocation."""
+    for k, v in report.items():
+        if "peak" in k and isinstance(v, (int, float)) and not isinstance(v, bool):
+            kl = k.lower()
+            if kl.endswith("bytes") or kl.endswith("_b"):
+                return v / 2**20
+            if kl.endswith("gb"):
+                return v * 1024
+            return float(v)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
+
+
+def _latency_columns(base: dict[str, Any], pruned: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dev, prefix in (("cpu", ""), ("gpu", "gpu_")):
+        b, p = base.get(dev) or {}, pruned.get(dev) or {}
+        for k, v in p.items():
+            if not k.isdigit():
+                continue
+            out[f"{prefix}latency_b{k}_pruned_ms"] = v
+            if isinstance(b.get(k), (int, float)):
+                out[f"{prefix}latency_b{k}_base_ms"] = b[k]
+                out[f"{prefix}latency_speedup_b{k}"] = b[k] / v if v > 0 else None
+        if dev == "cpu" and "threads" in p:
+            out["latency_threads"] = p["threads"]
+    return out
+
+
+def build_outputs(out: Path, log: Callable[[str], None] | None = None) -> list[str]:
+    """report.md, plots and TensorBoard scalars from ``out/results.jsonl``; failures only warn."""
+    from prunekit.bench.plots import write_plots, write_tensorboard
+    from prunekit.bench.report import write_report
+
+    log = log or (lambda m: print(m, file=sys.stderr))
+    rows = R.load_rows(out)
+    written: list[str] = []
+    for name, fn in (("report", write_report), ("plots", write_plots), ("tensorboard", write_tensorboard)):
+        try:
+            res = fn(rows, out)
+        except Exception as e:  # noqa: BLE001 - results are safe on disk; the report can be rebuilt
+            log(f"bench: warning: could not write the {name}: {type(e).__name__}: {e}")
+            continue
+        written.extend(str(p) for p in (res if isinstance(res, list) else [res]) if p)
+    return written
+
+
+def run_experiment(exp: Experiment, out: str | os.PathLike, **kwargs: Any) -> RunSummary:
+    """Convenience: ``Runner(exp, out, ...).run(shard=..., methods=...)``."""
+    shard = kwargs.pop("shard", None)
+    methods = kwargs.pop("methods", None)
+    return Runner(exp, out, **kwargs).run(shard=shard, methods=methods)
+
+
+__all__ = ["Cell", "MethodSpec", "RunSummary", "Runner", "build_outputs", "cell_id", "filter_methods",
+           "machine_info", "parse_shard", "plan_cells", "run_experiment", "shard_cells", "train_config"]
