@@ -1,7 +1,10 @@
 import os
 
-import pytest
-import torch
+# Several torch processes on 2 cores: don't let idle OpenMP threads spin (set before torch loads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -38,7 +38,8 @@ class TinyNet(nn.Module):
         return self.fc(self.flatten(self.relu2(self.c2(self.relu1(self.bn(self.c1(x)))))))
 
 
-def _group(key: str, size: int, producers: list[str], consumers: list[str], norms: list[str]) -> SimpleNamespace:
+def _group(key: str, size: int, producers: list[str], consumers: list[str],
+           norms: list[str]) -> SimpleNamespace:
     return SimpleNamespace(key=key, size=size, producers=producers, consumers=consumers, norms=norms,
                            depthwise=[], prunable=True)
 

@@ -361,3 +361,136 @@ def test_schedule_thresholds_override() -> None:
     assert schedule_ratios(0.0, 1, thresholds=[10, 50, 80]) == pytest.approx(r)
     with pytest.raises(PruningError):
         schedule_ratios(0.5, 2, thresholds=[0.5, 0.2])
+
+
+# ------------------------------------------------------------------------------------------------ prune-and-train
+def test_allocate_global_count_exact_with_floors() -> None:
+    from prunekit.prune_train import allocate_global_count
+
+    scores = {"a": torch.tensor([5.0, 0.1, 3.0, 0.2]), "b": torch.tensor([0.05, 0.3, 4.0]), "c": torch.tensor([9.0])}
+    keep = allocate_global_count(scores, 3, floors={"a": 1, "b": 2, "c": 1})
+    # globally lowest: b0 (0.05), a1 (0.1), a3 (0.2); b may lose only one channel (floor 2)
+    assert {k: v.tolist() for k, v in keep.items()} == {"a": [0, 2], "b": [1, 2]}
+    keep = allocate_global_count(scores, 100, floors={"a": 1, "b": 2, "c": 1})  # floors bound the removal
+    assert {k: len(v) for k, v in keep.items()} == {"a": 1, "b": 2}
+    assert allocate_global_count(scores, 0) == {}
+
+
+def _synthetic(n: int = 64, classes: int = 4, size: int = 16, batch: int = 16) -> list:
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(n, 3, size, size, generator=g) + 0.5 * y.view(-1, 1, 1, 1).float()
+    return [(x[i: i + batch], y[i: i + batch]) for i in range(0, n, batch)]
+
+
+def _scored_width(model: nn.Module) -> int:
+    from prunekit.surgery.graph import analyze
+
+    graph = analyze(model, (3, 16, 16), ignored=("conv1",), warn=False)
+    return sum(g.size for g in graph.groups.values() if g.prunable)
+
+
+@pytest.mark.parametrize("name", ["gf_loss", "gf_grasp"])
+def test_prune_and_train_tiny_resnet20(name: str) -> None:
+    from prunekit.models import create_model
+    from prunekit.prune_train import prune_and_train
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", width=0.25, num_classes=4)
+    n0 = _scored_width(model)
+    stem_width = model.conv1.out_channels
+    data = _synthetic()
+    model, history = prune_and_train(model, name, 0.5, 2, data, data[:1], final_epochs=1, imp_samples=32)
+    assert history["channels"]["original"] == n0
+    assert [r["channels_kept"] for r in history["rounds"]] == [round(n0 * 2 / 3), round(n0 / 2)]
+    assert _scored_width(model) == round(n0 / 2)  # physically removed, residual streams included
+    assert model.conv1.out_channels == stem_width and model.fc.out_features == 4  # stem and classifier kept
+    assert model(data[0][0]).shape == (16, 4)
+    assert len(history["final"]) == 1 and history["final"][-1]["train_loss"] < math.log(4)  # it trains
+    if name == "gf_grasp":
+        assert history["rounds"][0]["plan_meta"]["grasp_memory"]["peak_bytes"] > 0
+
+
+def test_prune_and_train_thresholds_tracking_moment_init(monkeypatch: pytest.MonkeyPatch) -> None:
+    import prunekit.schedule as schedule
+    from prunekit.models import create_model
+    from prunekit.prune_train import prune_and_train
+
+    calls = []
+    original = schedule.slice_optimizer_state_
+
+    def spy(opt: Any, old: Any, model: nn.Module, kept: Any) -> Any:
+        before = {n: opt.state[p]["momentum_buffer"].clone() for n, p in old.items() if p in opt.state}
+        out = original(opt, old, model, kept)
+        ok = bool(before)
+        for n, p in model.named_parameters():  # momentum of the surviving channels, sliced
+            expect = before[n]
+            for d, idx in kept.get(n, {}).items():
+                expect = expect.index_select(d, idx)
+            ok = ok and torch.equal(opt.state[p]["momentum_buffer"], expect)
+        calls.append(ok)
+        return out
+
+    monkeypatch.setattr(schedule, "slice_optimizer_state_", spy)
+    torch.manual_seed(0)
+    model = create_model("resnet20", width=0.25, num_classes=4)
+    n0 = _scored_width(model)
+    data = _synthetic()
+    # gf_biased_loss_tracked: tracked over the last 2 minibatches, momentum preserved (its default), use_init
+    model, history = prune_and_train(model, "gf_biased_loss_tracked", 0.9, 7, data, thresholds=[0.25, 0.5],
+                                     track_batches=2, use_init=True)
+    assert history["n_rounds"] == 2 and history["preserve_moment"] is True
+    assert [r["channels_kept"] for r in history["rounds"]] == [round(n0 * 0.75), round(n0 * 0.5)]
+    assert [r["tracked_batches"] for r in history["rounds"]] == [2, 2]
+    assert calls == [True, True]
+
+
+def test_cli_hook() -> None:
+    import argparse
+
+    from prunekit.prune_train import add_prune_train_args, prune_train_kwargs, wants_prune_train
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--method")
+    p.add_argument("--target")
+    p.add_argument("--lr", type=float, default=0.01)  # an option the prune command already has is kept
+    add_prune_train_args(p)
+    args = p.parse_args(["--method", "gf_loss", "--target", "ratio=0.75", "--rounds", "25",
+                         "--epochs-per-round", "1", "--thresholds", "10,50,75", "--preserve-moment"])
+    assert wants_prune_train(args) and not wants_prune_train(p.parse_args([]))
+    kw = prune_train_kwargs(args)
+    assert kw["prune_percent"] == 0.75 and kw["n_rounds"] == 25 and kw["epochs_per_round"] == 1
+    assert kw["thresholds"] == [10, 50, 75] and kw["preserve_moment"] is True and kw["lr"] == 0.01
+    with pytest.raises(PruningError, match="ratio"):
+        prune_train_kwargs(p.parse_args(["--target", "flops=2"]))
+
+
+def test_mobilenet_depthwise_follows_pointwise_and_one_shot_prune() -> None:
+    import warnings
+
+    from prunekit.api import prune
+    from prunekit.models import create_model, get_model_info
+    from prunekit.surgery.graph import analyze
+
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v1", num_classes=4, **get_model_info("mobilenet_v1").tiny_kwargs)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.normal_()
+    graph = analyze(model, (3, 32, 32), warn=False)
+    ctx = PruneContext(target=Target.parse("flops=1.5"), input_shape=(3, 32, 32), graph=graph)
+    key = "layers.0.conv_pw"
+    g = graph.groups[key]
+    assert g.depthwise == ["layers.1.conv_dw"] and "layers.1.bn1" in g.norms  # the engine couples them
+    l1 = create_method("gf_l1").score(model, ctx)
+    assert "conv1" not in l1  # the stem's group is kept
+    _close(l1[key], model.layers[0].conv_pw.weight.detach().abs().flatten(1).sum(1))
+    _close(create_method("gf_bn").score(model, ctx)[key], model.layers[0].bn2.weight.detach().abs())
+    # one-shot through prunekit.prune: the engine's global allocation, stem and classifier untouched
+    data = [(torch.randn(8, 3, 32, 32), torch.arange(8) % 4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = prune(model, "gf_loss", "flops=1.5", data, imp_samples=8, verify=False)
+    assert result.report["flops_speedup"] == pytest.approx(1.5, rel=0.05)
+    assert result.model.conv1.out_channels == model.conv1.out_channels

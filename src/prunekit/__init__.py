@@ -9,8 +9,28 @@ Quick start::
 """
 
 from prunekit._version import __version__
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, PruningError
 from prunekit.io import load, save
 from prunekit.models import create_model, list_models
+from prunekit.methods import Target, create_method, list_methods
+from prunekit.surgery import PruningWarning, analyze, apply_plan, apply_plan_
+from prunekit.api import PruneResult, prune
 
-__all__ = ["__version__", "PrunekitError", "create_model", "list_models", "load", "save"]
+__all__ = [
+    "__version__",
+    "PrunekitError",
+    "PruneResult",
+    "PruningError",
+    "PruningWarning",
+    "Target",
+    "analyze",
+    "apply_plan",
+    "apply_plan_",
+    "create_method",
+    "create_model",
+    "list_methods",
+    "list_models",
+    "load",
+    "prune",
+    "save",
+]

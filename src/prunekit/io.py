@@ -12,6 +12,9 @@ A checkpoint is a plain dictionary of tensors, numbers and strings that
     not what the constructor builds -- what pruning changed. Loading builds the
     architecture, then replays these specs, then loads the state dict strictly.
     Pruned models are thus "the original architecture plus recorded shapes";
+``tensor_shapes``
+    shapes of parameters / buffers that differ from the unpruned architecture
+    (needed for free parameters such as a ViT's ``cls_token`` / ``pos_embed``);
 ``state_dict``
     the weights (masks baked in);
 ``masks``
@@ -140,12 +143,16 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None 
     base = _build_base(cfg)
     base_specs = _model_specs(base)
     changed = {p: s for p, s in _model_specs(model).items() if base_specs.get(p) != s}
+    base_state = base.state_dict()
+    reshaped = {k: list(v.shape) for k, v in state.items()
+                if k in base_state and tuple(base_state[k].shape) != tuple(v.shape)}
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "prunekit_version": __version__,
         "arch": cfg,
         "modules": changed,
+        "tensor_shapes": reshaped,
         "state_dict": {k: v.detach().cpu() for k, v in state.items()},
         "masks": {k: v.detach().cpu() for k, v in masks.items()},
         "meta": meta or {},
@@ -156,6 +163,9 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None 
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -234,6 +244,7 @@ def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -
                 _set_submodule(model, path, _build_module(spec, path))
         for a, v in spec.get("attrs", {}).items():
             setattr(model.get_submodule(path), a, v)
+    _resize_tensors(model, payload.get("tensor_shapes", {}))
     masks = payload.get("masks", {})
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
@@ -246,6 +257,25 @@ def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -
         apply_masks_(model, masks)
     model.prunekit_meta = payload.get("meta", {})
     return model
+
+
+def _resize_tensors(model: nn.Module, shapes: dict[str, list[int]]) -> None:
+    """Give parameters / buffers that pruning reshaped outside any recorded module (e.g. a ViT's
+    ``cls_token``) their saved shape, so that the state dict loads."""
+    for name, shape in shapes.items():
+        mod_path, _, attr = name.rpartition(".")
+        try:
+            mod = model.get_submodule(mod_path) if mod_path else model
+        except AttributeError:
+            continue
+        cur = mod._parameters.get(attr)
+        if cur is not None:
+            if tuple(cur.shape) != tuple(shape):
+                mod._parameters[attr] = nn.Parameter(cur.new_empty(tuple(shape)), requires_grad=cur.requires_grad)
+            continue
+        buf = mod._buffers.get(attr)
+        if buf is not None and tuple(buf.shape) != tuple(shape):
+            mod._buffers[attr] = buf.new_empty(tuple(shape))
 
 
 def load(path: str | os.PathLike) -> nn.Module:

@@ -29,6 +29,7 @@ __all__ = [
     "TSQR",
     "IDResult",
     "id_error",
+    "id_from_pivoted",
     "interpolation_matrix",
     "interpolative_decomposition",
     "pivoted_qr",
@@ -222,6 +223,17 @@ def interpolative_decomposition(
     if a.shape[0] > 2 * c:  # reduce a tall data matrix first; the pivoted QR only needs R
         a = qr_r(a.to(torch.float64))
     r, perm = pivoted_qr(a)
+    res = id_from_pivoted(r, perm, k, rtol=rtol)
+    return res if return_info else (res.keep, res.T)
+
+
+def id_from_pivoted(r: torch.Tensor, perm: torch.Tensor, k: int, *, rtol: float | None = None) -> IDResult:
+    """The rank-``k`` interpolative decomposition from a computed pivoted QR ``(r, perm)``
+    (see :func:`interpolative_decomposition`)."""
+    c = r.shape[1]
+    if not 1 <= k <= c:
+        raise ValueError(f"k must be in [1, {c}], got {k}")
+    r = r.to(torch.float64)
     if r.shape[0] < c:
         r = torch.cat([r, r.new_zeros(c - r.shape[0], c)])
     rank = _rank(r, k, rtol)
@@ -235,11 +247,7 @@ def interpolative_decomposition(
     t = torch.empty(k, c, dtype=torch.float64)
     t[:, perm] = t_piv
     order = torch.argsort(perm[:k])
-    keep = perm[:k][order]
-    t = t[order]
-    if not return_info:
-        return keep, t
-    return IDResult(keep=keep, T=t, error=id_error(r, k), r=r, perm=perm)
+    return IDResult(keep=perm[:k][order], T=t[order], error=id_error(r, k), r=r, perm=perm)
 
 
 def interpolation_matrix(r: torch.Tensor, keep: torch.Tensor, *, rcond: float | None = None) -> torch.Tensor:

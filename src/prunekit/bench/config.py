@@ -49,7 +49,8 @@ class TrainSpec(_Strict):
     """A training run: base-model training or the (shared) fine-tuning budget.
 
     ``epochs`` may be fractional (0.2 = a fifth of an epoch); ``epochs: 0`` disables fine-tuning.
-    ``augment``: None uses the dataset's default augmentation.
+    ``augment``: None uses the dataset's default augmentation. ``seed`` seeds base-model training;
+    fine-tuning in a cell uses the cell's seed instead.
     """
 
     epochs: float = Field(1.0, ge=0)

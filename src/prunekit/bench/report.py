@@ -106,7 +106,9 @@ def _table(aggs: list[dict[str, Any]]) -> list[str]:
         cells = []
         for key, _, _, kind in cols:
             text = _fmt(a.get(key), a.get(key + "_std"), kind, multi_seed)
-            if a.get(key) is not None and key in best and math.isclose(a[key], best[key], rel_tol=1e-9, abs_tol=1e-12):
+            v = a.get(key)
+            if len(aggs) > 1 and v is not None and key in best and math.isclose(v, best[key], rel_tol=1e-9,
+                                                                                abs_tol=1e-12):
                 text = f"**{text}**"
             cells.append(text)
         lines.append(f"| {a['label']} | {a['n']} | " + " | ".join(cells) + " |")
@@ -134,7 +136,8 @@ def render_report(rows: Sequence[dict[str, Any]]) -> str:
         b = ok[0]
         lat = ", ".join(f"b{k[len('latency_b'):-len('_base_ms')]} {b[k]:.3f} ms" for k in sorted(b)
                         if k.startswith("latency_b") and k.endswith("_base_ms") and _num(b[k]) is not None)
-        lines.append(f"- base model: top-1 {100 * b['top1_base']:.2f} %, top-5 {100 * (b.get('top5_base') or 0):.2f} %, "
+        lines.append(f"- base model: top-1 {100 * b['top1_base']:.2f} %, "
+                     f"top-5 {100 * (b.get('top5_base') or 0):.2f} %, "
                      f"{b.get('params_base', 0):,} parameters, {b.get('flops_base', 0):,} MACs"
                      + (f", CPU latency {lat}" if lat else ""))
     lines += [

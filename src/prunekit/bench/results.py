@@ -41,7 +41,7 @@ COLUMNS: tuple[str, ...] = (
     "gpu_latency_b1_base_ms", "gpu_latency_b1_pruned_ms", "gpu_latency_speedup_b1",
     "gpu_latency_b64_base_ms", "gpu_latency_b64_pruned_ms", "gpu_latency_speedup_b64",
     # pruning cost and fine-tuning budget
-    "prune_seconds", "prune_peak_mem_mb", "finetune_epochs", "finetune_lr", "finetune_seconds",
+    "prune_seconds", "prune_peak_mem_mb", "prune_mode", "finetune_epochs", "finetune_lr", "finetune_seconds",
     # bookkeeping
     "error", "traceback", "duration_s", "timestamp", "prunekit_version", "torch_version", "machine", "cpu",
     "threads", "device", "config_hash", "experiment",

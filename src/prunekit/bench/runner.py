@@ -125,6 +125,13 @@ def machine_info() -> dict[str, Any]:
             "prunekit_version": __version__, "torch_version": torch.__version__}
 
 
+def _log(msg: str) -> None:
+    """Print to stderr without breaking a running progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -194,7 +201,7 @@ class Runner:
         self.retry_failed = retry_failed
         self.source = source
         self.overrides = list(overrides)
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.log = log or _log
         self.make_report = make_report
         self.machine = machine_info()
 
@@ -372,7 +379,7 @@ class Runner:
     def _base_model(self, train_ds: Any, test_ds: Any, device: torch.device) -> nn.Module:
         from prunekit.io import load, save
         from prunekit.models import create_model_for_dataset
-        from prunekit.train import Trainer, config_dict, seed_everything
+        from prunekit.train import config_dict, seed_everything
 
         exp = self.exp
         spec = exp.base
@@ -401,8 +408,8 @@ class Runner:
         model = create_model_for_dataset(exp.model, train_ds.info, **exp.model_kwargs)
         t0 = time.time()
         cfg = train_config(spec.train, seed=spec.train.seed)
-        Trainer(model, cfg, self._train_loader(train_ds, spec.train, spec.train.seed, device), device=device,
-                progress=self.progress).fit()
+        _trainer(model, cfg, self._train_loader(train_ds, spec.train, spec.train.seed, device), device,
+                 quiet=not self.progress).fit()
         model.to("cpu").eval()
         if cfg.channels_last:
             model.to(memory_format=torch.contiguous_format)
@@ -465,11 +472,29 @@ class Runner:
             out["gpu"] = measure_latency(plain.to(device), input_shape, **kw)
         return out
 
+    def _engine_kwargs(self, prune_fn: PruneFn, c: Cell, device: torch.device) -> dict[str, Any]:
+        """Engine options for one cell, limited to those ``prune_fn`` names in its signature.
+
+        Weight (unstructured) methods are applied masked so that fine-tuning keeps the pruned
+        weights at zero; structured methods physically, so that latency can improve.
+        """
+        import inspect
+
+        p = self.exp.prune
+        mode = p.mode or ("masked" if c.granularity == "weight" else "physical")
+        wanted = {"mode": mode, "scope": p.scope, "round_to": p.round_to, "rounds": p.rounds, "device": device,
+                  "copy": False}
+        try:
+            names = set(inspect.signature(prune_fn).parameters)
+        except (TypeError, ValueError):
+            names = set()
+        return {k: v for k, v in wanted.items() if v is not None and k in names}
+
     # -- one cell ------------------------------------------------------------------------------------
     def run_cell(self, c: Cell, env: _Env, prune_fn: PruneFn) -> dict[str, Any]:
         """Prune, measure, fine-tune and measure one cell; never raises for a failing method."""
         from prunekit.metrics import count_flops, count_params, effective_flops, evaluate
-        from prunekit.train import Trainer, seed_everything
+        from prunekit.train import seed_everything
 
         exp, base = self.exp, env.base
         row = self._row_header(c)
@@ -480,8 +505,8 @@ class Runner:
             seed_everything(c.seed)
             model = copy.deepcopy(env.base_model).to(env.device)
             data = self._prune_loader(env, c.seed)
-            engine_kw = {k: v for k, v in exp.prune.model_dump().items()
-                         if k in ("mode", "scope", "round_to", "rounds") and v is not None}
+            engine_kw = self._engine_kwargs(prune_fn, c, env.device)
+            row["prune_mode"] = engine_kw.get("mode")
             if env.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(env.device)
             t0 = time.perf_counter()
@@ -500,8 +525,8 @@ class Runner:
             if ft.epochs > 0:
                 t1 = time.time()
                 cfg = train_config(ft, seed=c.seed)
-                Trainer(pruned, cfg, self._train_loader(env.train_ds, ft, c.seed, env.device), device=env.device,
-                        progress=False).fit()
+                _trainer(pruned, cfg, self._train_loader(env.train_ds, ft, c.seed, env.device), env.device,
+                         quiet=True).fit()
                 if cfg.channels_last:
                     pruned.to(memory_format=torch.contiguous_format)
                 pruned.eval()
@@ -523,9 +548,12 @@ class Runner:
                 "dense_flops_speedup": base["flops"] / max(1, flops_dense),
             })
             row.update(_latency_columns(base["latency"], self._latency(pruned, env.input_shape, env.device)))
-            for k, v in report.items():  # keep the engine's own scalars for reference
-                if isinstance(v, (int, float, str, bool)) and f"report_{k}" not in row:
+            for k in _REPORT_KEYS:  # the engine's own view, for reference
+                v = report.get(k)
+                if isinstance(v, (int, float, str, bool)):
                     row[f"report_{k}"] = v
+            if report.get("warnings"):
+                row["report_warnings"] = len(report["warnings"])
             row["status"] = R.STATUS_OK
             row["error"] = None
         except Exception as e:  # noqa: BLE001 - a failing cell is recorded, the sweep goes on
@@ -548,6 +576,18 @@ def train_config(spec: Any, seed: int) -> Any:
                        seed=seed)
 
 
+def _trainer(model: nn.Module, cfg: Any, loader: Any, device: torch.device, quiet: bool) -> Any:
+    """A :class:`prunekit.train.Trainer`; ``quiet`` turns off its progress bar and per-epoch lines."""
+    import inspect
+
+    from prunekit.train import Trainer
+
+    kw: dict[str, Any] = {"device": device, "progress": not quiet}
+    if quiet and "log_epochs" in inspect.signature(Trainer).parameters:
+        kw["log_epochs"] = False
+    return Trainer(model, cfg, loader, **kw)
+
+
 def _baked_copy(model: nn.Module, device: str | torch.device) -> nn.Module:
     """A copy on ``device`` with masks folded into plain weights (no parametrization overhead)."""
     m = copy.deepcopy(model).to(device).eval()
@@ -567,15 +607,20 @@ def _first(d: dict[str, Any], keys: Sequence[str]) -> Any:
     return None
 
 
+_REPORT_KEYS = ("mode", "scope", "round_to", "rounds", "achieved", "target_error", "peak_memory_mb",
+                "peak_memory_delta_mb", "peak_memory_method", "peak_cuda_memory_mb")
+
+
 def _peak_mb(report: dict[str, Any], device: torch.device) -> float | None:
-    """Peak memory of the pruning step: the engine's figure, else CUDA's peak allocation."""
-    for k, v in report.items():
-        if "peak" in k and isinstance(v, (int, float)) and not isinstance(v, bool):
-            kl = k.lower()
-            if kl.endswith("bytes") or kl.endswith("_b"):
-                return v / 2**20
-            if kl.endswith("gb"):
-                return v * 1024
+    """Peak memory of the pruning step itself, in MiB.
+
+    On a GPU the engine's (else torch's) peak CUDA allocation; on the CPU the engine's increase of
+    the resident-set high-water mark over the step (the process's own baseline excluded).
+    """
+    keys = ("peak_cuda_memory_mb",) if device.type == "cuda" else ("peak_memory_delta_mb", "peak_memory_mb")
+    for k in keys:
+        v = report.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
             return float(v)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20

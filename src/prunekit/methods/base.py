@@ -96,6 +96,7 @@ class BudgetOptions:
     ignored: tuple[str, ...] | None = None  # layer paths never pruned (None: the classifier)
     normalize: str | None = None  # per-layer score normalisation before a global ranking: None, "l2", "max", "mean"
     tolerance: float = 0.05  # achieved/target may be off by this fraction
+    nm: str | None = None  # weight methods: "N:M" structured sparsity (keep N of every M weights along a row)
 
 
 # --------------------------------------------------------------------------------------------- context
@@ -150,8 +151,11 @@ class PruneContext:
         """
         rows = []
         for path in group.producers:
-            w = model.get_submodule(path).weight.detach()
-            rows.append(w.reshape(w.shape[0], -1))
+            if hasattr(group, "rows"):  # follows the group's channel -> row mapping (e.g. attention heads)
+                rows.append(group.rows(model, path))
+            else:
+                w = model.get_submodule(path).weight.detach()
+                rows.append(w.reshape(w.shape[0], -1))
         return torch.cat(rows, 1)
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from prunekit.errors import PruningError
 from prunekit.methods.base import ChannelScorer, PruneContext, WeightScorer
@@ -115,16 +116,49 @@ def _need_samples(n: int, method: str) -> None:
         raise PruningError(f"method {method!r} saw no examples: the prune set is empty")
 
 
-def _check_size(t: torch.Tensor, group: Any, what: str) -> None:
-    if t.shape[0] != group.size:
-        raise PruningError(f"group {group.key!r} has {group.size} channels but {what} has {t.shape[0]}")
+def _channel_index(group: Any, path: str, role: str, width: int) -> torch.Tensor:
+    """``(size, per)`` positions, along ``path``'s channel axis, of each channel of ``group``.
+
+    Read from the group's member table (see :class:`prunekit.surgery.graph.Member`) when it has
+    one; otherwise channels are taken in order, ``width // size`` consecutive positions each (a
+    flatten -> linear consumer reads ``H*W`` features per channel). ``role`` is the member role:
+    ``producer`` (output rows), ``norm`` or ``consumer`` (input features); ``width`` is the number
+    of positions the layer has along that axis.
+    """
+    for mb in getattr(group, "members", None) or ():
+        if mb.role == role and mb.tensor.rpartition(".")[0] == path:
+            return mb.index
+    if width % group.size or (role != "consumer" and width != group.size):
+        raise PruningError(f"{role} {path!r} has {width} channels along its channel axis, which cannot be "
+                           f"mapped to the {group.size} channels of group {group.key!r}")
+    return torch.arange(width).view(group.size, width // group.size)
 
 
-def _producer_modules(model: nn.Module, group: Any, method: str) -> list[tuple[str, nn.Module]]:
+def _gather(t: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Select ``index`` (``(size, per)``) along ``dim``; that axis becomes ``(size, per)``."""
+    out = t.index_select(dim, index.reshape(-1).to(t.device))
+    return out.unflatten(dim, tuple(index.shape))
+
+
+def _producers(model: nn.Module, group: Any, method: str) -> list[tuple[str, nn.Module, torch.Tensor]]:
+    """``(path, module, (size, per) output-row index)`` of each producer layer of ``group``."""
     paths = _paths(group, "producers")
     if not paths:
         raise PruningError(f"method {method!r} cannot score group {group.key!r}: it has no producer layer")
-    return [(p, model.get_submodule(p)) for p in paths]
+    out = []
+    for p in paths:
+        module = model.get_submodule(p)
+        out.append((p, module, _channel_index(group, p, "producer", module.weight.shape[0])))
+    return out
+
+
+def producer_rows(model: nn.Module, group: Any, method: str = "?") -> list[torch.Tensor]:
+    """Weights of each producer as ``(size, n)``: the rows (all of them, for a head) of each channel."""
+    rows = []
+    for _, module, index in _producers(model, group, method):
+        w = module.weight.detach()
+        rows.append(_gather(w.reshape(w.shape[0], -1), index, 0).flatten(1))
+    return rows
 
 
 def _sorted_groups(ctx: PruneContext) -> list[Any]:
@@ -132,14 +166,20 @@ def _sorted_groups(ctx: PruneContext) -> list[Any]:
 
 
 def l1_scores(model: nn.Module, group: Any, method: str = "l1") -> torch.Tensor:
-    """``sum_producers ||W_c||_1 / (in * kh * kw)`` (the row length of each producer's weight)."""
+    """``sum_producers ||W_c||_1 / (in * kh * kw)``: the mean ``|w|`` of each channel's producer rows."""
     total = torch.zeros(group.size, dtype=torch.float64)
-    for path, module in _producer_modules(model, group, method):
-        w = module.weight.detach()
-        rows = w.reshape(w.shape[0], -1)
-        _check_size(rows, group, f"producer {path!r}")
-        total += rows.abs().sum(1).double().cpu() / rows.shape[1]
+    for rows in producer_rows(model, group, method):
+        total += rows.abs().double().mean(1).cpu()
     return total
+
+
+def _leaf(model: nn.Module, path: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The trainable leaf behind a weight: the parametrization's ``original`` for a masked weight."""
+    mod_path, _, name = path.rpartition(".")
+    module = model.get_submodule(mod_path) if mod_path else model
+    if parametrize.is_parametrized(module, name):
+        return getattr(module.parametrizations, name).original
+    return tensor
 
 
 # -------------------------------------------------------------------------------------------- weight methods
@@ -187,7 +227,8 @@ class GradXWeight(WeightScorer):
     """First-order Taylor saliency of each weight, ``|w * g|``.
 
     ``g`` is the gradient of the mean loss over (at most ``samples`` examples of) the prune
-    set, accumulated batch by batch (the Torch-Pruning / ShrinkBench convention).
+    set, accumulated batch by batch (the Torch-Pruning / ShrinkBench convention). For a masked
+    weight ``w`` is the masked weight, so removed weights score 0.
     """
 
     defaults = {"samples": 1024}
@@ -195,7 +236,7 @@ class GradXWeight(WeightScorer):
     def score(self, model: nn.Module, ctx: PruneContext) -> dict[str, torch.Tensor]:
         params = self.prunable_params(model, ctx)
         names = list(params)
-        plist = [params[k] for k in names]
+        plist = [_leaf(model, k, params[k]) for k in names]  # masked weights: grads w.r.t. the original
         acc = [torch.zeros_like(p, dtype=torch.float32) for p in plist]
         n = 0
         with scoring_mode(model, plist), torch.enable_grad():
@@ -206,7 +247,7 @@ class GradXWeight(WeightScorer):
                         a += g.float()
                 n += len(x)
         _need_samples(n, self.name)
-        return {k: (p.detach().float() * a / n).abs() for k, p, a in zip(names, plist, acc)}
+        return {k: (params[k].detach().float() * a / n).abs() for k, a in zip(names, acc)}
 
 
 @register_method("grad_x_weight_layerwise", granularity="weight", needs_grad=True, family="baseline",
@@ -250,9 +291,7 @@ class L2(ChannelScorer):
         out = {}
         for g in ctx.groups():
             sq = torch.zeros(g.size, dtype=torch.float64)
-            for path, module in _producer_modules(model, g, self.name):
-                rows = module.weight.detach().reshape(module.weight.shape[0], -1)
-                _check_size(rows, g, f"producer {path!r}")
+            for rows in producer_rows(model, g, self.name):
                 sq += rows.double().pow(2).sum(1).cpu()
             out[g.key] = sq.sqrt()
         return out
@@ -278,8 +317,8 @@ class BNScale(ChannelScorer):
             for path in _paths(g, "norms"):
                 w = getattr(model.get_submodule(path), "weight", None)
                 if isinstance(w, torch.Tensor):
-                    _check_size(w, g, f"norm {path!r}")
-                    gammas.append(w.detach().abs().double().cpu())
+                    index = _channel_index(g, path, "norm", w.shape[0])
+                    gammas.append(_gather(w.detach().abs().double(), index, 0).sum(1).cpu())
             if gammas:
                 out[g.key] = torch.stack(gammas).sum(0)
             else:
@@ -312,6 +351,7 @@ class Activation(ChannelScorer):
         with scoring_mode(model), _hooks() as handles, torch.no_grad():
             for g in groups:
                 consumers = _paths(g, "consumers")
+                role = "consumer" if consumers else "norm" if _paths(g, "norms") else "producer"
                 sites = consumers or _paths(g, "norms") or _paths(g, "producers")
                 n_sites[g.key] = len(sites)
                 for path in sites:
@@ -319,7 +359,7 @@ class Activation(ChannelScorer):
                     if consumers:
                         handles.append(mod.register_forward_pre_hook(self._reader(g, sums, path)))
                     else:
-                        handles.append(mod.register_forward_hook(self._writer(g, sums, path)))
+                        handles.append(mod.register_forward_hook(self._writer(g, sums, path, role)))
             n = 0
             for x, _ in ctx.batches(self.samples):
                 model(x)
@@ -332,28 +372,20 @@ class Activation(ChannelScorer):
         """Pre-hook adding ``sum_n mean_positions |x_n,c|`` of a consumer's input."""
 
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach()
-            if isinstance(module, nn.Linear):
-                feats = x.shape[-1]
-                if feats % group.size:
-                    raise PruningError(f"consumer {path!r} reads {feats} features, not a multiple of the "
-                                       f"{group.size} channels of group {group.key!r}")
-                per = x.reshape(x.shape[0], -1, group.size, feats // group.size).abs().mean((1, 3))
-            else:
-                per = x.reshape(x.shape[0], x.shape[1], -1).abs().mean(2)
-            _check_size(per.T, group, f"the input of consumer {path!r}")
-            sums[group.key] += per.sum(0).double().cpu()
+            x = _per_channel(args[0].detach(), module)  # (B, features, positions)
+            index = _channel_index(group, path, "consumer", x.shape[1])
+            sums[group.key] += _gather(x, index).abs().mean((2, 3)).sum(0).double().cpu()
 
         return hook
 
     @staticmethod
-    def _writer(group: Any, sums: dict[Any, torch.Tensor], path: str) -> Callable[..., None]:
+    def _writer(group: Any, sums: dict[Any, torch.Tensor], path: str, role: str) -> Callable[..., None]:
         """Forward hook adding ``sum_n mean_positions |y_n,c|`` of a module's output."""
 
         def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
-            per = _per_channel(out.detach(), module).abs().mean(2)
-            _check_size(per.T, group, f"the output of {path!r}")
-            sums[group.key] += per.sum(0).double().cpu()
+            y = _per_channel(out.detach(), module)
+            index = _channel_index(group, path, role, y.shape[1])
+            sums[group.key] += _gather(y, index).abs().mean((2, 3)).sum(0).double().cpu()
 
         return hook
 
@@ -380,7 +412,8 @@ class Taylor(ChannelScorer):
 
     ``score_c = 1/N sum_n sum_hw |a_nc,hw * dl_n/da_nc,hw| / (H*W)`` with ``a`` the output map of
     each of the group's producer layers (``at="producer"``, as in the EigenDamage baselines) or
-    of its norm layers (``at="norm"``; producers where a group has no norm), summed over them.
+    of its norm layers (``at="norm"``; producers where a group has no norm), summed over them
+    (and over the rows of a channel that has several, e.g. an attention head's q, k, v rows).
     """
 
     defaults = {"samples": 1024, "at": "producer"}
@@ -394,23 +427,23 @@ class Taylor(ChannelScorer):
         n = 0
         with scoring_mode(model, model.parameters()), _hooks() as handles, torch.enable_grad():
             for g in groups:
-                sites = (self.at == "norm" and _paths(g, "norms")) or _paths(g, "producers")
+                role = "norm" if self.at == "norm" and _paths(g, "norms") else "producer"
+                sites = _paths(g, role + "s")
                 if not sites:
                     raise PruningError(f"taylor cannot score group {g.key!r}: it has no producer layer")
                 for path in sites:
-                    hook = _capture_outputs(captured, g)
+                    hook = _capture_outputs(captured, (g, path, role))
                     handles.append(model.get_submodule(path).register_forward_hook(hook))
             for x, y in ctx.batches(self.samples):
                 captured.clear()
                 loss = _sum_loss(model, ctx, x, y)
                 grads = torch.autograd.grad(loss, [t for _, _, t in captured], allow_unused=True)
-                for (g, module, a), grad in zip(captured, grads):
+                for ((g, path, role), module, a), grad in zip(captured, grads):
                     if grad is None:
                         continue
-                    prod = _per_channel(a.detach(), module) * _per_channel(grad, module)
-                    contrib = prod.abs().mean(2).sum(0)
-                    _check_size(contrib, g, "a captured output map")
-                    sums[g.key] += contrib.double().cpu()
+                    per = (_per_channel(a.detach(), module) * _per_channel(grad, module)).abs().mean(2)
+                    index = _channel_index(g, path, role, per.shape[1])
+                    sums[g.key] += _gather(per, index).sum((0, 2)).double().cpu()
                 n += len(x)
             captured.clear()
         _need_samples(n, self.name)
@@ -528,7 +561,10 @@ def kfac_factors(model: nn.Module, ctx: PruneContext, paths: list[str], samples:
 
 
 class _KFACSaliency(ChannelScorer):
-    """Shared scoring for obd / obs: per producer, ``q_c = w_c^T A w_c``; summed over a group's producers."""
+    """Shared scoring of obd / obs: per producer row ``r``, ``(w_r^T A w_r) * output_factor(G)_r``.
+
+    A channel's score is the sum over its rows (one per producer; an attention head has several).
+    """
 
     defaults: dict[str, Any] = {"samples": 1024, "fisher": "true", "seed": 0}
 
@@ -537,18 +573,17 @@ class _KFACSaliency(ChannelScorer):
 
     def score(self, model: nn.Module, ctx: PruneContext) -> dict[str, torch.Tensor]:
         groups = ctx.groups()
-        producers = {g.key: _producer_modules(model, g, self.name) for g in groups}
-        paths = sorted({p for mods in producers.values() for p, _ in mods})
+        producers = {g.key: _producers(model, g, self.name) for g in groups}
+        paths = sorted({p for prods in producers.values() for p, _, _ in prods})
         factors = kfac_factors(model, ctx, paths, self.samples, self.fisher, self.seed)
         out = {}
         for g in groups:
             total = torch.zeros(g.size, dtype=torch.float64)
-            for path, module in producers[g.key]:
+            for path, module, index in producers[g.key]:
                 a, gf = factors[path]
                 w = _weight_rows(module).double().to(a.device)
                 quad = torch.einsum("god,gde,goe->go", w, a, w).reshape(-1)
-                _check_size(quad, g, f"producer {path!r}")
-                total += (quad * self.output_factor(gf)).cpu()
+                total += _gather(quad * self.output_factor(gf), index, 0).sum(1).cpu()
             out[g.key] = total
         return out
 

@@ -27,16 +27,25 @@ Options shared by the family (every method's ``defaults``):
   the minibatches are the first ``track_batches`` of the prune set; in :func:`prunekit.prune_train.prune_and_train`
   they are the last ``track_batches`` training minibatches of each round (the seed's tracking).
 * ``use_l2``: multiply the element-wise measure by ``|theta|`` before the row reduction (bias towards small
-  magnitude); ``use_init``: multiply by ``|theta - theta0|`` instead (bias towards small distance from the
-  initial weights ``ctx.extra["initial_state"]``, a state dict of the model's shapes).
+  magnitude; on by default for ``gf_biased_loss*``, which are ``gf_loss`` with this bias); ``use_init``: multiply
+  by ``|theta - theta0|`` instead (it replaces the ``|theta|`` bias; towards small distance from the initial
+  weights ``ctx.extra["initial_state"]``, a state dict of the model's shapes -- a clear error if absent).
 * ``normalize``: per-group score normalisation (``None``, ``"l2"``, ``"max"``, ``"mean"``) before the global
   ranking; default off, as in the seed (raw cross-layer ranking is scale-sensitive).
 * ``keep_stem``: never prune the group fed by the first convolution (the seed never pruned the stem); the
   classifier's outputs are never a prunable group.
-* ``min_width``: per-layer floor fraction, every group keeps ``floor(min_width * width) + 1`` channels (the
-  allocator's ``BudgetOptions.floor``; applied by ``check`` when it differs from the context's).
-* ``n_rounds``, ``prune_percent``, ``thresholds``, ``warmup_epochs``, ``preserve_moment``: the prune-and-train
-  schedule, read by :func:`prunekit.prune_train.prune_and_train` (a single scoring call ignores them).
+* ``min_width``: per-layer floor fraction, every group keeps ``floor(min_width * width) + 1`` channels of its
+  original width (the allocator's ``BudgetOptions.floor``, 0.05; ``check`` sets the context's floor when the
+  option is not the default).
+* ``n_rounds``, ``prune_percent``, ``thresholds``, ``warmup_epochs``, ``preserve_moment``: defaults of the
+  prune-and-train schedule, read by :func:`prunekit.prune_train.prune_and_train` where its own arguments are not
+  given (a single scoring call ignores them).
+
+Scores of a coupled group are computed on the concatenated producer rows: additive measures are the sum over the
+producers, ``gf_magnitude`` is the norm of the whole row and ``gf_tfo`` / ``gf_grad_preserve`` the absolute value
+of the whole sum (the first-order change of removing the channel from every producer at once). Depthwise
+convolutions never contribute: they follow the pointwise producer that feeds them (MobileNet), and the
+BatchNorm after a depthwise convolution is likewise left out of ``gf_bn`` / ``gf_nvidia``.
 
 Gradients are computed for all parameters of interest in one backward pass per batch; the Hessian-gradient
 product ``Hg`` by double backward: ``g = grad(L)`` over the class-balanced set, then for every batch
@@ -46,6 +55,7 @@ the plan's ``meta["grasp_memory"]``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import sys
@@ -238,32 +248,28 @@ class PeakMemory:
 
 
 def schedule_ratios(prune_percent: float, n_rounds: int, thresholds: Sequence[float] | None = None) -> list[float]:
-    """Fraction of the *remaining* filters pruned in each round.
+    """Fraction of the *remaining* filters pruned in each round (:func:`prunekit.schedule.round_fractions`).
 
     Default: ``r_k = p / (k p + n (1 - p))`` for k = 1..n, so that ``prod (1 - r_k) = 1 - p``. ``thresholds`` are
     manual cumulative fractions of the original filters removed after each round (e.g. ``[0.1, 0.5, 0.8]``; values
     above 1 are read as percentages, as in the seed's ``--thresholds='[10, 50, 80]'``); they override
     ``prune_percent`` and ``n_rounds``.
     """
+    from prunekit.schedule import round_fractions
+
     if thresholds is not None:
         cum = [float(t) for t in thresholds]
         if any(t > 1 for t in cum):
             cum = [t / 100.0 for t in cum]
-        if not cum or any(not 0 <= t < 1 for t in cum) or any(b < a for a, b in zip(cum, cum[1:])):
-            raise PruningError(f"thresholds must be non-decreasing cumulative fractions in [0, 1), got {thresholds}")
-        prev, out = 0.0, []
-        for t in cum:
-            out.append((t - prev) / (1 - prev))
-            prev = t
-        return out
+        if not cum:
+            raise PruningError("thresholds must list at least one cumulative fraction")
+        return round_fractions(cum[-1], len(cum), thresholds=cum)
     p = float(prune_percent)
     if p > 1:
         p /= 100.0
     if not 0 <= p < 1:
         raise PruningError(f"prune_percent must be a fraction in [0, 1) (or a percentage < 100), got {prune_percent}")
-    if n_rounds < 1:
-        raise PruningError(f"n_rounds must be >= 1, got {n_rounds}")
-    return [p / (k * p + n_rounds * (1 - p)) for k in range(1, n_rounds + 1)]
+    return round_fractions(p, int(n_rounds), "gradflow")
 
 
 # --------------------------------------------------------------------------------------------- the family
@@ -300,10 +306,6 @@ class GradFlowScorer(ChannelScorer):
         raise NotImplementedError
 
     @property
-    def uses_data(self) -> bool:
-        return bool(self.needs)
-
-    @property
     def temperature_used(self) -> float:
         return float(self.grasp_T if "hg" in self.needs else self.temperature)
 
@@ -314,7 +316,7 @@ class GradFlowScorer(ChannelScorer):
             raise PruningError(f"method {self.name!r} with use_init=True needs the initial weights: pass "
                                "extra={'initial_state': state_dict} in the context (Trainer(keep_initial_weights="
                                "True).initial_state, or prune_and_train, which keeps them)")
-        if float(self.min_width) != float(ctx.budget.floor) and self.min_width != COMMON_DEFAULTS["min_width"]:
+        if float(self.min_width) != COMMON_DEFAULTS["min_width"]:  # a non-default floor overrides the context's
             ctx.budget.floor = float(self.min_width)
 
     # -- which parameters score a group ------------------------------------------------------------
@@ -387,7 +389,7 @@ class GradFlowScorer(ChannelScorer):
                      batches: Sequence[tuple[torch.Tensor, torch.Tensor]], paths: Sequence[str]) -> Stats:
         """``Hg`` restricted to ``paths``: H and g of the loss over ``batches`` (all parameters), double backward."""
         params = dict(model.named_parameters())
-        with _GradMode(model, [params[p] for p in paths]):
+        with _GradMode(model, [params[p] for p in paths]), _double_backward_attention():
             return self._hessian_grad(model, ctx, batches, paths)
 
     def _hessian_grad(self, model: nn.Module, ctx: PruneContext,
@@ -437,9 +439,9 @@ class GradFlowScorer(ChannelScorer):
 
     def _balanced(self, model: nn.Module, ctx: PruneContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
         classes = ctx.num_classes
-        if classes is None:
+        if classes is None:  # the logit width, from one example (eval mode: BN statistics untouched)
             x, _ = next(iter(ctx.batches(1)))
-            with torch.no_grad():
+            with _GradMode(model, []), torch.no_grad():
                 classes = int(model(x).shape[1])
         per_class = max(1, int(self.imp_samples) // classes)
         batches, counts = class_balanced_batches(ctx.data, classes, per_class, device=ctx.device)
@@ -509,15 +511,7 @@ class GradFlowScorer(ChannelScorer):
         return self.scores_from_stats(model, ctx, groups, stats)
 
     def score(self, model: nn.Module, ctx: PruneContext) -> dict[str, torch.Tensor]:
-        tracked = ctx.extra.get("gf_tracked_scores")
         groups = self.scored_groups(model, ctx)
-        if tracked is not None:  # EMA computed during training by prune_and_train
-            scores = {g.key: tracked[g.key].to(torch.float32) for g in groups if g.key in tracked}
-            missing = [g.key for g in groups if g.key not in tracked or len(tracked[g.key]) != g.size]
-            if missing:
-                raise PruningError(f"tracked scores do not match the model's channel groups: {missing}")
-            self.meta["tracked_batches"] = ctx.extra.get("gf_tracked_batches")
-            return self._normalized(scores)
         paths = sorted({p for g in groups for p in self.group_terms(model, g)})
         if int(self.track_batches) > 0 and self.needs:
             ema: dict[str, torch.Tensor] | None = None
@@ -542,6 +536,16 @@ class GradFlowScorer(ChannelScorer):
         if "grasp_memory" in self.meta:
             plan.meta["grasp_memory"] = self.meta["grasp_memory"]
         return plan
+
+
+def _double_backward_attention() -> Any:
+    """Scaled-dot-product attention restricted to the math kernel (the fused CPU / flash kernels have no double
+    backward); a no-op on torch versions without ``torch.nn.attention``."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 class _GradMode:
@@ -584,7 +588,7 @@ class GFMagnitude(GradFlowScorer):
 
     reduce = "sqrt_sum"
 
-    def elementwise(self, theta, stats):
+    def elementwise(self, theta: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
         return theta.square()
 
 
@@ -592,7 +596,7 @@ class GFMagnitude(GradFlowScorer):
 class GFL1(GradFlowScorer):
     """L1 norm of each filter, ||theta_i||_1 (Li et al. 2017)."""
 
-    def elementwise(self, theta, stats):
+    def elementwise(self, theta: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
         return theta.abs()
 
 
@@ -602,7 +606,7 @@ class GFBatchNorm(GradFlowScorer):
 
     on_norms = True
 
-    def elementwise(self, theta, stats):
+    def elementwise(self, theta: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
         return theta.abs()
 
 
@@ -613,7 +617,7 @@ class GFLoss(GradFlowScorer):
 
     needs = frozenset({"grad"})
 
-    def elementwise(self, theta, stats):
+    def elementwise(self, theta: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
         return (theta * stats["grad"]).abs()
 
 
@@ -640,7 +644,7 @@ class GFTaylorFO(GradFlowScorer):
     needs = frozenset({"grad"})
     reduce = "abs_sum"
 
-    def elementwise(self, theta, stats):
+    def elementwise(self, theta: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
         return theta * stats["grad"]
 
 
@@ -650,7 +654,7 @@ class GFFisher(GradFlowScorer):
 
     needs = frozenset({"grad_sq"})
 
-    def elementwise(self, theta, stats):
+    def elementwise(self, theta: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
         return theta.square() * stats["grad_sq"]
 
 
@@ -662,7 +666,7 @@ class GFNvidia(GradFlowScorer):
     on_norms = True
     norm_params = ("weight", "bias")
 
-    def elementwise(self, theta, stats):
+    def elementwise(self, theta: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
         return theta.square() * stats["grad_sq"]
 
 
@@ -673,7 +677,7 @@ class GFGraSP(GradFlowScorer):
 
     needs = frozenset({"hg"})
 
-    def elementwise(self, theta, stats):
+    def elementwise(self, theta: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
         return theta * stats["hg"]
 
 
@@ -684,7 +688,7 @@ class GFGradPreserve(GradFlowScorer):
     needs = frozenset({"hg"})
     reduce = "abs_sum"
 
-    def elementwise(self, theta, stats):
+    def elementwise(self, theta: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
         return theta * stats["hg"]
 
 

@@ -62,7 +62,7 @@ def apply_plan_(model: nn.Module, plan: Plan, graph: ChannelGraph | None = None,
             example_input = graph.input_shape
         if (graph is None or any(k not in graph.groups for k in channels)
                 or graph.layer_shapes != tensor_shapes(model)):
-            graph = analyze(model, example_input, heads=True, warn=False)
+            graph = analyze(model, example_input, heads=True, warn=False, costs=False)
         _check_channels(graph, channels)
     if mode == "physical":
         _physical(model, plan, channels, graph, example_input)
@@ -171,7 +171,7 @@ def _physical(model: nn.Module, plan: Plan, channels: dict[str, torch.Tensor], g
             remove_masks_(model)
         if not graph.bound_to(model):
             graph = analyze(model, example_input if example_input is not None else graph.input_shape, heads=True,
-                            warn=False)
+                            warn=False, costs=False)
         expected = {t: _pruned_shape(graph.layer_shapes[t], dims) for t, dims in kept.items()}
         dg = graph._dg
         for key, keep in channels.items():

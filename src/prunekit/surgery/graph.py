@@ -23,6 +23,7 @@ pruned either.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 import weakref
 from collections.abc import Iterable, Sequence
@@ -191,7 +192,7 @@ class ChannelGraph:
     groups: dict[str, ChannelGroup]
     skipped: dict[str, str]
     input_shape: tuple[int, ...]
-    cost: CostModel
+    cost: CostModel | None
     output_layers: list[str]
     layer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     _dg: Any = None
@@ -416,16 +417,17 @@ def _output_modules(dg: Any) -> set[Any]:
     return found
 
 
-def _trace(model: nn.Module, x: torch.Tensor) -> tuple[Any, list[str]]:
+def _trace(model: nn.Module, x: torch.Tensor) -> tuple[Any, list[str], _UseRecorder]:
     import torch_pruning as tp
 
     dg = tp.DependencyGraph()
+    rec = _UseRecorder(model)
     flags = [(m, m.training) for m in model.modules()]
     notes: list[str] = []
     try:
         with warnings.catch_warnings(record=True) as caught, torch.enable_grad():
             warnings.simplefilter("always")
-            dg.build_dependency(model, x, verbose=True)
+            dg.build_dependency(model, (x,), verbose=True)
         for w in caught:
             msg = str(w.message)
             if "Unwrapped parameters" not in msg:
@@ -434,9 +436,10 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tuple[Any, list[str]]:
         raise PruningError(f"could not trace the model to find coupled channels ({type(e).__name__}: {e}); "
                            "the model must run on a single tensor input of the given shape") from e
     finally:
+        rec.remove()
         for m, f in flags:
             m.training = f
-    return dg, notes
+    return dg, notes, rec
 
 
 def analyze(
@@ -446,6 +449,7 @@ def analyze(
     *,
     heads: bool = False,
     warn: bool = True,
+    costs: bool = True,
 ) -> ChannelGraph:
     """Find the coupled channel groups of ``model``.
 
@@ -458,6 +462,7 @@ def analyze(
         heads: also offer attention heads of :func:`is_attention` modules as groups
             (``kind="heads"``); otherwise their inner ``qkv``/``proj`` channels are left alone.
         warn: emit a :class:`PruningWarning` for every group the engine must skip.
+        costs: build the cost model (one counted forward pass); without it ``graph.cost`` is None.
 
     Returns:
         a :class:`ChannelGraph`; ``graph.groups`` is keyed by the path of the group's first producer.
@@ -470,7 +475,7 @@ def analyze(
         from prunekit.surgery.masks import remove_masks_
 
         work = remove_masks_(copy.deepcopy(model))
-    dg, notes = _trace(work, x)
+    dg, notes, rec = _trace(work, x)
     names = {m: n for n, m in work.named_modules()}
     ignored_paths = [names.get(i, "?") if isinstance(i, nn.Module) else str(i) for i in (ignored or ())]
     attn = {p: m for p, m in work.named_modules() if is_attention(m)}
@@ -530,7 +535,7 @@ def analyze(
         for lst in (g.producers, g.consumers, g.norms, g.depthwise):
             lst.sort(key=lambda p: order.get(p, 0))
         g.ln_coupled = any(n in stat_norms for n in g.norms)
-    cost = _cost_model(work, x, groups, attn)
+    cost = _cost_model(work, x, groups, rec) if costs else None
     graph = ChannelGraph(groups=groups, skipped=skipped, input_shape=tuple(x.shape[1:]), cost=cost,
                          output_layers=sorted(names[m] for m in outputs if m in names), layer_shapes=shapes)
     if work is model:
@@ -651,48 +656,56 @@ def _head_group(path: str, m: nn.Module) -> ChannelGroup:
     return g
 
 
-def _layer_uses(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, float], int, int, dict[str, float]]:
-    """Multiply-adds per weight entry of every conv / linear layer, total flops, params, attention
-    multiply-adds per head of attention modules."""
-    try:
-        from prunekit.metrics import count_params, layer_macs
-        from prunekit.metrics.flops import count_flops
-    except ImportError:  # metrics not available: fall back to hooks only
-        layer_macs = None  # type: ignore[assignment]
-    shape = tuple(x.shape[1:])
-    attn_tokens: dict[str, int] = {}
-    hooks = []
-    for p, m in model.named_modules():
-        if is_attention(m):
-            hooks.append(m.register_forward_pre_hook(
-                lambda mod, args, p=p: attn_tokens.__setitem__(p, int(args[0].shape[-2]))))
-    try:
-        if layer_macs is not None:
-            layers = layer_macs(model, shape)
-            flops = count_flops(model, shape)
-            params = count_params(model)["params"]
-        else:  # pragma: no cover
-            raise PruningError("prunekit.metrics is required for the cost model")
-    finally:
-        for hk in hooks:
-            hk.remove()
-    names = {m: n for n, m in model.named_modules()}
-    uses: dict[str, float] = {}
-    for lm in layers:
-        path = names.get(lm.module, lm.name)
-        w = lm.module.weight
-        uses[path] = uses.get(path, 0.0) + lm.dense / max(1, w.numel())
-    attn_cost = {}
-    for p, m in model.named_modules():
-        if is_attention(m) and p in attn_tokens:
-            n = attn_tokens[p]
-            attn_cost[p] = float(n * n * 2 * m.head_dim)  # q@k^T and attn@v per head per example
-    return uses, flops, params, attn_cost
+class _UseRecorder:
+    """Forward hooks recording, during the tracing pass, how many multiply-adds each weight entry of a
+    conv / linear layer takes part in (per example) and the token count seen by attention modules."""
+
+    def __init__(self, model: nn.Module):
+        self.uses: dict[str, float] = {}
+        self.tokens: dict[str, int] = {}
+        self.handles = []
+        for path, m in model.named_modules():
+            if isinstance(m, LAYER_TYPES):
+                self.handles.append(m.register_forward_hook(self._layer_hook(path)))
+            elif is_attention(m):
+                self.handles.append(m.register_forward_pre_hook(self._attn_hook(path)))
+
+    def _layer_hook(self, path: str) -> Any:
+        def hook(m: nn.Module, args: tuple, out: Any) -> None:
+            if not isinstance(out, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
+                return
+            batch = args[0].shape[0] if args[0].dim() > 1 else 1
+            if isinstance(m, nn.Linear):
+                per = out.numel() / max(1, out.shape[-1])
+            else:
+                spatial = len(m.kernel_size)
+                ref = args[0] if m.transposed else out
+                per = math.prod(ref.shape[-spatial:]) * (ref.numel() / max(1, math.prod(ref.shape[-spatial - 1:])))
+            self.uses[path] = self.uses.get(path, 0.0) + per / max(1, batch)
+        return hook
+
+    def _attn_hook(self, path: str) -> Any:
+        def hook(m: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                self.tokens[path] = int(args[0].shape[-2])
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
-def _cost_model(model: nn.Module, x: torch.Tensor, groups: dict[str, ChannelGroup],
-                attn: dict[str, nn.Module]) -> CostModel:
-    uses, flops, params, attn_cost = _layer_uses(model, x)
+def _totals(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """Dense multiply-adds per example and parameter count, as :mod:`prunekit.metrics` counts them."""
+    from prunekit.metrics import count_flops, count_params
+
+    return int(count_flops(model, tuple(x.shape[1:]))), int(count_params(model)["params"])
+
+
+def _cost_model(model: nn.Module, x: torch.Tensor, groups: dict[str, ChannelGroup], rec: _UseRecorder) -> CostModel:
+    flops, params = _totals(model, x)
+    uses = rec.uses
+    attn_cost = {p: float(n * n * 2 * model.get_submodule(p).head_dim) for p, n in rec.tokens.items()}
     dims: dict[str, dict[int, list[tuple[str, int]]]] = {}
     for g in groups.values():
         if not g.prunable:

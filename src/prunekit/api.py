@@ -1,0 +1,456 @@
+"""The one-call Python API: ``prunekit.prune(model, method, target, data)``.
+
+>>> import prunekit
+>>> model = prunekit.create_model("resnet20")
+>>> result = prunekit.prune(model, "l1", "flops=2")            # doctest: +SKIP
+>>> result.report["flops_speedup"], result.report["compression"]  # doctest: +SKIP
+
+``prune`` resolves the method from the registry, builds the channel graph, lets the method plan
+(scores -> budget allocation), applies the plan (physically by default) and measures the result.
+With ``rounds > 1`` the target is reached gradually (see :mod:`prunekit.schedule`) with optional
+fine-tuning between rounds.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import resource
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from prunekit.errors import PruningError
+from prunekit.methods.base import BudgetOptions, Method, PruneContext, Target
+from prunekit.methods.registry import MethodInfo, get_method_info
+from prunekit.schedule import FineTuner, cumulative_fractions, target_fraction
+from prunekit.surgery.apply import apply_plan_
+from prunekit.surgery.graph import LAYER_TYPES, ChannelGraph, analyze, default_input_shape
+from prunekit.surgery.masks import remove_masks_
+from prunekit.surgery.plan import Plan
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` returns.
+
+    ``model``: the pruned model (a copy unless ``copy=False``); ``plan``: the last round's plan
+    (``plans``: every round's); ``report``: achieved ratios and measurements (see :func:`prune`);
+    ``graph``: the channel graph of the last round.
+    """
+
+    model: nn.Module
+    plan: Plan
+    report: dict[str, Any]
+    plans: list[Plan] = field(default_factory=list)
+    graph: ChannelGraph | None = None
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _resolve_method(method: str | Method, options: dict[str, Any]) -> tuple[Method, MethodInfo | None]:
+    if isinstance(method, Method):
+        if options:
+            raise PruningError(f"options {sorted(options)} were given for an already created method; pass them to "
+                               "create_method(...) instead")
+        return method, method.info
+    if not isinstance(method, str):
+        raise PruningError(f"method must be a registered name or a Method instance, got {type(method).__name__}")
+    info = get_method_info(method)
+    if not info.available():
+        raise PruningError(f"method {method!r} needs the optional package {info.requires!r}: "
+                           f"pip install {info.requires.replace('_', '-')}")
+    return info.cls(**options), info
+
+
+def _as_batches(data: Any, batch_size: int = 128) -> Any:
+    """An iterable of ``(x, y)`` batches from a loader, an iterable of batches or a dataset."""
+    if data is None:
+        return None
+    try:
+        from prunekit.data import BatchLoader, ImageDataset
+
+        if isinstance(data, ImageDataset):
+            return BatchLoader(data, batch_size=batch_size, shuffle=False)
+    except ImportError:  # pragma: no cover - the data package is part of prunekit
+        pass
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset) \
+            and hasattr(data, "__len__"):
+        return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+        return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    if not hasattr(data, "__iter__"):
+        raise PruningError(f"data must be a BatchLoader, an iterable of (x, y) batches or a dataset, got "
+                           f"{type(data).__name__}")
+    return data
+
+
+def _input_shape(model: nn.Module, input_shape: Any, data: Any) -> tuple[int, ...]:
+    if input_shape is not None:
+        return tuple(int(s) for s in input_shape)
+    if getattr(model, "prunekit_config", None):
+        return default_input_shape(model)
+    if data is not None:
+        for x, _ in data:
+            return tuple(int(s) for s in x.shape[1:])
+    raise PruningError("cannot tell the model's input shape: pass input_shape=(C, H, W)")
+
+
+def _layer_widths(model: nn.Module) -> dict[str, list[int]]:
+    from prunekit.surgery.lowrank import LowRankConv2d, LowRankLinear
+
+    out: dict[str, list[int]] = {}
+    chains: list[str] = []
+    for path, m in model.named_modules():
+        if any(path.startswith(c + ".") for c in chains):
+            continue
+        if isinstance(m, LowRankConv2d):
+            out[path], chains = [m.out_channels, m.in_channels], chains + [path]
+        elif isinstance(m, LowRankLinear):
+            out[path], chains = [m.out_features, m.in_features], chains + [path]
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            out[path] = [int(m.out_channels), int(m.in_channels)]
+        elif isinstance(m, nn.Linear):
+            out[path] = [int(m.out_features), int(m.in_features)]
+    return out
+
+
+def _sparsity(model: nn.Module) -> dict[str, float]:
+    out = {}
+    for path, m in model.named_modules():
+        if isinstance(m, LAYER_TYPES):
+            w = m.weight
+            out[path] = 1.0 - float(torch.count_nonzero(w)) / max(1, w.numel())
+    return out
+
+
+def _measure(model: nn.Module, input_shape: tuple[int, ...], graph: ChannelGraph | None = None) -> dict[str, int]:
+    """Dense and effective multiply-adds and parameters, as :mod:`prunekit.metrics` counts them (one
+    counted forward pass; none when ``graph`` was just built on this very model)."""
+    from prunekit.metrics import count_params
+
+    p = count_params(model)
+    out = {"params": int(p["params"]), "nonzero_params": int(p["nonzero_params"])}
+    if graph is not None and graph.bound_to(model):
+        dense = graph.cost.base_flops
+        zero = 0.0
+        for t in graph.cost.tensors:
+            if t.macs_per_entry:
+                w = model.get_submodule(t.path.rpartition(".")[0]).weight
+                zero += t.macs_per_entry * (w.numel() - int(torch.count_nonzero(w)))
+        return {**out, "flops": int(dense), "effective_flops": int(max(0, dense - round(zero)))}
+    try:
+        from prunekit.metrics.flops import _run_counted
+
+        total, batch, layers = _run_counted(model, input_shape, track_layers=True)
+        dense = total // 2 // batch
+        eff = max(0, total // 2 - sum(lm.zero_skipped for lm in layers)) // batch
+    except (ImportError, TypeError, ValueError):  # pragma: no cover - metrics internals changed
+        from prunekit.metrics import count_flops, effective_flops
+
+        dense, eff = count_flops(model, input_shape), effective_flops(model, input_shape)
+    return {**out, "flops": int(dense), "effective_flops": int(eff)}
+
+
+class _PeakMemory:
+    """Peak memory of a code block: resident set high-water mark (Linux, reset through
+    ``/proc/self/clear_refs``), else ``ru_maxrss``; CUDA peak allocation on a GPU device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @staticmethod
+    def _status(field_name: str) -> float | None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(field_name + ":"):
+                        return float(line.split()[1]) / 1024.0
+        except OSError:
+            return None
+        return None
+
+    def __enter__(self) -> _PeakMemory:
+        self.reset = False
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.reset = True
+        except OSError:
+            pass
+        self.rss0 = self._status("VmRSS")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        peak = self._status("VmHWM") if self.reset else None
+        if peak is not None:
+            self.method = "rss high-water mark"
+        else:
+            scale = 1 / 1024.0 if sys.platform != "darwin" else 1 / 1024.0**2
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+            self.method = "ru_maxrss (process lifetime peak)"
+        self.peak_mb = peak
+        self.delta_mb = None if self.rss0 is None or peak is None else max(0.0, peak - self.rss0)
+        self.cuda_mb = (torch.cuda.max_memory_allocated(self.device) / 2**20) if self.device.type == "cuda" else None
+
+
+def _budget(budget: BudgetOptions | None, **overrides: Any) -> BudgetOptions:
+    b = _copy.copy(budget) if budget is not None else BudgetOptions()
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k == "ignored":
+            v = (v,) if isinstance(v, str) else tuple(v)
+        setattr(b, k, v)
+    return b
+
+
+def _round_target(tgt: Target, kind_granularity: str, k: int, cum: list[float], graph: ChannelGraph | None,
+                  originals: dict[str, int], removed: dict[str, int], current_cost: float, base_cost: float,
+                  rounds: int, schedule: str, thresholds: Any) -> Target | None:
+    """The target of round ``k`` relative to the current model (None: nothing left to do this round)."""
+    c = cum[k]
+    if tgt.kind == "ratio":
+        if kind_granularity != "channel" or graph is None:
+            return Target("ratio", c, {p: cumulative_fractions(v, rounds, schedule)[k]
+                                       for p, v in tgt.per_layer.items()})
+        per: dict[str, float] = {}
+        for key, g in graph.groups.items():
+            if not g.prunable:
+                continue
+            frac = tgt.per_layer.get(key)
+            if frac is None:
+                frac = next((tgt.per_layer[p] for p in g.producers + g.depthwise if p in tgt.per_layer), None)
+            ck = c if frac is None else cumulative_fractions(frac, rounds, schedule, None)[k]
+            orig = originals.get(key, g.size)
+            hi = g.size - removed.get(key, 0)
+            want = int(round(orig * (1 - ck)))
+            per[key] = 0.0 if want >= hi else max(0.0, 1.0 - want / hi)
+        return Target("ratio", 0.0, per)
+    goal = base_cost * (1 - c)
+    rel = current_cost / goal
+    if rel <= 1.0 + 1e-6:
+        return None
+    return Target(tgt.kind, rel)
+
+
+# --------------------------------------------------------------------------------------------- prune
+def prune(
+    model: nn.Module,
+    method: str | Method,
+    target: str | Target | dict[str, Any],
+    data: Any = None,
+    *,
+    mode: str = "physical",
+    scope: str | None = None,
+    round_to: int | str | None = None,
+    ignored: Any = None,
+    floor: float | None = None,
+    cap: float | None = None,
+    normalize: str | None = None,
+    nm: str | None = None,
+    heads: bool = False,
+    budget: BudgetOptions | None = None,
+    rounds: int = 1,
+    schedule: str = "geometric",
+    thresholds: Any = None,
+    finetune: Any = None,
+    finetune_last: bool = True,
+    input_shape: Any = None,
+    device: str | torch.device = "cpu",
+    copy: bool = True,
+    trajectory: Any = None,
+    num_classes: int | None = None,
+    verify: bool = True,
+    **method_options: Any,
+) -> PruneResult:
+    """Prune ``model`` with ``method`` to ``target``.
+
+    Args:
+        model: a zoo model (``prunekit.create_model``) or any ``nn.Module`` taking one tensor.
+        method: a registered method name (``prunekit.list_methods()``) or a :class:`Method` instance.
+        target: ``"flops=2"`` (2x fewer multiply-adds), ``"params=4"``, ``"ratio=0.5"`` (fraction removed
+            per layer), or a :class:`Target`.
+        data: the prune set: a :class:`prunekit.data.BatchLoader`, any iterable of ``(x, y)`` batches, a
+            dataset, or an ``(x, y)`` pair of tensors. Required by methods that need data.
+        mode: ``"physical"`` (remove channels; bake weight masks) or ``"masked"`` (reversible zeros).
+        scope: ``"global"`` (one ranking across layers, default) or ``"layerwise"``.
+        round_to: channel multiple (default: 8 above 32 channels, 4 for 17-32, none below; 1: none).
+        ignored: layer paths whose output channels (channel methods) / weights (weight methods) are not
+            pruned; the classifier never is.
+        floor / cap / normalize / nm: see :class:`BudgetOptions`; ``budget`` passes them all at once.
+        heads: also prune whole attention heads (ViT).
+        rounds / schedule / thresholds: iterative pruning (:mod:`prunekit.schedule`).
+        finetune: ``None``; a number of epochs per round (trains on ``data``); a :class:`FineTuner`;
+            or any callable ``fn(model, epochs)``. Runs between rounds and, if ``finetune_last``,
+            after the last.
+        input_shape: ``(C, H, W)``; default: the zoo model's input size, else the data's.
+        device: where pruning runs. copy: prune a deep copy (default) or ``model`` itself.
+        trajectory: a recorded parameter trajectory (Koopman methods). verify: measure the pruned
+            FLOPs / parameters during channel allocation and correct the search if needed.
+        **method_options: options of the method (see ``prunekit methods``).
+
+    Returns:
+        :class:`PruneResult`. ``report`` holds ``flops_speedup`` (base dense multiply-adds / pruned
+        effective multiply-adds, i.e. zeros skipped), ``dense_flops_speedup``, ``compression`` (base
+        parameters / pruned non-zero parameters), ``dense_compression``, base and pruned counts,
+        ``layers`` (per conv / linear layer: ``[out, in]`` before and after and weight sparsity),
+        ``prune_seconds`` (excluding fine-tuning), ``finetune_seconds``, ``peak_memory_mb`` of the
+        pruning step, ``warnings`` and ``skipped`` layers.
+
+    Raises:
+        PruningError: unknown method option, missing data, unreachable target, ...
+    """
+    t_start = time.perf_counter()
+    meth, info = _resolve_method(method, method_options)
+    tgt = Target.parse(target)
+    if mode not in ("physical", "masked"):
+        raise PruningError(f"mode must be 'physical' or 'masked', got {mode!r}")
+    if not isinstance(model, nn.Module):
+        raise PruningError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if rounds < 1:
+        raise PruningError(f"rounds must be >= 1, got {rounds}")
+    granularity = info.granularity if info is not None else "channel"
+    dev = torch.device(device)
+    loader = _as_batches(data)
+    b = _budget(budget, scope=scope, round_to=round_to, ignored=ignored, floor=floor, cap=cap, normalize=normalize,
+                nm=nm)
+    if copy:
+        model = _copy.deepcopy(model)
+    model.to(dev)
+    shape = _input_shape(model, input_shape, loader)
+    ctx = PruneContext(target=tgt, input_shape=shape, budget=b, data=loader, device=dev, trajectory=trajectory,
+                       num_classes=num_classes)
+    ctx.extra["verify"] = verify
+    meth.check(ctx)
+    tuner = _finetuner(finetune, loader, dev)
+    cum = cumulative_fractions(target_fraction(tgt), rounds, schedule, thresholds)
+    rounds = len(cum)
+
+    caught: list[warnings.WarningMessage] = []
+    plans: list[Plan] = []
+    finetune_s = 0.0
+    graph: ChannelGraph | None = None
+    with warnings.catch_warnings(record=True) as caught, _PeakMemory(dev) as mem:
+        warnings.simplefilter("always")
+        widths_before = _layer_widths(model)
+        cost_key = "effective_flops" if tgt.kind == "flops" else "nonzero_params"
+        originals: dict[str, int] = {}
+        base: dict[str, int] = {}
+        for k in range(rounds):
+            graph = analyze(model, shape, ignored=b.ignored, heads=heads)
+            if not originals:
+                originals = {key: g.size for key, g in graph.groups.items()}
+                base = _measure(model, shape, graph)
+            ctx.graph = graph
+            ctx.extra["original_sizes"] = originals
+            ctx.extra.pop("removed_channels", None)
+            removed = {}
+            if mode == "masked" and granularity == "channel":
+                from prunekit.surgery.allocate import masked_channels
+
+                rem = masked_channels(model, graph)
+                ctx.extra["removed_channels"] = rem
+                removed = {key: int(len(v)) for key, v in rem.items()}
+            current = 0.0
+            if tgt.kind != "ratio":
+                current = base[cost_key] if k == 0 else _measure(model, shape, graph)[cost_key]
+            rt = _round_target(tgt, granularity, k, cum, graph, originals, removed, current,
+                               base["flops" if tgt.kind == "flops" else "params"], rounds, schedule, thresholds)
+            if rt is None:
+                continue
+            ctx.target = rt
+            plan = meth.plan(model, ctx)
+            plans.append(plan)
+            old_params = dict(model.named_parameters())
+            weight_only = bool(plan.masks) and not plan.channels and not plan.lowrank and not plan.weights
+            apply_plan_(model, plan, graph, "masked" if weight_only else mode, shape)
+            if tuner is not None and mode == "physical" and plan.channels and hasattr(tuner, "pruned"):
+                tuner.pruned(old_params, model, graph.kept_dims(plan.channels))
+            if tuner is not None and (k < rounds - 1 or finetune_last):
+                t_ft = time.perf_counter()
+                epochs = getattr(tuner, "epochs", 1.0)
+                tuner(model, epochs)
+                model.to(dev)
+                finetune_s += time.perf_counter() - t_ft
+        if mode == "physical":
+            remove_masks_(model)  # weight masks are baked into the weights
+        pruned = _measure(model, shape)
+    for w in caught:  # show them to the caller too
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    prune_s = time.perf_counter() - t_start - finetune_s
+    report = _report(meth, tgt, mode, b, rounds, schedule, base, pruned, widths_before, model, graph, ctx, plans,
+                     prune_s, finetune_s, mem, caught)
+    model.prunekit_report = report
+    return PruneResult(model=model, plan=plans[-1] if plans else Plan(method=meth.name), report=report, plans=plans,
+                       graph=graph)
+
+
+def _finetuner(finetune: Any, loader: Any, dev: torch.device) -> Any:
+    if finetune is None or finetune is False:
+        return None
+    if isinstance(finetune, (int, float)) and not isinstance(finetune, bool):
+        if loader is None:
+            raise PruningError("fine-tuning needs training data: pass data=...")
+        return FineTuner(loader, epochs=float(finetune), device=dev)
+    if callable(finetune):
+        return finetune
+    raise PruningError(f"finetune must be None, a number of epochs, a FineTuner or a callable, got {finetune!r}")
+
+
+def _report(meth: Method, tgt: Target, mode: str, b: BudgetOptions, rounds: int, schedule: str, base: dict[str, int],
+            pruned: dict[str, int], widths_before: dict[str, list[int]], model: nn.Module,
+            graph: ChannelGraph | None, ctx: PruneContext, plans: list[Plan], prune_s: float, finetune_s: float,
+            mem: _PeakMemory, caught: list[Any]) -> dict[str, Any]:
+    after = _layer_widths(model)
+    sparsity = _sparsity(model)
+    layers = {p: {"before": w, "after": after.get(p, w), "sparsity": round(sparsity.get(p, 0.0), 6)}
+              for p, w in widths_before.items()}
+    flops_speedup = base["flops"] / max(1, pruned["effective_flops"])
+    compression = base["params"] / max(1, pruned["nonzero_params"])
+    achieved = flops_speedup if tgt.kind == "flops" else compression if tgt.kind == "params" else None
+    report: dict[str, Any] = {
+        "method": meth.name,
+        "options": {k: v for k, v in meth.options.items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "target": str(tgt),
+        "mode": mode,
+        "scope": b.scope,
+        "round_to": b.round_to if b.round_to is not None else "auto",
+        "rounds": rounds,
+        "schedule": schedule,
+        "base_flops": base["flops"],
+        "base_effective_flops": base["effective_flops"],
+        "base_params": base["params"],
+        "base_nonzero_params": base["nonzero_params"],
+        **pruned,
+        "flops_speedup": flops_speedup,
+        "dense_flops_speedup": base["flops"] / max(1, pruned["flops"]),
+        "compression": compression,
+        "dense_compression": base["params"] / max(1, pruned["params"]),
+        "achieved": achieved,
+        "target_error": None if achieved is None else achieved / tgt.value - 1,
+        "layers": layers,
+        "prune_seconds": prune_s,
+        "finetune_seconds": finetune_s,
+        "peak_memory_mb": getattr(mem, "peak_mb", None),
+        "peak_memory_delta_mb": getattr(mem, "delta_mb", None),
+        "peak_memory_method": getattr(mem, "method", None),
+        "warnings": [str(w.message) for w in caught],
+        "skipped": dict(graph.skipped) if graph is not None else {},
+        "plans": [p.describe() for p in plans],
+    }
+    if getattr(mem, "cuda_mb", None) is not None:
+        report["peak_cuda_memory_mb"] = mem.cuda_mb
+    alloc = ctx.extra.get("allocation")
+    if alloc:
+        report["allocation"] = {k: v for k, v in alloc.items() if k != "widths"}
+    return report
+
+
+__all__ = ["PruneResult", "prune"]

@@ -1,0 +1,756 @@
+"""Interpolative-decomposition (ID) channel pruning: **id** (one-shot) and **id_iter** (automatic widths).
+
+Chee, Renz, Damle & De Sa, "Model Preserving Compression for Neural Networks", NeurIPS 2022.
+
+For a coupled channel group let ``Z`` be its activations exactly as the consumer layers read
+them (rows = samples x spatial positions, columns = channels: after BatchNorm, activation and
+pooling, after the depthwise convolutions of the group). A column-pivoted QR ``Z P = Q R`` picks
+the ``k`` channels ``S`` to keep and ``T = [I | R11^-1 R12] P^T`` with ``Z ~= Z[:, S] T``. The
+producers keep rows ``S`` (weights, biases, norm parameters and statistics, depthwise filters)
+and every consumer absorbs ``T``: ``W <- W T^T`` along its input-channel axis (per kernel tap;
+``T (x) I_HW`` for a flatten -> linear consumer). No labels, no fine-tuning.
+
+How the pieces map to the code:
+
+* ``R`` is accumulated by streaming TSQR over batches of the prune set
+  (:class:`prunekit.linalg.TSQR`); memory ``O(C^2)`` per read point.
+* Coupled groups (ResNet / MobileNet-V2 residual streams) have several *read points* (the
+  inputs of their consumers). Their ``R`` factors are stacked before the pivoted QR, so ``S`` is
+  chosen for all of them at once; each read point then gets its own least-squares ``T`` for the
+  kept channels (``per_read_point=True``; the shared ``T`` of the stacked QR with ``False``).
+* Depthwise convolutions belong to the group (their filters follow the kept channels); ``Z`` is
+  read after them, at the input of the next full convolution, so MobileNets need nothing special.
+* Not handled (left unpruned, listed in ``plan.meta["skipped"]``): groups normalised by a
+  LayerNorm / GroupNorm over the channels (removing channels changes the statistics of the kept
+  ones), attention-head groups, and groups read by a layer that is not a plain conv / linear
+  called once (grouped convs, shared modules).
+* The model is never edited while planning: a working copy keeps its full shape, consumers get
+  ``W T^T`` on the kept columns and zeros on the removed ones (computes exactly what the
+  physically pruned model computes); the returned plan holds the kept channels and the consumer
+  weights in their post-removal shape.
+
+**id_iter** recomputes activations only downstream of the layer it changed: the model is
+traced with ``torch.fx`` and the values entering each group's first consumer are cached for the
+whole prune set (within ``cache_mb``), so a step re-runs the network from the nearest valid
+cache; read points upstream of the change keep their ``R``. Models ``torch.fx`` cannot trace fall
+back to full forward passes with hooks (same result, slower).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from prunekit.errors import PruningError
+from prunekit.linalg import TSQR, id_error, id_from_pivoted, interpolation_matrix, pivoted_qr, qr_r
+from prunekit.methods.base import Method, PruneContext, Target
+from prunekit.methods.registry import register_method
+from prunekit.surgery.plan import Plan
+
+_PAPER = "Chee et al., Model Preserving Compression for Neural Networks, NeurIPS 2022"
+
+
+# --------------------------------------------------------------------------------------------- records
+@dataclass
+class _ReadPoint:
+    """Where the consumers of one group read its channels (one tensor)."""
+
+    key: str
+    group: str
+    consumers: list[str]  # consumer layer paths reading this tensor
+    positions: torch.Tensor  # (group size, E): positions of each channel along the channel axis (original numbering)
+    channel_dim: int  # axis of the activation holding the positions (1: conv input, -1: linear input)
+    index: int = 0  # execution position where it is captured (first consumer call)
+    node: Any = None  # the torch.fx node read (fx runner) / capturing module path (hook runner)
+
+
+@dataclass
+class _GroupState:
+    key: str
+    size: int
+    kept: torch.Tensor  # kept original channel indices, sorted
+    read_points: list[_ReadPoint]
+    layers: list[str]  # producers + depthwise + consumers (cost of the group)
+    min_keep: int
+    multiple_of: int
+    first_consumer: int = 0
+    r_piv: torch.Tensor | None = None  # pivoted R of the stacked read points (cached)
+    perm: torch.Tensor | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _gather(act: torch.Tensor, rp: _ReadPoint, pos: torch.Tensor) -> torch.Tensor:
+    """``Z`` of a read point: rows = examples x positions, columns = the group's current channels.
+
+    ``pos`` is ``(C, E)``: the ``E`` entries of channel ``c`` along the channel axis; the ``E``
+    entries become extra rows (``T (x) I_E`` is then the right correction).
+    """
+    x = act.detach()
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    x = x.movedim(rp.channel_dim, -1)
+    x = x.reshape(-1, x.shape[-1])
+    c, e = pos.shape
+    if e == 1:
+        flat = pos[:, 0]
+        if c == x.shape[1] and bool((flat == torch.arange(c, device=flat.device)).all()):
+            return x.contiguous()
+        return x.index_select(1, flat.to(x.device))
+    z = x.index_select(1, pos.reshape(-1).to(x.device)).reshape(-1, c, e)
+    return z.transpose(1, 2).reshape(-1, c)
+
+
+# --------------------------------------------------------------------------------------------- runners
+class _Runner:
+    """Runs the prune set through the working model and returns ``R`` factors of read points."""
+
+    batches: list[torch.Tensor]
+
+    def order(self, consumer: str) -> int | None:
+        raise NotImplementedError
+
+    def read_node(self, consumer: str) -> Any:
+        raise NotImplementedError
+
+    def setup(self, read_points: list[_ReadPoint]) -> None:
+        """Called once the read points are known (choose caches)."""
+
+    def collect(self, needed: list[_ReadPoint], pos: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def changed(self, index: int) -> None:
+        """The layer at execution position ``index`` changed: drop caches after it."""
+
+
+class _FxRunner(_Runner):
+    """Node-by-node execution of the ``torch.fx`` graph with cached restart points.
+
+    A restart point ``p`` stores, per batch, every value computed before node ``p`` that a node at
+    or after ``p`` uses (its *frontier*); the network can then be re-run from ``p`` alone.
+    """
+
+    def __init__(self, model: nn.Module, batches: list[torch.Tensor], cache_bytes: float):
+        import torch.fx
+
+        self.model = model
+        self.batches = batches
+        self.cache_bytes = cache_bytes
+        gm = torch.fx.symbolic_trace(model)
+        self.nodes = list(gm.graph.nodes)
+        self.pos_of = {n: i for i, n in enumerate(self.nodes)}
+        last: dict[Any, int] = {}
+        for i, n in enumerate(self.nodes):
+            for a in n.all_input_nodes:
+                last[a] = max(last.get(a, -1), i)
+        self.last_use = last
+        self.free_at: list[list[Any]] = [[] for _ in self.nodes]
+        for n, i in last.items():
+            self.free_at[i].append(n)
+        self.calls: dict[str, list[int]] = defaultdict(list)
+        for i, n in enumerate(self.nodes):
+            if n.op == "call_module":
+                self.calls[str(n.target)].append(i)
+        self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        self.restarts: list[int] = [0]
+        self.cache: dict[int, list[tuple[Any, ...]]] = {}
+        self.frontiers: dict[int, list[Any]] = {0: []}
+        self.valid: set[int] = {0}
+        self.capture: dict[int, list[_ReadPoint]] = defaultdict(list)
+
+    # -- structure ------------------------------------------------------------------------------
+    def order(self, consumer: str) -> int | None:
+        calls = self.calls.get(consumer, [])
+        return calls[0] if len(calls) == 1 else None
+
+    def read_node(self, consumer: str) -> Any:
+        node = self.nodes[self.calls[consumer][0]]
+        return node.args[0] if node.args else None
+
+    def _frontier(self, p: int) -> list[Any]:
+        return [n for n in self.nodes[:p] if n.op != "get_attr" and self.last_use.get(n, -1) >= p]
+
+    def setup(self, read_points: list[_ReadPoint]) -> None:
+        for rp in read_points:
+            self.capture[rp.index].append(rp)
+        # candidate restart points: where each group's first consumer runs (changes start there)
+        candidates = sorted({rp.index for rp in read_points if rp.index > 0})
+        if not candidates or self.cache_bytes <= 0:
+            return
+        probe = self.batches[0][:2]
+        per_sample = self._probe_sizes(probe, candidates)
+        total = sum(len(b) for b in self.batches)
+        budget = self.cache_bytes
+        chosen = []
+        for p in sorted(candidates, reverse=True):  # deep restart points save the most work
+            need = per_sample[p] * total
+            if need <= budget:
+                chosen.append(p)
+                budget -= need
+        self.restarts = sorted([0, *chosen])
+        self.frontiers = {p: self._frontier(p) for p in self.restarts}
+        self.frontiers[0] = []
+
+    def _probe_sizes(self, x: torch.Tensor, candidates: list[int]) -> dict[int, float]:
+        env: dict[Any, Any] = {}
+        sizes: dict[int, float] = {}
+        want = set(candidates)
+        with torch.inference_mode():
+            for i, n in enumerate(self.nodes):
+                if i in want:
+                    nbytes = 0
+                    for f in self._frontier(i):
+                        v = env.get(f)
+                        if isinstance(v, torch.Tensor):
+                            nbytes += v.numel() * v.element_size()
+                    sizes[i] = nbytes / max(1, len(x))
+                if n.op == "output":
+                    break
+                env[n] = self._run_node(n, env, x)
+        return sizes
+
+    # -- execution -------------------------------------------------------------------------------
+    def _run_node(self, n: Any, env: dict[Any, Any], x: torch.Tensor) -> Any:
+        import torch.fx
+
+        if n.op == "placeholder":
+            if n is self.placeholders[0]:
+                return x
+            return n.args[0] if n.args else None
+        if n.op == "get_attr":
+            obj: Any = self.model
+            for part in str(n.target).split("."):
+                obj = getattr(obj, part)
+            return obj
+        args = torch.fx.node.map_arg(n.args, lambda a: env[a])
+        kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: env[a])
+        if n.op == "call_module":
+            return self.model.get_submodule(str(n.target))(*args, **kwargs)
+        if n.op == "call_function":
+            return n.target(*args, **kwargs)
+        if n.op == "call_method":
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
+        if n.op == "output":
+            return args[0]
+        raise PruningError(f"unsupported torch.fx node {n.op!r}")
+
+    @staticmethod
+    def _clone(v: Any) -> Any:
+        return v.clone() if isinstance(v, torch.Tensor) else v
+
+    def changed(self, index: int) -> None:
+        self.valid = {p for p in self.valid if p <= index}
+
+    def collect(self, needed: list[_ReadPoint], pos: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not needed:
+            return {}
+        first = min(rp.index for rp in needed)
+        stop = max(rp.index for rp in needed)
+        start = max(p for p in self.valid if p <= first)
+        refresh = [p for p in self.restarts if start < p <= stop]
+        want = {rp.key for rp in needed}
+        accs = {rp.key: TSQR() for rp in needed}
+        stores: dict[int, list[tuple[Any, ...]]] = {p: [] for p in refresh}
+        with torch.inference_mode():
+            for b, x in enumerate(self.batches):
+                env: dict[Any, Any] = {}
+                for n in self.nodes[:start]:
+                    if n.op == "get_attr":
+                        env[n] = self._run_node(n, env, x)
+                if start > 0:
+                    for n, v in zip(self.frontiers[start], self.cache[start][b]):
+                        env[n] = self._clone(v)
+                for i in range(start, stop + 1):
+                    n = self.nodes[i]
+                    if i in stores:
+                        stores[i].append(tuple(self._clone(env[f]) for f in self.frontiers[i]))
+                    for rp in self.capture.get(i, ()):
+                        if rp.key in want:
+                            accs[rp.key].update(_gather(env[rp.node], rp, pos[rp.key]))
+                    if n.op == "output":
+                        break
+                    env[n] = self._run_node(n, env, x)
+                    for dead in self.free_at[i]:
+                        env.pop(dead, None)
+                del env
+        for p, vals in stores.items():
+            self.cache[p] = vals
+            self.valid.add(p)
+        return {k: a.r() for k, a in accs.items()}
+
+
+class _HookRunner(_Runner):
+    """Fallback for models ``torch.fx`` cannot trace: full forward passes with pre-hooks."""
+
+    def __init__(self, model: nn.Module, batches: list[torch.Tensor], consumers: list[str]):
+        self.model = model
+        self.batches = batches
+        self.first_call: dict[str, int] = {}
+        self.calls: dict[str, int] = defaultdict(int)
+        self.same_input: dict[str, str] = {}
+        inputs: dict[str, torch.Tensor] = {}
+        handles = []
+        counter = [0]
+
+        def make(path: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+                self.calls[path] += 1
+                if path not in self.first_call:
+                    self.first_call[path] = counter[0]
+                    counter[0] += 1
+                    inp = args[0] if args else None
+                    for other, t in inputs.items():
+                        if t is inp:
+                            self.same_input[path] = self.same_input.get(other, other)
+                            break
+                    if isinstance(inp, torch.Tensor):
+                        inputs[path] = inp
+            return hook
+
+        for path in consumers:
+            handles.append(model.get_submodule(path).register_forward_pre_hook(make(path)))
+        try:
+            with torch.inference_mode():
+                model(batches[0][:2])
+        finally:
+            for h in handles:
+                h.remove()
+        inputs.clear()
+
+    def order(self, consumer: str) -> int | None:
+        if self.calls.get(consumer, 0) != 1:
+            return None
+        return self.first_call[consumer] + 1
+
+    def read_node(self, consumer: str) -> Any:
+        return self.same_input.get(consumer, consumer)
+
+    def collect(self, needed: list[_ReadPoint], pos: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not needed:
+            return {}
+        accs = {rp.key: TSQR() for rp in needed}
+        by_layer: dict[str, list[_ReadPoint]] = defaultdict(list)
+        for rp in needed:
+            by_layer[str(rp.node)].append(rp)
+        handles = []
+
+        def make(rps: list[_ReadPoint]) -> Callable[..., None]:
+            def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+                for rp in rps:
+                    accs[rp.key].update(_gather(args[0], rp, pos[rp.key]))
+            return hook
+
+        for path, rps in by_layer.items():
+            handles.append(self.model.get_submodule(path).register_forward_pre_hook(make(rps)))
+        try:
+            with torch.inference_mode():
+                for x in self.batches:
+                    self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return {k: a.r() for k, a in accs.items()}
+
+
+# --------------------------------------------------------------------------------------------- the state
+class _IDState:
+    """A working copy of the model being pruned by ID, with cached ``R`` factors per read point.
+
+    The copy keeps its full shape: pruned channels are still computed but every consumer has zero
+    weights for them, so the copy computes exactly what the physically pruned model computes.
+    """
+
+    def __init__(self, model: nn.Module, ctx: PruneContext, method: Method):
+        from prunekit.surgery.graph import analyze
+
+        t0 = time.perf_counter()
+        self.method = method
+        self.ctx = ctx
+        self.graph = ctx.graph
+        if self.graph is None:
+            self.graph = analyze(model, ctx.input_shape, ignored=ctx.budget.ignored, warn=False)
+            ctx.graph = self.graph
+        self.model = _working_copy(model)
+        self.model.eval()
+        self.batches = _prune_batches(ctx, int(method.samples), int(method.batch_size), method.name)
+        self.skipped: dict[str, str] = {}
+        self.changed_layers: set[str] = set()
+        self.timings: dict[str, float] = defaultdict(float)
+        self.r: dict[str, torch.Tensor] = {}  # read point key -> R over the group's current kept channels
+        self.runner = self._make_runner()
+        self.groups = self._build_groups()
+        self.read_points = [rp for g in self.groups.values() for rp in g.read_points]
+        self.runner.setup(self.read_points)
+        self._tensor_cost = {t.path: t for t in self.graph.cost.tensors}
+        self.timings["setup"] += time.perf_counter() - t0
+
+    # -- construction ---------------------------------------------------------------------------
+    def _make_runner(self) -> _Runner:
+        cache = float(self.method.cache_mb) * 2**20
+        try:
+            return _FxRunner(self.model, self.batches, cache)
+        except Exception as e:  # noqa: BLE001 - any tracing failure: fall back to hooks
+            self.skipped["<trace>"] = f"torch.fx could not trace the model ({type(e).__name__}); using full passes"
+            consumers = sorted({c for g in self.graph.groups.values() for c in g.consumers})
+            return _HookRunner(self.model, self.batches, consumers)
+
+    def _build_groups(self) -> dict[str, _GroupState]:
+        budget = self.ctx.budget
+        groups: dict[str, _GroupState] = {}
+        for g in self.graph.groups.values():
+            if not g.prunable:
+                continue
+            why = self._unsupported(g)
+            if why:
+                self.skipped[g.key] = why
+                continue
+            rps: dict[Any, _ReadPoint] = {}
+            for c in g.consumers:
+                idx = self.runner.order(c)
+                node = self.runner.read_node(c)
+                member = next(mb for mb in g.members if mb.tensor == f"{c}.weight" and mb.role == "consumer")
+                layer = self.model.get_submodule(c)
+                chan_dim = -1 if isinstance(layer, nn.Linear) else 1
+                rp = rps.get(node)
+                if rp is None:
+                    rp = _ReadPoint(f"{g.key}@{c}", g.key, [c], member.index, chan_dim, int(idx or 0), node)
+                    rps[node] = rp
+                else:
+                    rp.consumers.append(c)
+                    rp.index = min(rp.index, int(idx or 0))
+            floor_keep = int(math.floor(budget.floor * g.size)) + 1 if budget.floor > 0 else 1
+            cap_keep = int(math.ceil((1.0 - budget.cap) * g.size))
+            state = _GroupState(
+                key=g.key, size=g.size, kept=torch.arange(g.size), read_points=list(rps.values()),
+                layers=g.layers(), min_keep=max(1, g.min_keep, floor_keep, cap_keep), multiple_of=max(1, g.multiple_of),
+            )
+            state.first_consumer = min(rp.index for rp in state.read_points)
+            groups[g.key] = state
+        if not groups:
+            raise PruningError(f"method {self.method.name!r} found no channel group it can prune in this model "
+                               f"(skipped: {self.skipped or 'none prunable'})")
+        return dict(sorted(groups.items(), key=lambda kv: kv[1].first_consumer))
+
+    def _unsupported(self, g: Any) -> str:
+        if g.kind != "channels":
+            return "attention-head group (ID prunes channels)"
+        if g.ln_coupled:
+            return "normalised by a LayerNorm / GroupNorm over its channels"
+        if not g.consumers:
+            return "no layer reads its channels"
+        for c in g.consumers:
+            layer = self.model.get_submodule(c)
+            if not isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)) or getattr(layer, "groups", 1) != 1:
+                return f"consumer {c!r} is not a plain conv / linear layer"
+            if isinstance(layer, nn.modules.conv._ConvNd) and layer.transposed:
+                return f"consumer {c!r} is a transposed convolution"
+            if not any(mb.tensor == f"{c}.weight" and mb.role == "consumer" and mb.dim == 1 for mb in g.members):
+                return f"consumer {c!r} reads the channels in a layout ID cannot follow"
+            if self.runner.order(c) is None:
+                return f"consumer {c!r} is called more than once (or never) in the forward pass"
+        return ""
+
+    # -- R factors --------------------------------------------------------------------------------
+    def _positions(self, rp: _ReadPoint) -> torch.Tensor:
+        return rp.positions[self.groups[rp.group].kept]
+
+    def refresh(self, groups: list[str] | None = None) -> None:
+        """Compute the missing ``R`` factors (of ``groups``, default all)."""
+        keys = list(self.groups) if groups is None else groups
+        needed = [rp for k in keys for rp in self.groups[k].read_points if rp.key not in self.r]
+        if not needed:
+            return
+        t0 = time.perf_counter()
+        pos = {rp.key: self._positions(rp) for rp in needed}
+        self.r.update(self.runner.collect(needed, pos))
+        self.timings["activations"] += time.perf_counter() - t0
+
+    def pivoted(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pivoted QR of the stacked ``R`` factors of a group's read points (cached)."""
+        g = self.groups[key]
+        if g.r_piv is None:
+            self.refresh([key])
+            rs = [self.r[rp.key] for rp in g.read_points]
+            stacked = rs[0] if len(rs) == 1 else qr_r(torch.cat(rs))
+            g.r_piv, g.perm = pivoted_qr(stacked)
+        assert g.r_piv is not None and g.perm is not None
+        return g.r_piv, g.perm
+
+    def error(self, key: str, k: int) -> float:
+        return id_error(self.pivoted(key)[0], k)
+
+    # -- costs ------------------------------------------------------------------------------------
+    def widths(self) -> dict[str, int]:
+        return {k: int(len(g.kept)) for k, g in self.groups.items()}
+
+    def cost(self, kind: str, widths: dict[str, int] | None = None) -> float:
+        w = self.widths() if widths is None else widths
+        return float(self.graph.cost.flops(w) if kind == "flops" else self.graph.cost.params(w))
+
+    def group_cost(self, key: str, kind: str) -> float:
+        """Current cost (multiply-adds or parameters) of the layers a group touches."""
+        w = self.graph.widths()
+        w.update(self.widths())
+        total = 0.0
+        for layer in self.groups[key].layers:
+            t = self._tensor_cost.get(f"{layer}.weight")
+            if t is None:
+                continue
+            n = t.numel(w)
+            total += t.macs_per_entry * n if kind == "flops" else n
+        return total
+
+    # -- pruning ------------------------------------------------------------------------------------
+    def prune(self, key: str, k: int) -> float:
+        """Keep ``k`` channels of group ``key`` by ID and fold ``T`` into its consumers; returns the error proxy."""
+        g = self.groups[key]
+        n = len(g.kept)
+        if k >= n:
+            return 0.0
+        t0 = time.perf_counter()
+        r_piv, perm = self.pivoted(key)
+        dec = id_from_pivoted(r_piv, perm, k)
+        err, keep_local, t_shared = dec.error, dec.keep, dec.T
+        rs = {rp.key: self.r[rp.key] for rp in g.read_points}
+        per_point = bool(self.method.per_read_point) and len(g.read_points) > 1
+        for rp in g.read_points:
+            t = interpolation_matrix(rs[rp.key], keep_local) if per_point else t_shared
+            for c in rp.consumers:
+                self._fold(c, rp, g.kept, keep_local, t)
+        # read points upstream of the change keep their data: restrict R to the kept columns
+        change = g.first_consumer
+        new_kept = g.kept[keep_local]
+        for rp in self.read_points:
+            if rp.index > change:
+                self.r.pop(rp.key, None)
+                self.groups[rp.group].r_piv = None
+            elif rp.group == key:
+                self.r[rp.key] = qr_r(rs[rp.key][:, keep_local])
+        g.kept = new_kept
+        g.r_piv = g.perm = None
+        self.runner.changed(change)
+        g.history.append({"width": k, "error": err})
+        self.timings["decompose"] += time.perf_counter() - t0
+        return err
+
+    def _fold(self, consumer: str, rp: _ReadPoint, kept: torch.Tensor, keep_local: torch.Tensor,
+              t: torch.Tensor) -> None:
+        """``W <- W T^T`` on the consumer's current columns; removed columns become zero."""
+        layer = self.model.get_submodule(consumer)
+        w = layer.weight
+        pos = rp.positions[kept]  # (C, E) current columns
+        new_pos = pos[keep_local]  # (k, E)
+        with torch.no_grad():
+            wm = w.data.movedim(1, -1)  # (..., in)
+            cur = wm[..., pos.reshape(-1)].reshape(*wm.shape[:-1], *pos.shape)  # (..., C, E)
+            folded = torch.einsum("...ce,jc->...je", cur.double(), t.to(cur.device)).to(w.dtype)
+            wm[..., pos.reshape(-1)] = 0  # wm is a view of the weight: written in place
+            wm[..., new_pos.reshape(-1)] = folded.reshape(*wm.shape[:-1], -1)
+        self.changed_layers.add(consumer)
+
+    # -- result -------------------------------------------------------------------------------------
+    def plan(self, extra_meta: dict[str, Any]) -> Plan:
+        channels = {k: g.kept.clone() for k, g in self.groups.items() if len(g.kept) < g.size}
+        kept_dims = self.graph.kept_dims(channels) if channels else {}
+        weights: dict[str, torch.Tensor] = {}
+        for c in sorted(self.changed_layers):
+            path = f"{c}.weight"
+            w = self.model.get_submodule(c).weight.detach()
+            for d, idx in kept_dims.get(path, {}).items():
+                w = w.index_select(d, idx.to(w.device))
+            weights[path] = w.clone()
+        meta = {
+            "widths": {k: [g.size, int(len(g.kept))] for k, g in self.groups.items()},
+            "errors": {k: [h["error"] for h in g.history] for k, g in self.groups.items() if g.history},
+            "skipped": dict(self.skipped),
+            "samples": int(sum(len(b) for b in self.batches)),
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "runner": type(self.runner).__name__.strip("_"),
+            **extra_meta,
+        }
+        return Plan(method=self.method.name, channels=channels, weights=weights, meta=meta)
+
+    def width_options(self, key: str, k: int) -> int:
+        """``k`` rounded down to the group's multiple (``0`` when below its minimum)."""
+        g = self.groups[key]
+        k = (k // g.multiple_of) * g.multiple_of
+        return k if k >= g.min_keep else 0
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _working_copy(model: nn.Module) -> nn.Module:
+    from prunekit.surgery.graph import _has_masks
+    from prunekit.surgery.masks import remove_masks_
+
+    work = copy.deepcopy(model)
+    if _has_masks(work):
+        remove_masks_(work)
+    for p in work.parameters():
+        p.requires_grad_(False)
+    return work
+
+
+def _prune_batches(ctx: PruneContext, samples: int, batch_size: int, method: str) -> list[torch.Tensor]:
+    """The prune set's inputs (at most ``samples``), re-batched to ``batch_size`` (kept in memory: the
+    passes must see the same examples, augmentation or not)."""
+    xs = [x for x, _ in ctx.batches(samples)]
+    if not xs:
+        raise PruningError(f"method {method!r} saw no examples: the prune set is empty")
+    x = torch.cat(xs)
+    return list(x.split(max(1, batch_size)))
+
+
+def _goal(target: Target, base: dict[str, float], target_kind: str | None, method: str) -> tuple[str, float]:
+    """``(cost kind, cost to reach)`` of a flops / params / ratio target."""
+    if target.kind in ("flops", "params"):
+        if target_kind not in (None, target.kind):
+            raise PruningError(f"method {method!r}: target_kind={target_kind!r} contradicts the target {target}")
+        return target.kind, base[target.kind] / target.value
+    kind = target_kind or "flops"
+    if kind not in ("flops", "params"):
+        raise PruningError(f"method {method!r}: target_kind must be 'flops' or 'params', not {kind!r}")
+    return kind, base[kind] * (1.0 - target.value)
+
+
+class _IDBase(Method):
+    defaults: dict[str, Any] = {"samples": 5000, "batch_size": 500, "cache_mb": 2048, "per_read_point": True,
+                                "target_kind": None}
+
+    def _state(self, model: nn.Module, ctx: PruneContext) -> _IDState:
+        self.check(ctx)
+        return _IDState(model, ctx, self)
+
+
+@register_method("id", granularity="channel", needs_data=True, needs_labels=False, family="interpolative",
+                 paper=_PAPER, description="Interpolative decomposition, one shot: every group to the same keep "
+                 "fraction, consumers absorb the interpolation matrix (no labels, no fine-tuning).")
+class InterpolativeDecomposition(_IDBase):
+    """One-shot ID: every prunable group keeps ``floor(k * width)`` channels.
+
+    Options: ``k`` keep fraction (default None: ``1 - ratio`` for a ``ratio=`` target, and for a
+    ``flops=`` / ``params=`` target the largest uniform fraction meeting it); ``samples`` (prune-set
+    size, 5000); ``batch_size``; ``cache_mb`` (activation cache); ``per_read_point``.
+
+    Groups are decomposed in execution order, each on the activations of the model whose earlier
+    groups are already pruned (so later corrections see the real, perturbed inputs).
+    """
+
+    defaults = {**_IDBase.defaults, "k": None}
+
+    def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
+        t0 = time.perf_counter()
+        st = self._state(model, ctx)
+        widths = self._target_widths(st, ctx)
+        for key, g in st.groups.items():
+            w = widths[key]
+            if w < len(g.kept):
+                st.prune(key, w)
+        return st.plan({"k": self._k_used, "time_s": round(time.perf_counter() - t0, 3)})
+
+    def _target_widths(self, st: _IDState, ctx: PruneContext) -> dict[str, int]:
+        def at(q: float, per_layer: dict[str, float] | None = None) -> dict[str, int]:
+            out = {}
+            for key, g in st.groups.items():
+                frac = 1.0 - per_layer[key] if per_layer and key in per_layer else q
+                out[key] = max(st.width_options(key, int(math.floor(frac * g.size + 1e-9))), g.min_keep)
+                out[key] = min(out[key], g.size)
+            return out
+
+        if self.k is not None:
+            if not 0 < float(self.k) <= 1:
+                raise PruningError(f"method 'id': k must be in (0, 1], got {self.k}")
+            self._k_used = float(self.k)
+            return at(float(self.k))
+        target = ctx.target
+        if target.kind == "ratio" and self.target_kind is None:
+            self._k_used = 1.0 - target.value
+            return at(1.0 - target.value, target.per_layer)
+        kind, goal = _goal(target, {"flops": st.cost("flops"), "params": st.cost("params")}, self.target_kind,
+                           self.name)
+        if st.cost(kind, at(0.0)) > goal:
+            raise PruningError(f"method 'id' cannot reach {target}: with every prunable group at its minimum width "
+                               f"the model still has {st.cost(kind, at(0.0)):.4g} {kind} (goal {goal:.4g})")
+        lo, hi = 0.0, 1.0
+        for _ in range(50):
+            mid = 0.5 * (lo + hi)
+            if st.cost(kind, at(mid)) <= goal:
+                lo = mid
+            else:
+                hi = mid
+        self._k_used = lo
+        return at(lo)
+
+
+@register_method("id_iter", granularity="channel", needs_data=True, needs_labels=False, family="interpolative",
+                 paper=_PAPER, description="Iterative interpolative decomposition: greedily prunes the group with "
+                 "the least ID error per FLOP until the target is met (automatic per-layer widths).")
+class IterativeInterpolativeDecomposition(_IDBase):
+    """Greedy ID (the paper's ``iditer``): until the cost meets the target, every group proposes
+    ``k_i = floor(k * n_i)``; the one with the smallest ``|R[k_i, k_i] / R[0, 0]| / (cost of its layers)``
+    is pruned, and only activations downstream of it are recomputed.
+
+    Options: ``k`` (per-step keep fraction, 0.95), ``samples`` (5000), ``batch_size``, ``cache_mb``,
+    ``per_read_point``, ``target_kind`` (``"flops"`` / ``"params"`` for a ``ratio=`` target; the cost
+    in the score's denominator is the target's kind). The last step keeps as many channels as
+    still meet the target, so the result lands within one channel of it.
+    """
+
+    defaults = {**_IDBase.defaults, "k": 0.95}
+
+    def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
+        t0 = time.perf_counter()
+        if not 0 < float(self.k) < 1:
+            raise PruningError(f"method 'id_iter': k must be in (0, 1), got {self.k}")
+        st = self._state(model, ctx)
+        base = {"flops": st.cost("flops"), "params": st.cost("params")}
+        kind, goal = _goal(ctx.target, base, self.target_kind, self.name)
+        steps: list[tuple[str, int, float]] = []
+        while st.cost(kind) > goal:
+            st.refresh()
+            best: tuple[float, str, int] | None = None
+            for key, g in st.groups.items():
+                n = len(g.kept)
+                k = st.width_options(key, int(math.floor(float(self.k) * n)))
+                if k == 0 or k >= n:
+                    continue
+                score = st.error(key, k) / max(st.group_cost(key, kind), 1e-12)
+                if best is None or score < best[0]:
+                    best = (score, key, k)
+            if best is None:
+                raise PruningError(f"method 'id_iter' cannot reach {ctx.target}: every group is at its minimum "
+                                   f"width and the model still has {st.cost(kind):.4g} {kind} (goal {goal:.4g})")
+            _, key, k = best
+            k = self._last_step_width(st, key, k, kind, goal)
+            err = st.prune(key, k)
+            steps.append((key, k, err))
+        return st.plan({"k": float(self.k), "steps": [list(s) for s in steps], "goal": {kind: goal},
+                        "time_s": round(time.perf_counter() - t0, 3)})
+
+    @staticmethod
+    def _last_step_width(st: _IDState, key: str, k: int, kind: str, goal: float) -> int:
+        """Largest width in ``[k, n)`` that still meets the goal (``k`` when none does)."""
+        g = st.groups[key]
+        widths = st.widths()
+        widths[key] = k
+        if st.cost(kind, widths) > goal:
+            return k
+        best = k
+        for w in range(k + 1, len(g.kept)):
+            if w % g.multiple_of:
+                continue
+            widths[key] = w
+            if st.cost(kind, widths) <= goal:
+                best = w
+            else:
+                break
+        return best
+
+
+__all__ = ["InterpolativeDecomposition", "IterativeInterpolativeDecomposition"]

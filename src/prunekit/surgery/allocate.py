@@ -1,0 +1,624 @@
+"""Budgets: turning importance scores into kept channels or weight masks that meet a target.
+
+Channels (:func:`allocate_channels`): every prunable coupled group has one score per channel.
+``scope="global"`` ranks all channels of all groups together (optionally after per-group
+normalisation) and removes the lowest-ranked until the target is met; ``scope="layerwise"``
+removes the same fraction of every group, the fraction found by bisection. Costs come from the
+graph's :class:`~prunekit.surgery.graph.CostModel` (exact for conv / linear layers), so a target
+such as ``flops=2`` is searched in milliseconds; the result is then measured on a pruned deep
+copy and the search corrected if the measurement disagrees.
+
+Per-group limits: at least ``floor(floor * width) + 1`` channels survive (and at most ``cap`` of
+them are removed); kept counts are multiples of ``round_to``. The default rounding
+(:func:`default_round_to`) keeps channel counts at multiples of 8 for groups of more than 32
+channels and of 4 for groups of 17-32 channels, and leaves tiny groups unrounded: CPU kernels run
+aligned widths markedly faster, so measured speed-ups track FLOP reductions.
+
+Weights (:func:`allocate_weights`): one score per weight; ``flops=`` / ``params=`` targets count
+non-zero (effective) multiply-adds / parameters; global or layer-wise; N:M masks with ``nm="2:4"``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from prunekit.errors import PruningError
+from prunekit.surgery.graph import LAYER_TYPES, ChannelGraph, PruningWarning, _matches, analyze
+
+if TYPE_CHECKING:  # methods.base imports surgery.plan: avoid the import cycle at runtime
+    from prunekit.methods.base import PruneContext
+
+EPS = 1e-12
+
+
+# --------------------------------------------------------------------------------------------- rounding
+def default_round_to(size: int) -> int:
+    """The engine's default channel multiple for a group of ``size`` channels.
+
+    Multiples of 8 above 32 channels, of 4 for 17-32 channels, none below (tiny layers would
+    otherwise lose too much granularity).
+    """
+    if size > 32:
+        return 8
+    if size > 16:
+        return 4
+    return 1
+
+
+def resolve_round_to(size: int, round_to: int | str | None) -> int:
+    """The channel multiple used for a group: ``None`` / ``"auto"`` -> :func:`default_round_to`; an int
+    applies to every group (1 or 0: no rounding)."""
+    if round_to is None or round_to == "auto":
+        return default_round_to(size)
+    try:
+        r = int(round_to)
+    except (TypeError, ValueError):
+        raise PruningError(f"round_to must be a positive int or 'auto', got {round_to!r}") from None
+    if r < 0:
+        raise PruningError(f"round_to must be a positive int or 'auto', got {round_to!r}")
+    return max(1, r)
+
+
+def _snap(k: float, lo: int, hi: int, m: int) -> int:
+    """Round a kept count to a multiple of ``m`` within ``[lo, hi]`` (``hi``: keep everything)."""
+    if k >= hi:
+        return hi
+    if m <= 1:
+        return int(min(hi, max(lo, round(k))))
+    lo_m = -(-lo // m) * m
+    hi_m = (hi // m) * m
+    if lo_m > hi_m or lo_m >= hi:
+        return hi if lo_m >= hi else lo_m
+    r = int(round(k / m)) * m
+    return int(min(hi_m, max(lo_m, r)))
+
+
+# --------------------------------------------------------------------------------------------- channels
+class _ChannelProblem:
+    """The search state: per group its scores, limits and multiple."""
+
+    def __init__(self, graph: ChannelGraph, ctx: PruneContext, scores: dict[str, torch.Tensor],
+                 removed: dict[str, torch.Tensor]):
+        b = ctx.budget
+        if not 0 <= b.floor < 1:
+            raise PruningError(f"floor must be in [0, 1), got {b.floor}")
+        if not 0 < b.cap <= 1:
+            raise PruningError(f"cap must be in (0, 1], got {b.cap}")
+        originals = ctx.extra.get("original_sizes", {})
+        ignored = list(b.ignored or ())
+        self.graph = graph
+        self.keys: list[str] = []
+        self.scores: list[torch.Tensor] = []
+        self.alive: list[torch.Tensor] = []
+        self.lo: list[int] = []
+        self.hi: list[int] = []
+        self.mult: list[int] = []
+        unknown = sorted(set(scores) - set(graph.groups))
+        if unknown:
+            raise PruningError(f"scores refer to channel group(s) {unknown} that the model does not have")
+        for key, g in graph.groups.items():
+            if not g.prunable or key not in scores:
+                continue
+            if ignored and any(_matches(p, ignored) for p in g.producers + g.depthwise + g.norms):
+                continue
+            s = torch.as_tensor(scores[key], dtype=torch.float64).flatten()
+            if s.numel() != g.size:
+                raise PruningError(f"scores for channel group {key!r} have {s.numel()} entries; the group has "
+                                   f"{g.size} channels")
+            alive = torch.ones(g.size, dtype=torch.bool)
+            if key in removed:
+                alive[removed[key]] = False
+            hi = int(alive.sum())
+            orig = int(originals.get(key, g.size))
+            lo = max(g.min_keep, math.floor(b.floor * orig) + 1, math.ceil((1 - b.cap) * orig - 1e-9))
+            lo = min(lo, hi)
+            m = 1 if g.kind == "heads" else resolve_round_to(orig, b.round_to)
+            m = math.lcm(m, g.multiple_of) if g.multiple_of > 1 else m
+            self.keys.append(key)
+            self.scores.append(s)
+            self.alive.append(alive)
+            self.lo.append(lo)
+            self.hi.append(hi)
+            self.mult.append(m)
+        if not self.keys:
+            raise PruningError("no prunable channel group has scores: nothing can be pruned "
+                               f"(skipped layers: {graph.skipped or 'none'})")
+        self.normalized = [_normalize(s, b.normalize) for s in self.scores]
+
+    def widths(self, counts: list[int]) -> dict[str, int]:
+        return dict(zip(self.keys, counts))
+
+    def snapped(self, raw: list[float]) -> list[int]:
+        return [_snap(k, lo, hi, m) for k, lo, hi, m in zip(raw, self.lo, self.hi, self.mult)]
+
+    def keep(self, counts: list[int]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        size = {k: self.graph.groups[k].size for k in self.keys}
+        for key, s, alive, k in zip(self.keys, self.scores, self.alive, counts):
+            if k >= size[key]:
+                continue
+            masked = s.clone()
+            masked[~alive] = -math.inf
+            idx = torch.argsort(masked, descending=True, stable=True)[:k]
+            out[key] = idx.sort().values
+        return out
+
+
+def _normalize(s: torch.Tensor, how: str | None) -> torch.Tensor:
+    if how in (None, "", "none"):
+        return s
+    a = s.abs()
+    if how == "l2":
+        d = a.norm()
+    elif how == "max":
+        d = a.max()
+    elif how == "mean":
+        d = a.mean()
+    elif how == "sum":
+        d = a.sum()
+    else:
+        raise PruningError(f"unknown score normalisation {how!r}; use none, l2, max, mean or sum")
+    return s / max(float(d), EPS)
+
+
+def _cost_fn(graph: ChannelGraph, kind: str) -> Any:
+    return graph.cost.flops if kind == "flops" else graph.cost.params
+
+
+def masked_channels(model: nn.Module, graph: ChannelGraph) -> dict[str, torch.Tensor]:
+    """Channels of each group that masks already zero out (every producer row masked)."""
+    from prunekit.surgery.masks import get_masks
+
+    masks = get_masks(model)
+    out: dict[str, torch.Tensor] = {}
+    for key, g in graph.groups.items():
+        dead: torch.Tensor | None = None
+        for mb in g.members:
+            if mb.role != "producer" or mb.tensor not in masks:
+                continue
+            m = masks[mb.tensor].movedim(mb.dim, 0)
+            rows = m[mb.index.reshape(-1)].reshape(g.size, -1)
+            d = ~rows.any(1)
+            dead = d if dead is None else dead & d
+        if dead is not None and bool(dead.any()):
+            out[key] = dead.nonzero().flatten()
+    return out
+
+
+def allocate_channels(model: nn.Module, ctx: PruneContext, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Kept channel indices per coupled group, meeting ``ctx.target`` under ``ctx.budget``.
+
+    ``scores``: group key -> one score per channel (higher = keep). Groups without scores are not
+    pruned. Returns ``{group key: sorted LongTensor of kept channels}`` for groups that lose channels.
+
+    Raises:
+        PruningError: unreachable target (the message gives the largest reachable ratio), bad scores.
+    """
+    graph = ctx.graph
+    if graph is None:
+        graph = ctx.graph = analyze(model, ctx.input_shape, ignored=ctx.budget.ignored)
+    removed = dict(ctx.extra.get("removed_channels") or masked_channels(model, graph))
+    prob = _ChannelProblem(graph, ctx, scores, removed)
+    target = ctx.target
+    if target.kind == "ratio":
+        counts = _ratio_counts(prob, target)
+        keep = prob.keep(counts)
+        ctx.extra["allocation"] = {"widths": prob.widths(counts)}
+        return keep
+    kind = target.kind
+    cost = _cost_fn(graph, kind)
+    full = {k: graph.groups[k].size for k in graph.groups}
+    current = dict(full)
+    for k, r in removed.items():
+        current[k] = full[k] - int(len(r))
+    base = cost(current)
+    budget = base / target.value
+    counts = _search(prob, ctx, cost, budget)
+    keep = prob.keep(counts)
+    predicted = cost({**current, **prob.widths(counts)})
+    info: dict[str, Any] = {"predicted": base / max(predicted, EPS), "target": target.value}
+    if ctx.extra.get("verify", True) and not removed:
+        measured = _measure(model, graph, keep, kind)
+        if measured is not None and abs(measured / max(predicted, EPS) - 1) > 0.002:
+            counts, keep, measured = _correct(model, prob, ctx, cost, budget, measured, predicted, kind)
+        if measured is not None:
+            info["measured"] = base / max(measured, EPS)
+            achieved = info["measured"]
+            if abs(achieved / target.value - 1) > ctx.budget.tolerance:
+                warnings.warn(f"prunekit: {target} reached as {achieved:.3g}x (the cost model predicted "
+                              f"{info['predicted']:.3g}x)", PruningWarning, stacklevel=2)
+    info["widths"] = prob.widths(counts)
+    ctx.extra["allocation"] = info
+    return keep
+
+
+def _ratio_counts(prob: _ChannelProblem, target: Any) -> list[int]:
+    raw = []
+    for key, hi in zip(prob.keys, prob.hi):
+        g = prob.graph.groups[key]
+        f = target.per_layer.get(key)
+        if f is None:
+            f = next((target.per_layer[p] for p in g.producers + g.depthwise if p in target.per_layer), target.value)
+        raw.append(hi - int(round(f * hi)))
+    return prob.snapped(raw)
+
+
+def _search(prob: _ChannelProblem, ctx: PruneContext, cost: Any, budget: float) -> list[int]:
+    """Counts per group whose predicted cost is closest to ``budget`` (in log ratio)."""
+    base_widths = {k: g.size for k, g in prob.graph.groups.items()}
+    for k, hi in zip(prob.keys, prob.hi):
+        base_widths[k] = hi
+
+    def c(counts: list[int]) -> float:
+        return cost({**base_widths, **prob.widths(counts)})
+
+    lo_counts = prob.snapped([float(lo) for lo in prob.lo])
+    min_cost = c(lo_counts)
+    base = c(list(prob.hi))
+    tol = ctx.budget.tolerance
+    if min_cost > budget * (1 + tol):
+        t = ctx.target
+        best = base / max(min_cost, EPS)
+        raise PruningError(
+            f"target {t} cannot be reached: the largest reachable reduction is {best:.3g}x with floor="
+            f"{ctx.budget.floor}, cap={ctx.budget.cap} and the layers that are not pruned "
+            f"({', '.join(sorted(prob.graph.skipped)) or 'none'}); lower the target, the floor or round_to")
+    if ctx.budget.scope == "layerwise":
+        seq = _layerwise_configs(prob)
+    elif ctx.budget.scope == "global":
+        seq = _global_configs(prob)
+    else:
+        raise PruningError(f"scope must be 'global' or 'layerwise', got {ctx.budget.scope!r}")
+    best = _bisect(seq, c, budget)
+    if ctx.budget.scope == "global" and abs(math.log(max(c(best), EPS) / budget)) > math.log1p(tol / 2):
+        best = _refine(prob, best, c, budget)
+    return best
+
+
+def _bisect(seq: Any, c: Any, budget: float) -> list[int]:
+    """``seq(t)`` for t in [0, 1] gives configurations of (mostly) decreasing cost; pick the one closest
+    to ``budget``."""
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if c(seq(mid)) > budget:
+            lo = mid
+        else:
+            hi = mid
+    cands = [seq(lo), seq(hi)]
+    # neighbouring distinct configurations (rounding makes the cost a step function)
+    for t in (max(0.0, lo - 0.01), min(1.0, hi + 0.01)):
+        cands.append(seq(t))
+    return min(cands, key=lambda cfg: abs(math.log(max(c(cfg), EPS) / budget)))
+
+
+def _global_configs(prob: _ChannelProblem) -> Any:
+    """Configurations removing the globally lowest-ranked channels (fraction t of the removable ones)."""
+    gids, vals = [], []
+    for i, (s, alive, lo, hi) in enumerate(zip(prob.normalized, prob.alive, prob.lo, prob.hi)):
+        n_rem = hi - lo
+        if n_rem <= 0:
+            continue
+        masked = s.clone()
+        masked[~alive] = math.inf
+        order = torch.argsort(masked, stable=True)[:n_rem]
+        vals.append(s[order])
+        gids.append(torch.full((n_rem,), i, dtype=torch.long))
+    if not vals:
+        return lambda t: list(prob.hi)
+    v = torch.cat(vals)
+    gid = torch.cat(gids)[torch.argsort(v, stable=True)]
+    total = len(gid)
+    n_groups = len(prob.keys)
+    cum = torch.zeros(total + 1, n_groups, dtype=torch.long) if total * n_groups <= 4_000_000 else None
+
+    if cum is not None:
+        cum[1:] = torch.nn.functional.one_hot(gid, n_groups).cumsum(0)
+
+    def seq(t: float) -> list[int]:
+        n = int(round(t * total))
+        removed = cum[n] if cum is not None else torch.bincount(gid[:n], minlength=n_groups)
+        raw = [hi - int(r) for hi, r in zip(prob.hi, removed.tolist())]
+        return prob.snapped([float(x) for x in raw])
+
+    return seq
+
+
+def _layerwise_configs(prob: _ChannelProblem) -> Any:
+    def seq(t: float) -> list[int]:
+        return prob.snapped([max(lo, hi * (1 - t)) for lo, hi in zip(prob.lo, prob.hi)])
+
+    return seq
+
+
+def _refine(prob: _ChannelProblem, counts: list[int], c: Any, budget: float) -> list[int]:
+    """Greedy single-group steps (one rounding unit) towards the budget, lowest scores first."""
+    counts = list(counts)
+    err = abs(math.log(max(c(counts), EPS) / budget))
+    for _ in range(4 * len(counts)):
+        best_move, best_err = None, err
+        for i, (k, lo, hi, m) in enumerate(zip(counts, prob.lo, prob.hi, prob.mult)):
+            for nk in (_snap(k - m, lo, hi, m), _snap(k + m, lo, hi, m) if k + m <= hi else hi):
+                if nk == k:
+                    continue
+                trial = counts[:i] + [nk] + counts[i + 1:]
+                e = abs(math.log(max(c(trial), EPS) / budget))
+                if e < best_err - 1e-12:
+                    best_move, best_err = (i, nk), e
+        if best_move is None:
+            break
+        counts[best_move[0]] = best_move[1]
+        err = best_err
+    return counts
+
+
+def _measure(model: nn.Module, graph: ChannelGraph, keep: dict[str, torch.Tensor], kind: str) -> float | None:
+    """Real dense FLOPs / params of the model pruned by ``keep`` (on a deep copy)."""
+    from prunekit.metrics import count_flops, count_params
+    from prunekit.surgery.apply import apply_plan
+    from prunekit.surgery.plan import Plan
+
+    if not keep:
+        return None
+    try:
+        pruned = apply_plan(model, Plan(channels=keep), None, "physical", graph.input_shape)
+    except PruningError:
+        raise
+    if kind == "flops":
+        return float(count_flops(pruned, graph.input_shape))
+    return float(count_params(pruned)["params"])
+
+
+def _correct(model: nn.Module, prob: _ChannelProblem, ctx: PruneContext, cost: Any, budget: float,
+             measured: float, predicted: float, kind: str) -> tuple[list[int], dict[str, torch.Tensor], float]:
+    """The cost model disagrees with the measurement: search again with the budget rescaled by the
+    observed ratio (a few times, secant-like), keeping the result whose measurement is closest."""
+    warnings.warn(f"prunekit: the cost model is off by {100 * (measured / predicted - 1):+.1f}% on this model; "
+                  "correcting with measured values", PruningWarning, stacklevel=3)
+    best: tuple[list[int], dict[str, torch.Tensor], float] | None = None
+    scale = predicted / measured
+    for _ in range(4):
+        counts = _search(prob, ctx, cost, budget * scale)
+        keep = prob.keep(counts)
+        m = _measure(model, prob.graph, keep, kind)
+        if m is None:
+            break
+        if best is None or abs(math.log(m / budget)) < abs(math.log(best[2] / budget)):
+            best = (counts, keep, m)
+        if abs(math.log(m / budget)) < math.log1p(ctx.budget.tolerance / 4):
+            break
+        scale *= budget / m
+    assert best is not None
+    return best
+
+
+# --------------------------------------------------------------------------------------------- weights
+def _output_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """Conv / linear layers whose output is the model's output (the classifier)."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [m.register_forward_hook(lambda mod, a, out, p=p: calls.append((p, out)))
+               for p, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            y = model(torch.zeros((1, *input_shape), device=dev))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, f in flags:
+            m.training = f
+    direct = [p for p, o in calls if o is y]
+    return direct or ([calls[-1][0]] if calls else [])
+
+
+def prunable_weights(model: nn.Module, ctx: PruneContext) -> dict[str, torch.Tensor]:
+    """Conv / linear weights an unstructured method may prune: ``{parameter path: weight}``.
+
+    Layers in ``ctx.budget.ignored`` are excluded; by default (``ignored=None``) the classifier.
+    For masked layers the effective (masked) weight is returned.
+    """
+    ignored = ctx.budget.ignored
+    if ignored is None:
+        if ctx.graph is not None:
+            ignored = tuple(ctx.graph.output_layers)
+        else:
+            ignored = tuple(_output_layers(model, tuple(ctx.input_shape)))
+            ctx.extra.setdefault("output_layers", list(ignored))
+    out: dict[str, torch.Tensor] = {}
+    for path, m in model.named_modules():
+        if isinstance(m, LAYER_TYPES) and not _matches(path, ignored):
+            w = m.weight
+            if isinstance(w, torch.Tensor) and w.dim() >= 2:
+                out[f"{path}.weight"] = w
+    return out
+
+
+def _weight_uses(model: nn.Module, ctx: PruneContext, paths: list[str]) -> dict[str, float]:
+    """Multiply-adds per entry (per example) of each weight."""
+    if ctx.graph is not None:
+        per = {t.path: t.macs_per_entry for t in ctx.graph.cost.tensors}
+        if all(p in per for p in paths):
+            return {p: per[p] for p in paths}
+    from prunekit.surgery.graph import _UseRecorder
+
+    rec = _UseRecorder(model)
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *ctx.input_shape), device=dev))
+    finally:
+        rec.remove()
+        for m, f in flags:
+            m.training = f
+    return {p: rec.uses.get(p.rpartition(".")[0], 0.0) for p in paths}
+
+
+def _parse_nm(nm: Any) -> tuple[int, int]:
+    try:
+        n, m = (int(v) for v in str(nm).split(":"))
+    except ValueError:
+        raise PruningError(f"nm must look like '2:4' (keep N of every M weights), got {nm!r}") from None
+    if not 0 < n < m:
+        raise PruningError(f"nm={nm!r}: need 0 < N < M")
+    return n, m
+
+
+def allocate_weights(model: nn.Module, ctx: PruneContext, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Boolean keep-masks per weight meeting ``ctx.target`` (``params=``/``flops=``: non-zero counts).
+
+    ``scores``: parameter path -> scores of the parameter's shape (higher = keep); parameters
+    without scores are not pruned. Weights already masked stay pruned. With ``ctx.budget.nm``
+    (``"N:M"``) every group of M consecutive weights along a row keeps its N best and the target
+    is not used.
+    """
+    from prunekit.metrics import count_params, effective_flops
+    from prunekit.surgery.masks import get_masks
+
+    params = prunable_weights(model, ctx)
+    unknown = sorted(set(scores) - set(params))
+    if unknown:
+        raise PruningError(f"scores for {unknown}, which are not prunable weights (prunable: {sorted(params)})")
+    paths = [p for p in params if p in scores]
+    if not paths:
+        raise PruningError("no prunable weight has scores: nothing can be pruned")
+    existing = get_masks(model)
+    sc: dict[str, torch.Tensor] = {}
+    alive: dict[str, torch.Tensor] = {}
+    for p in paths:
+        s = torch.as_tensor(scores[p], dtype=torch.float64).cpu()
+        if tuple(s.shape) != tuple(params[p].shape):
+            raise PruningError(f"scores for {p!r} have shape {tuple(s.shape)}, the weight has "
+                               f"{tuple(params[p].shape)}")
+        if not torch.isfinite(s).all():
+            raise PruningError(f"scores for {p!r} are not all finite")
+        a = existing[p].cpu().bool() if p in existing else torch.ones(s.shape, dtype=torch.bool)
+        sc[p], alive[p] = s, a
+    nm = getattr(ctx.budget, "nm", None) or ctx.extra.get("nm")
+    if nm:
+        return _nm_masks(sc, alive, *_parse_nm(nm))
+    b = ctx.budget
+    floors = {p: min(int(alive[p].sum()), max(math.floor(b.floor * sc[p].numel()) + 1,
+                                              math.ceil((1 - b.cap) * sc[p].numel() - 1e-9))) for p in paths}
+    t = ctx.target
+    if t.kind == "ratio":
+        counts = {}
+        for p in paths:
+            f = t.per_layer.get(p, t.per_layer.get(p.rpartition(".")[0], t.value))
+            n = sc[p].numel()
+            counts[p] = max(floors[p], min(int(alive[p].sum()), n - int(round(f * n))))
+        return _top_masks(sc, alive, counts)
+    if t.kind == "params":
+        unit = {p: 1.0 for p in paths}
+        base = float(count_params(model)["nonzero_params"])
+    else:
+        unit = _weight_uses(model, ctx, paths)
+        base = float(effective_flops(model, tuple(ctx.input_shape)))
+    alive_cost = sum(unit[p] * float(alive[p].sum()) for p in paths)
+    const = base - alive_cost
+    budget = base / t.value - const
+    floor_cost = sum(unit[p] * floors[p] for p in paths)
+    if floor_cost > budget + 1e-9 * base:
+        best = base / (const + floor_cost)
+        raise PruningError(f"target {t} cannot be reached: the largest reachable reduction is {best:.3g}x "
+                           f"(floor={b.floor}, classifier and other unprunable weights kept); lower the target")
+    if b.scope == "global":
+        counts = _global_weight_counts(sc, alive, floors, unit, budget, b.normalize)
+    elif b.scope == "layerwise":
+        counts = _layerwise_weight_counts(sc, alive, floors, unit, budget)
+    else:
+        raise PruningError(f"scope must be 'global' or 'layerwise', got {b.scope!r}")
+    return _top_masks(sc, alive, counts)
+
+
+def _top_masks(sc: dict[str, torch.Tensor], alive: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, Any]:
+    out = {}
+    for p, k in counts.items():
+        s = sc[p].flatten().clone()
+        s[~alive[p].flatten()] = -math.inf
+        idx = torch.topk(s, int(k), sorted=False).indices if k > 0 else torch.zeros(0, dtype=torch.long)
+        m = torch.zeros(s.numel(), dtype=torch.bool)
+        m[idx] = True
+        out[p] = m.view(sc[p].shape)
+    return out
+
+
+def _global_weight_counts(sc: dict[str, torch.Tensor], alive: dict[str, torch.Tensor], floors: dict[str, int],
+                          unit: dict[str, float], budget: float, normalize: str | None) -> dict[str, int]:
+    """Keep the globally best weights beyond each layer's floor until the budget is used up."""
+    vals, ids, costs = [], [], []
+    paths = list(sc)
+    floor_cost = 0.0
+    for i, p in enumerate(paths):
+        s = _normalize(sc[p].flatten(), normalize)
+        s = s[alive[p].flatten()]
+        order = torch.argsort(s, descending=True, stable=True)
+        rest = s[order[floors[p]:]]
+        vals.append(rest)
+        ids.append(torch.full((rest.numel(),), i, dtype=torch.long))
+        costs.append(torch.full((rest.numel(),), unit[p], dtype=torch.float64))
+        floor_cost += unit[p] * floors[p]
+    v = torch.cat(vals)
+    order = torch.argsort(v, descending=True, stable=True)
+    gid = torch.cat(ids)[order]
+    cum = torch.cat(costs)[order].cumsum(0)
+    room = budget - floor_cost
+    k = int(torch.searchsorted(cum, torch.tensor([room], dtype=torch.float64), right=True)[0])
+    # one more weight may land closer to the budget
+    if k < len(cum):
+        below = room - (float(cum[k - 1]) if k > 0 else 0.0)
+        above = float(cum[k]) - room
+        if above < below:
+            k += 1
+    extra = torch.bincount(gid[:k], minlength=len(paths))
+    return {p: floors[p] + int(extra[i]) for i, p in enumerate(paths)}
+
+
+def _layerwise_weight_counts(sc: dict[str, torch.Tensor], alive: dict[str, torch.Tensor], floors: dict[str, int],
+                             unit: dict[str, float], budget: float) -> dict[str, int]:
+    paths = list(sc)
+    n_alive = {p: int(alive[p].sum()) for p in paths}
+
+    def counts(f: float) -> dict[str, int]:
+        return {p: max(floors[p], int(round(n_alive[p] * (1 - f)))) for p in paths}
+
+    def cost(f: float) -> float:
+        return sum(unit[p] * k for p, k in counts(f).items())
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if cost(mid) > budget:
+            lo = mid
+        else:
+            hi = mid
+    best = min((lo, hi), key=lambda f: abs(cost(f) - budget))
+    return counts(best)
+
+
+def _nm_masks(sc: dict[str, torch.Tensor], alive: dict[str, torch.Tensor], n: int, m: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for p, s in sc.items():
+        rows = s.reshape(s.shape[0], -1).clone()
+        if rows.shape[1] % m:
+            warnings.warn(f"prunekit: {p!r} has {rows.shape[1]} inputs per row, not a multiple of {m}: left dense "
+                          f"by the {n}:{m} pattern", PruningWarning, stacklevel=3)
+            continue
+        rows[~alive[p].reshape(rows.shape)] = -math.inf
+        blocks = rows.view(rows.shape[0], -1, m)
+        idx = blocks.topk(n, dim=2).indices
+        keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(2, idx, True)
+        out[p] = (keep.view(s.shape) & alive[p])
+    return out
+
+
+__all__ = ["allocate_channels", "allocate_weights", "default_round_to", "masked_channels", "prunable_weights",
+           "resolve_round_to"]
