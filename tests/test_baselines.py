@@ -7,8 +7,10 @@ channel graph is a hand-written stand-in with the fields of ``prunekit.surgery.C
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
+import warnings
 from types import SimpleNamespace
 from typing import Any
 
@@ -302,3 +304,72 @@ def test_data_methods_need_data() -> None:
     with pytest.raises(PruningError, match="no examples"):
         create_method("taylor").score(model, ctx)
     _no_side_effects(model)
+
+
+def test_grad_x_weight_on_masked_weights() -> None:
+    from prunekit.surgery.masks import apply_masks_
+
+    model, ctx, data = _setup()
+    mask = torch.rand(model.c2.weight.shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    apply_masks_(model, {"c2.weight": mask})
+    m = create_method("grad_x_weight")
+    m.prunable_params = lambda model_, ctx_: {"c2.weight": model_.c2.weight, "fc.weight": model_.fc.weight}
+    s = m.score(model, ctx)["c2.weight"]
+    assert (s[~mask] == 0).all()
+    model.eval()
+    x, y = _all(data)
+    w = model.c2.weight  # the masked weight, a non-leaf tensor
+    w.retain_grad()
+    out = model.fc(F.relu(F.conv2d(F.relu(model.bn(model.c1(x))), w, model.c2.bias)).flatten(1))
+    F.cross_entropy(out, y).backward()
+    _close(s, (w * w.grad).abs(), rtol=1e-4)
+
+
+def test_member_index_tables_are_used() -> None:
+    """Channels spread over several rows / features (an attention head) follow the group's member table."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Linear(6, 2))
+    heads = torch.tensor([[0, 3, 4], [1, 2, 5]])  # 2 channels of 3 rows each, interleaved
+    members = [SimpleNamespace(tensor="0.weight", dim=0, index=heads, role="producer"),
+               SimpleNamespace(tensor="1.weight", dim=1, index=heads, role="consumer")]
+    group = SimpleNamespace(key="0", size=2, producers=["0"], consumers=["1"], norms=[], depthwise=[],
+                            prunable=True, members=members)
+    x = torch.randn(5, 3)
+    data = [(x, torch.zeros(5, dtype=torch.long))]
+    ctx = PruneContext(target=Target.parse("flops=2"), input_shape=(3,), data=data,
+                       graph=SimpleNamespace(groups={"0": group}))
+    w = model[0].weight.detach()
+    _close(create_method("l1").score(model, ctx)["0"], w[heads].abs().mean((1, 2)))
+    with torch.no_grad():
+        h = model[0](x)
+    _close(create_method("activation").score(model, ctx)["0"], h[:, heads].abs().mean((0, 2)))
+
+
+def test_engine_graph_gives_the_same_scores() -> None:
+    graph_mod = pytest.importorskip("prunekit.surgery.graph")
+    model, ctx, _ = _setup()
+    real = graph_mod.analyze(model, (2, 6, 6))
+    assert {g.key for g in real.groups.values() if g.prunable} == {"c1", "c2"}
+    real_ctx = PruneContext(target=ctx.target, input_shape=ctx.input_shape, data=ctx.data, graph=real)
+    for name in CHANNEL_METHODS:
+        with pytest.warns(UserWarning) if name == "bn_scale" else contextlib.nullcontext():
+            a, b = create_method(name).score(model, ctx), create_method(name).score(model, real_ctx)
+        assert set(a) == set(b)
+        for k in a:
+            _close(b[k], a[k], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", CHANNEL_METHODS + WEIGHT_METHODS)
+def test_end_to_end(name: str) -> None:
+    prunekit = pytest.importorskip("prunekit")
+    if not hasattr(prunekit, "prune"):
+        pytest.skip("the engine (prunekit.prune) is not available")
+    model, _, data = _setup()
+    target = "flops=1.5" if name in CHANNEL_METHODS else "params=2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = prunekit.prune(model, name, target, data=data, input_shape=(2, 6, 6))
+    assert result.model(data[0][0]).shape == (3, 5)
+    achieved = result.report["achieved"]
+    assert (1.3 < achieved < 1.7) if name in CHANNEL_METHODS else abs(achieved / 2 - 1) < 0.05
+    _no_side_effects(model)  # prune works on a copy

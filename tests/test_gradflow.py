@@ -384,14 +384,14 @@ def _synthetic(n: int = 64, classes: int = 4, size: int = 16, batch: int = 16) -
 
 
 def _scored_width(model: nn.Module) -> int:
-    from prunekit.surgery.graph import analyze
+    """Channels of a CIFAR ResNet's prunable groups but the stem's: every block's inner width, plus the residual
+    streams of stages 2 and 3 (stage 1's stream is the stem conv's group)."""
+    blocks = [b for stage in (model.layer1, model.layer2, model.layer3) for b in stage]
+    return sum(b.conv1.out_channels for b in blocks) + model.layer2[0].conv2.out_channels + \
+        model.layer3[0].conv2.out_channels
 
-    graph = analyze(model, (3, 16, 16), ignored=("conv1",), warn=False)
-    return sum(g.size for g in graph.groups.values() if g.prunable)
 
-
-@pytest.mark.parametrize("name", ["gf_loss", "gf_grasp"])
-def test_prune_and_train_tiny_resnet20(name: str) -> None:
+def test_prune_and_train_tiny_resnet20() -> None:
     from prunekit.models import create_model
     from prunekit.prune_train import prune_and_train
 
@@ -400,15 +400,14 @@ def test_prune_and_train_tiny_resnet20(name: str) -> None:
     n0 = _scored_width(model)
     stem_width = model.conv1.out_channels
     data = _synthetic()
-    model, history = prune_and_train(model, name, 0.5, 2, data, data[:1], final_epochs=1, imp_samples=32)
+    model, history = prune_and_train(model, "gf_loss", 0.5, 2, data, data[:1], final_epochs=1, imp_samples=32)
     assert history["channels"]["original"] == n0
     assert [r["channels_kept"] for r in history["rounds"]] == [round(n0 * 2 / 3), round(n0 / 2)]
     assert _scored_width(model) == round(n0 / 2)  # physically removed, residual streams included
     assert model.conv1.out_channels == stem_width and model.fc.out_features == 4  # stem and classifier kept
     assert model(data[0][0]).shape == (16, 4)
     assert len(history["final"]) == 1 and history["final"][-1]["train_loss"] < math.log(4)  # it trains
-    if name == "gf_grasp":
-        assert history["rounds"][0]["plan_meta"]["grasp_memory"]["peak_bytes"] > 0
+    assert history["pruned"]["params"] < history["base"]["params"]
 
 
 def test_prune_and_train_thresholds_tracking_moment_init(monkeypatch: pytest.MonkeyPatch) -> None:

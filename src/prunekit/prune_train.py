@@ -293,12 +293,12 @@ def prune_and_train(
                             budget=BudgetOptions(scope="global", floor=min_width, ignored=ignored),
                             data=train_loader, device=device, graph=graph, extra=extra)
 
-    from prunekit.metrics import count_flops, count_params
+    from prunekit.metrics import count_params
 
     graph = analyze(model, input_shape, ignored=ignored)
     original = {k: g.size for k, g in graph.groups.items()}
     method.check(context(graph))  # fail fast (missing data, bad options) before any training
-    history["base"] = {"params": count_params(model)["params"], "flops": count_flops(model, input_shape)}
+    history["base"] = {"params": count_params(model)["params"], "flops": graph.cost.base_flops}
     history["warmup"] = train(warmup_epochs, "constant")
     n0: int | None = None
     left = 1.0
@@ -360,7 +360,7 @@ def prune_and_train(
     history["channels"] = {"original": n0, "final": history["rounds"][-1]["channels_kept"] if ratios else n0,
                            "widths": {key: g.size for key, g in graph.groups.items()},
                            "original_widths": original}
-    history["pruned"] = {"params": count_params(model)["params"], "flops": count_flops(model, input_shape)}
+    history["pruned"] = {"params": count_params(model)["params"], "flops": graph.cost.base_flops}
     if test_loader is not None:
         history["top1"] = evaluate()
     return model, history
