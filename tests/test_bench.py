@@ -58,18 +58,23 @@ def _doubles():
     for name, (gran, cls, req) in names.items():
         register_method(name, granularity=gran, family="test", requires=req)(type(f"T_{name}", (cls,), {}))
     CALLS.clear()
+    MODES.clear()
     yield
     for name in names:
         unregister_method(name)
 
 
-def stub_prune(model, method, target, data=None, *, input_shape, **options):
+MODES: list[str] = []
+
+
+def stub_prune(model, method, target, data=None, *, input_shape, mode="physical", **options):
     """Stand-in for prunekit.api.prune: plan with the registered method, apply masks in place."""
     from prunekit.methods import create_method
     from prunekit.surgery.masks import apply_masks_
 
     seed = int(torch.initial_seed())
     CALLS.append((method, target, seed))
+    MODES.append(f"{method}:{mode}")
     boom = options.get("boom_after", -1)
     if boom >= 0 and len(CALLS) > boom:
         raise KeyboardInterrupt  # simulates the user killing the run mid-sweep
@@ -168,6 +173,9 @@ def test_run_writes_rows_and_resumes(tmp_path):
     assert r["compression"] > 2.5 and r["params_dense"] == r["params_base"]
     assert {c["seed"] for c in rows} == {0, 1}
     assert {seed for *_, seed in CALLS} == {0, 1}  # each cell seeds its own RNG
+    # weight methods are applied masked (fine-tuning keeps the zeros), structured ones physically
+    assert set(MODES) == {"bench_zero:masked", "bench_zero_ch:physical"}
+    assert "Time per method" in (tmp_path / "report.md").read_text()
     header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
     assert header[: len(R.COLUMNS)] == list(R.COLUMNS)
     assert (tmp_path / "config.yaml").is_file() and "bench_zero" in (tmp_path / "config.yaml").read_text()

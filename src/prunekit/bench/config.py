@@ -122,6 +122,8 @@ class PruneSpec(_Strict):
     scope: Literal["global", "layerwise"] | None = None
     round_to: int | None = Field(None, ge=1)
     rounds: int | None = Field(None, ge=1)
+    floor: float | None = Field(None, ge=0, lt=1)  # every layer keeps at least this fraction (engine default 0.05)
+    cap: float | None = Field(None, gt=0, le=1)  # at most this fraction of a layer is removed
     prune_set: int = Field(1024, ge=0)  # examples held out of the training split for the methods (per seed)
     batch_size: int = Field(128, ge=1)
 
@@ -138,6 +140,7 @@ class MeasureSpec(_Strict):
     latency_budget_s: float = Field(10.0, gt=0)  # per batch size
     threads: int | None = Field(None, ge=1)  # torch threads for the latency measurement
     gpu_latency: bool = True  # also time on the GPU when the run device is CUDA
+    rebase_latency: bool = True  # time the base model again in every cell, right before the pruned one
 
     @field_validator("latency_batch_sizes")
     @classmethod

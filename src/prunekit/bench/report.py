@@ -132,6 +132,10 @@ def render_report(rows: Sequence[dict[str, Any]]) -> str:
             f"device {ref.get('device', '?')}; prunekit {ref.get('prunekit_version', '?')}, "
             f"torch {ref.get('torch_version', '?')}",
         ]
+    hashes = {r.get("config_hash") for r in rows if r.get("config_hash")}
+    if len(hashes) > 1:
+        lines.append(f"- **note**: these results come from {len(hashes)} different experiment configurations "
+                     f"(config hashes {', '.join(sorted(hashes))}); compare rows with care")
     if ok:
         b = ok[0]
         lat = ", ".join(f"b{k[len('latency_b'):-len('_base_ms')]} {b[k]:.3f} ms" for k in sorted(b)
@@ -161,6 +165,19 @@ def render_report(rows: Sequence[dict[str, Any]]) -> str:
                   "| FLOPs × | top-1 % | method | target |", "|---|---|---|---|"]
         lines += [f"| {p['flops_speedup']:.2f} | {100 * p['top1_final']:.2f} | {p['label']} | `{p['target']}` |"
                   for p in front]
+        lines.append("")
+    timed: dict[str, list[dict[str, Any]]] = {}
+    for r in ok + failed:
+        timed.setdefault(r.get("label") or r["method"], []).append(r)
+    if timed:
+        lines += ["## Time per method", "", "Wall time of the cells (pruning, evaluation, fine-tuning, measurement).",
+                  "", "| method | cells | total s | mean prune s | mean fine-tune s |", "|---|---|---|---|---|"]
+        for m, rs in sorted(timed.items(), key=lambda kv: -sum(_num(r.get("duration_s")) or 0 for r in kv[1])):
+            total = sum(_num(r.get("duration_s")) or 0 for r in rs)
+            pr = [x for x in (_num(r.get("prune_seconds")) for r in rs) if x is not None]
+            ft = [x for x in (_num(r.get("finetune_seconds")) for r in rs) if x is not None]
+            lines.append(f"| {m} | {len(rs)} | {total:.1f} | {statistics.fmean(pr) if pr else 0:.2f} | "
+                         f"{statistics.fmean(ft) if ft else 0:.2f} |")
         lines.append("")
     if failed:
         lines += ["## Failed cells", "", "| method | target | seed | error |", "|---|---|---|---|"]

@@ -238,11 +238,15 @@ class Runner:
         if summary.done_before:
             self.log(f"bench: {summary.done_before} of {len(cells)} cell(s) already finished in {self.out}; "
                      "skipping them")
+        threads_before = torch.get_num_threads()
         if pending:
             prune_fn = self._resolve_prune_fn()
-            env = self._prepare()
-            bar = self._bar(len(pending))
+            bar = None
             try:
+                if self.exp.threads:
+                    torch.set_num_threads(self.exp.threads)
+                env = self._prepare()
+                bar = self._bar(len(pending))
                 for c in pending:
                     if bar is not None:
                         bar.set_postfix_str(c.describe(), refresh=True)
@@ -259,6 +263,7 @@ class Runner:
             finally:
                 if bar is not None:
                     bar.close()
+                torch.set_num_threads(threads_before)
         R.write_csv(self.out)
         if self.make_report:
             summary.outputs = self.report()
@@ -349,8 +354,6 @@ class Runner:
         from prunekit.metrics import count_flops, count_params, evaluate, predictions
 
         exp = self.exp
-        if exp.threads:
-            torch.set_num_threads(exp.threads)
         device = self._device()
         kw: dict[str, Any] = dict(exp.dataset_kwargs)
         if exp.dataset != "synthetic":
@@ -482,8 +485,8 @@ class Runner:
 
         p = self.exp.prune
         mode = p.mode or ("masked" if c.granularity == "weight" else "physical")
-        wanted = {"mode": mode, "scope": p.scope, "round_to": p.round_to, "rounds": p.rounds, "device": device,
-                  "copy": False}
+        wanted = {"mode": mode, "scope": p.scope, "round_to": p.round_to, "rounds": p.rounds, "floor": p.floor,
+                  "cap": p.cap, "device": device, "copy": False}
         try:
             names = set(inspect.signature(prune_fn).parameters)
         except (TypeError, ValueError):
@@ -547,7 +550,12 @@ class Runner:
                 "flops_speedup": base["flops"] / max(1, flops_eff),
                 "dense_flops_speedup": base["flops"] / max(1, flops_dense),
             })
-            row.update(_latency_columns(base["latency"], self._latency(pruned, env.input_shape, env.device)))
+            if exp.measure.latency:
+                # the base model is timed again right before the pruned one, so that the speedup compares
+                # two measurements under the same machine load
+                base_lat = (self._latency(env.base_model, env.input_shape, env.device)
+                            if exp.measure.rebase_latency else base["latency"])
+                row.update(_latency_columns(base_lat, self._latency(pruned, env.input_shape, env.device)))
             for k in _REPORT_KEYS:  # the engine's own view, for reference
                 v = report.get(k)
                 if isinstance(v, (int, float, str, bool)):

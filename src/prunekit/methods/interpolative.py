@@ -477,9 +477,11 @@ class _IDState:
         g = self.groups[key]
         if g.r_piv is None:
             self.refresh([key])
+            t0 = time.perf_counter()
             rs = [self.r[rp.key] for rp in g.read_points]
             stacked = rs[0] if len(rs) == 1 else qr_r(torch.cat(rs))
             g.r_piv, g.perm = pivoted_qr(stacked)
+            self.timings["pivoted_qr"] += time.perf_counter() - t0
         assert g.r_piv is not None and g.perm is not None
         return g.r_piv, g.perm
 
@@ -514,6 +516,7 @@ class _IDState:
         n = len(g.kept)
         if k >= n:
             return 0.0
+        self.refresh([key])
         t0 = time.perf_counter()
         r_piv, perm = self.pivoted(key)
         dec = id_from_pivoted(r_piv, perm, k)

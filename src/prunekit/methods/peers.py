@@ -61,16 +61,19 @@ def _search(achieved: Callable[[float], tuple[float, Any]], target: float, hi: f
     The reduction need not be monotone over the whole range (Torch-Pruning skips groups it would
     empty at high ratios), so ratios are scanned upwards in ``step`` increments until the target is
     reached, then the last interval is bisected. Returns ``(r, reduction, payload, evaluations)`` of
-    the point closest to the target among those reaching at least ``target * (1 - tol)``.
+    the best point within ``tol``: one meeting the target if any (the closest), else the closest.
     """
     best: tuple[float, float, Any] | None = None
     evals = 0
+
+    def rank(red: float) -> tuple[int, float]:  # within tolerance: meeting the target first, then closeness
+        return (0 if target <= red <= target * (1 + tol) else 1, abs(red / target - 1))
 
     def consider(r: float) -> float:
         nonlocal best, evals
         red, payload = achieved(r)
         evals += 1
-        if red >= target * (1 - tol) and (best is None or abs(red / target - 1) < abs(best[1] / target - 1)):
+        if red >= target * (1 - tol) and (best is None or rank(red) < rank(best[1])):
             best = (r, red, payload)
         return red
 
@@ -87,7 +90,7 @@ def _search(achieved: Callable[[float], tuple[float, Any]], target: float, hi: f
     if reached:
         a, b = lo, r
         for _ in range(_MAX_BISECTION_STEPS):
-            if best is not None and abs(best[1] / target - 1) <= tol / 5:
+            if best is not None and target <= best[1] <= target * (1 + tol / 5):
                 break
             mid = 0.5 * (a + b)
             if b - a < 1e-4:

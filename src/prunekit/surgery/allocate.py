@@ -52,9 +52,11 @@ def default_round_to(size: int) -> int:
 
 def resolve_round_to(size: int, round_to: int | str | None) -> int:
     """The channel multiple used for a group: ``None`` / ``"auto"`` -> :func:`default_round_to`; an int
-    applies to every group (1 or 0: no rounding)."""
+    applies to every group (1 or 0: no rounding); a callable maps the group's width to its multiple."""
     if round_to is None or round_to == "auto":
         return default_round_to(size)
+    if callable(round_to):
+        return max(1, int(round_to(size)))
     try:
         r = int(round_to)
     except (TypeError, ValueError):

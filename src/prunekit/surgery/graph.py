@@ -561,8 +561,10 @@ def _convert(root: str, size: int, tp_group: Any, dg: Any, names: dict[nn.Module
         if int(table.max()) >= shape[d]:
             return (f"{tensor.rpartition('.')[0]!r} has {shape[d]} entries along dim {d} but the group has "
                     f"{size} channels x {table.shape[1]} (an operation between the layers mixes channels)")
-        if role != "consumer" and (table.shape[1] != 1 or shape[d] != size):
-            return f"{tensor.rpartition('.')[0]!r} holds {shape[d]} channels, the group {size}: mapping unsupported"
+        if role != "consumer" and table.shape[1] != 1:
+            return f"{tensor.rpartition('.')[0]!r} maps one channel to {table.shape[1]} entries: unsupported"
+        if role == "producer" and shape[d] != size:
+            return f"{tensor.rpartition('.')[0]!r} produces {shape[d]} channels, the group has {size}: unsupported"
         for mb in g.members:
             if mb.tensor == tensor and mb.dim == d:
                 if not torch.equal(mb.index, table):

@@ -1,0 +1,228 @@
+"""``prunekit methods`` and ``prunekit prune``: the pruning sub-commands of the CLI.
+
+``prunekit prune --checkpoint C --method l1 --target flops=2 --dataset cifar10 --out DIR`` loads a
+trained checkpoint, draws the prune set from the training split, prunes (optionally over several
+rounds with fine-tuning), and writes ``DIR/model.pt`` (a prunekit checkpoint whose metadata holds
+the plan and the report) and ``DIR/metrics.json`` (accuracy, agreement with the unpruned model,
+sizes, FLOPs, latency and the speed-ups over the base model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from prunekit.errors import PrunekitError
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _parse_value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_options(items: list[str] | None) -> dict[str, Any]:
+    """``["samples=512", "use_init=true"]`` -> ``{"samples": 512, "use_init": True}``."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise PrunekitError(f"--option expects key=value, got {item!r}")
+        out[key.strip().replace("-", "_")] = _parse_value(value)
+    return out
+
+
+def _round_to(text: str | None) -> int | str | None:
+    if text is None or text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise PrunekitError(f"--round-to must be an integer or 'auto', got {text!r}") from None
+
+
+def _latency_pair(base: Any, pruned: Any, shape: tuple[int, ...], repeats: int = 3) -> tuple[dict, dict]:
+    """Latency of both models measured alternately (``repeats`` times each) to cancel machine drift;
+    per batch size the fastest of the medians is kept."""
+    from prunekit.metrics import measure_latency
+
+    runs: dict[str, list[dict[str, Any]]] = {"base": [], "pruned": []}
+    for _ in range(repeats):
+        runs["base"].append(measure_latency(base, shape))
+        runs["pruned"].append(measure_latency(pruned, shape))
+
+    def best(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        out = dict(rs[0])
+        for k, v in rs[0].items():
+            if isinstance(v, float):
+                out[k] = min(r[k] for r in rs)
+        out["repeats"] = len(rs)
+        return out
+
+    return best(runs["base"]), best(runs["pruned"])
+
+
+# --------------------------------------------------------------------------------------------- commands
+def cmd_methods(args: argparse.Namespace) -> int:
+    from prunekit.methods import get_method_info, list_methods
+
+    filters = {"granularity": args.granularity} if args.granularity else {}
+    rows = [get_method_info(n).as_dict() | {"available": get_method_info(n).available()}
+            for n in list_methods(**filters)]
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for r in rows:
+        needs = [k[len("needs_"):] for k in ("needs_data", "needs_labels", "needs_grad", "needs_second_order",
+                                            "needs_trajectory") if r.get(k)]
+        flag = "" if r["available"] else f" [needs {r['requires']}]"
+        print(f"{r['name']:<24} {r['granularity']:<8} {r['family']:<14} {','.join(needs) or '-':<28} "
+              f"{r['description']}{flag}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import torch
+
+    from prunekit.api import prune
+    from prunekit.cli import _device, _setup_runtime, _test_loader, load_data, print_metrics, summarize, write_json
+    from prunekit.data import BatchLoader, train_holdout_split
+    from prunekit.io import load, save
+    from prunekit.methods import get_method_info
+    from prunekit.metrics import evaluate
+    from prunekit.schedule import FineTuner
+
+    _setup_runtime(args)
+    device = _device(args.device)
+    info = get_method_info(args.method)  # fail fast on an unknown method
+    options = parse_options(args.option)
+    base = load(args.checkpoint).eval()
+    meta = getattr(base, "prunekit_meta", {}) or {}
+    dataset = args.dataset or meta.get("dataset")
+    if not dataset:
+        raise PrunekitError("the checkpoint does not record its dataset: pass --dataset")
+    args.dataset = dataset
+    train_ds, test_ds = load_data(args)
+    n_prune = min(int(args.prune_samples), len(train_ds) - 1)
+    if n_prune < 1:
+        raise PrunekitError(f"--prune-samples must be >= 1, got {args.prune_samples}")
+    _, prune_ds = train_holdout_split(train_ds, n_prune, seed=args.seed)
+    prune_loader = BatchLoader(prune_ds, batch_size=args.batch_size, shuffle=False, augment=False, seed=args.seed,
+                               device=device)
+    shape = (test_ds.info.in_channels, test_ds.info.image_size, test_ds.info.image_size)
+    base.to(device)
+    no_latency = args.no_latency
+    args.no_latency = True  # latency is measured below, base and pruned alternately
+    base_metrics = summarize(base, test_ds, args, device)
+    tuner = None
+    if args.finetune_epochs > 0:
+        train_loader = BatchLoader(train_ds, batch_size=args.batch_size, shuffle=True, augment=True, seed=args.seed,
+                                   drop_last=True, device=device)
+        tuner = FineTuner(train_loader, epochs=args.finetune_epochs, lr=args.finetune_lr, device=device,
+                          progress=not args.quiet, momentum=args.momentum, weight_decay=args.weight_decay,
+                          seed=args.seed)
+    torch.manual_seed(args.seed)
+    result = prune(base, args.method, args.target, prune_loader, mode=args.mode, scope=args.scope,
+                   round_to=_round_to(args.round_to), floor=args.floor, rounds=args.rounds, schedule=args.schedule,
+                   heads=args.heads, finetune=tuner, finetune_last=False, input_shape=shape, device=device,
+                   **options)
+    model = result.model.eval()
+    metrics: dict[str, Any] = {}
+    if tuner is not None:
+        after = evaluate(model, _test_loader(test_ds, args, device), reference=base, device=device)
+        metrics["top1_after_prune"] = after["top1"]
+        metrics["agreement_after_prune"] = after.get("agreement")
+        t0 = time.perf_counter()
+        tuner(model, args.finetune_epochs)
+        model.to(device).eval()
+        result.report["finetune_seconds"] += time.perf_counter() - t0
+        metrics["finetune_epochs_total"] = args.finetune_epochs * args.rounds
+        metrics["finetune_lr"] = args.finetune_lr
+    metrics.update(summarize(model, test_ds, args, device, reference=base))
+    rep = result.report
+    base_flops = rep["base_flops"]
+    metrics.update({
+        "method": args.method, "granularity": info.granularity, "target": str(args.target), "dataset": dataset,
+        "checkpoint": str(args.checkpoint), "mode": args.mode, "rounds": args.rounds, "seed": args.seed,
+        "base_top1": base_metrics.get("top1"), "base_top5": base_metrics.get("top5"),
+        "base_params": rep["base_params"], "base_flops": base_flops,
+        "flops_speedup": base_flops / max(1, metrics["effective_flops"]),
+        "dense_flops_speedup": base_flops / max(1, metrics["flops"]),
+        "compression": rep["base_params"] / max(1, metrics["nonzero_params"]),
+        "prune_seconds": rep["prune_seconds"], "finetune_seconds": rep["finetune_seconds"],
+        "peak_memory_mb": rep.get("peak_memory_mb"), "prune_samples": n_prune,
+    })
+    if not no_latency:
+        model.to("cpu")
+        base.to("cpu")
+        lb, lp = _latency_pair(base, model, shape)
+        metrics["base_latency_ms"], metrics["latency_ms"] = lb, lp
+        for bs, key in (("64", "latency_speedup"), ("1", "latency_speedup_b1")):
+            if isinstance(lb.get(bs), float) and isinstance(lp.get(bs), float):
+                metrics[key] = lb[bs] / lp[bs]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {k: v for k, v in rep.items() if k != "layers"}
+    save(model.to("cpu"), out / "model.pt", meta={"dataset": dataset, "plan": result.plan.describe(),
+                                                    "report": json.loads(json.dumps(report, default=str)),
+                                                    "layers": json.loads(json.dumps(rep["layers"])),
+                                                    "metrics": json.loads(json.dumps(metrics, default=str)),
+                                                    "base_checkpoint": str(args.checkpoint)})
+    metrics["file_size"] = (out / "model.pt").stat().st_size
+    write_json(out / "metrics.json", metrics)
+    print_metrics(metrics, args.json)
+    if not args.json:
+        print(f"wrote {out / 'model.pt'} and {out / 'metrics.json'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- parser
+def add_commands(sub: Any) -> None:
+    """Add ``methods`` and ``prune`` to the CLI's sub-parsers."""
+    from prunekit.cli import _add_data_args, _add_runtime_args
+
+    s = sub.add_parser("methods", help="list the pruning methods")
+    s.add_argument("--json", action="store_true", help="metadata as JSON")
+    s.add_argument("--granularity", choices=["weight", "channel", "lowrank"], default=None)
+    s.set_defaults(fn=cmd_methods)
+
+    s = sub.add_parser("prune", help="prune a checkpoint; writes OUT/model.pt and OUT/metrics.json")
+    s.add_argument("--checkpoint", required=True, help="a prunekit checkpoint (from `prunekit train`)")
+    s.add_argument("--method", required=True, help="a method name (see `prunekit methods`)")
+    s.add_argument("--target", required=True, help="flops=X, params=X (X-fold reduction) or ratio=F")
+    _add_data_args(s, required=False)
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--mode", default="physical", choices=["physical", "masked"])
+    s.add_argument("--scope", default=None, choices=["global", "layerwise"])
+    s.add_argument("--round-to", default=None, help="channel multiple (integer, 1 = none) or 'auto' (default)")
+    s.add_argument("--floor", type=float, default=None, help="every layer keeps floor(floor*width)+1 units")
+    s.add_argument("--rounds", type=int, default=1, help="iterative pruning rounds")
+    s.add_argument("--schedule", default="geometric", choices=["geometric", "linear", "gradflow"])
+    s.add_argument("--heads", action="store_true", help="also prune whole attention heads (ViT)")
+    s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option (repeatable), e.g. --option samples=512")
+    s.add_argument("--prune-samples", type=int, default=5000,
+                   help="size of the prune set, drawn from the training split (default 5000)")
+    s.add_argument("--finetune-epochs", type=float, default=0.0, help="fine-tuning epochs per round (0: none)")
+    s.add_argument("--finetune-lr", type=float, default=0.01)
+    s.add_argument("--momentum", type=float, default=0.9)
+    s.add_argument("--weight-decay", type=float, default=5e-4)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _add_runtime_args(s)
+    s.set_defaults(fn=cmd_prune)
+
+
+__all__ = ["add_commands", "cmd_methods", "cmd_prune", "parse_options"]

@@ -1,0 +1,450 @@
+"""Low-rank factorisation of conv / linear layers: **svd**, **pca** and **lrank**.
+
+Each method replaces a layer ``y = W x + b`` by a chain ``core`` (``r`` filters, the layer's own
+kernel / stride / padding) followed by a 1x1 conv / linear ``post`` (``out x r``) carrying the bias
+(:class:`~prunekit.surgery.plan.LowRankFactors`). A conv weight is read as the matrix
+``(out, in * kh * kw)``. A layer is factored only when its factors have fewer weights than it.
+
+* **svd** (data-free): truncated SVD of the weight, ``core = S_r V_r^T``, ``post = U_r``; each
+  layer keeps the fewest singular values holding a fraction ``tau`` of its energy
+  ``sum sigma^2``, with one ``tau`` for the whole network chosen by bisection to meet the target.
+* **pca** (data-driven, no labels): the top-``r`` principal directions ``U_r`` of the layer's
+  outputs (pre-activation, rows = samples x positions) on the prune set; ``core = U_r^T W``,
+  ``post = U_r`` and ``bias = mu + U_r U_r^T (b - mu)`` (``mu`` = mean output), which reproduces
+  ``mu + U_r U_r^T (y - mu)``. Ranks from one global explained-variance threshold (bisection).
+* **lrank** (Idelbayev & Carreira-Perpinan, "Low-rank compression of neural nets: learning the
+  rank of each layer", CVPR 2020): the LC algorithm. L step: a few SGD steps on the loss plus
+  ``mu/2 ||W - Theta||^2``; C step: per layer the rank minimising
+  ``lam * cost(r) + mu/2 sum_{i>r} sigma_i^2`` (closed form from the singular values), ``Theta``
+  the rank-``r`` SVD of ``W``; ``mu`` grows geometrically. Unless ``lam`` is given it is set by
+  bisection at every C step so that the chosen ranks meet the target. The result is the last
+  C step's factors, with the other parameters as trained by the L steps.
+
+Targets: ``params=X`` (default kind), ``flops=X`` (costs are multiply-adds), ``ratio=F`` (keep
+``1 - F`` of the parameters, or of ``target_kind``); option ``keep_ratio`` (fraction of the
+parameters to keep) overrides the target. The classifier (the layers producing the model's
+outputs) is left alone unless ``BudgetOptions.ignored`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from prunekit.errors import PruningError
+from prunekit.methods.base import Method, PruneContext
+from prunekit.methods.registry import register_method
+from prunekit.surgery.plan import LowRankFactors, Plan
+
+
+# --------------------------------------------------------------------------------------------- layers
+@dataclass
+class _Layer:
+    """One factorisable layer and how its cost depends on the rank."""
+
+    path: str
+    out: int  # rows of the weight matrix
+    cols: int  # in * kh * kw
+    uses: float  # multiply-adds per weight entry per example
+    has_bias: bool
+    spectrum: torch.Tensor | None = None  # descending energies (sigma^2 or PCA eigenvalues)
+
+    @property
+    def dense(self) -> int:
+        return self.out * self.cols
+
+    def entries(self, r: int) -> int:
+        """Weight entries at rank ``r`` (the dense layer when factoring would not save any)."""
+        return min(self.dense, r * (self.cols + self.out))
+
+    def factored(self, r: int) -> bool:
+        return r * (self.cols + self.out) < self.dense
+
+    def max_useful_rank(self) -> int:
+        """Largest rank whose factors are smaller than the layer (0: never worth it)."""
+        return max(0, (self.dense - 1) // (self.cols + self.out))
+
+    def cost(self, r: int, kind: str) -> float:
+        """Cost of the layer at rank ``r`` minus nothing: params (incl. an added bias) or multiply-adds."""
+        n = self.entries(r)
+        if kind == "flops":
+            return n * self.uses
+        extra = self.out if (self.factored(r) and not self.has_bias and self._adds_bias) else 0
+        return float(n + extra)
+
+    _adds_bias: bool = False
+
+    def rank_for_energy(self, tau: float) -> int:
+        """Fewest components holding a fraction ``tau`` of the energy (at least 1)."""
+        assert self.spectrum is not None
+        total = float(self.spectrum.sum())
+        if total <= 0:
+            return 1
+        cum = torch.cumsum(self.spectrum, 0) / total
+        r = int(torch.searchsorted(cum, torch.tensor(tau, dtype=cum.dtype) - 1e-12).item()) + 1
+        return max(1, min(r, len(self.spectrum)))
+
+
+def _eligible(model: nn.Module, ctx: PruneContext, method: str) -> tuple[list[_Layer], Any]:
+    """Conv2d (groups = 1) and Linear layers that may be factored, with their per-entry costs."""
+    from prunekit.surgery.graph import analyze
+
+    graph = ctx.graph
+    if graph is None:
+        graph = analyze(model, ctx.input_shape, ignored=ctx.budget.ignored, warn=False)
+        ctx.graph = graph
+    ignored = set(ctx.budget.ignored) if ctx.budget.ignored is not None else set(graph.output_layers)
+    uses = {t.path[: -len(".weight")]: t.macs_per_entry for t in graph.cost.tensors if t.path.endswith(".weight")}
+    layers = []
+    for path, m in model.named_modules():
+        if path in ignored or any(path.startswith(f"{i}.") for i in ignored):
+            continue
+        if isinstance(m, nn.Conv2d) and m.groups == 1 or isinstance(m, nn.Linear):
+            if path not in uses or uses[path] == 0:
+                continue  # not used in the forward pass
+            w = m.weight
+            layer = _Layer(path, int(w.shape[0]), int(w[0].numel()), float(uses[path]), m.bias is not None)
+            if layer.max_useful_rank() >= 1:
+                layers.append(layer)
+    if not layers:
+        raise PruningError(f"method {method!r} found no conv / linear layer whose factorisation would be smaller")
+    return layers, graph
+
+
+def _goal(ctx: PruneContext, graph: Any, keep_ratio: float | None, target_kind: str | None,
+          method: str) -> tuple[str, float]:
+    """``(cost kind, total cost to reach)``."""
+    base = {"flops": float(graph.cost.base_flops), "params": float(graph.cost.base_params)}
+    if keep_ratio is not None:
+        if not 0 < float(keep_ratio) < 1:
+            raise PruningError(f"method {method!r}: keep_ratio must be in (0, 1), got {keep_ratio}")
+        kind = target_kind or "params"
+        return kind, base[kind] * float(keep_ratio)
+    t = ctx.target
+    if t.kind in ("flops", "params"):
+        if target_kind not in (None, t.kind):
+            raise PruningError(f"method {method!r}: target_kind={target_kind!r} contradicts the target {t}")
+        return t.kind, base[t.kind] / t.value
+    kind = target_kind or "params"
+    if kind not in ("flops", "params"):
+        raise PruningError(f"method {method!r}: target_kind must be 'flops' or 'params', not {kind!r}")
+    return kind, base[kind] * (1.0 - t.value)
+
+
+def _total(layers: list[_Layer], ranks: dict[str, int], kind: str, base: float) -> float:
+    """Model cost when every layer is at its rank (``base``: the model's full cost)."""
+    return base - sum(l.cost(10**9, kind) - l.cost(ranks[l.path], kind) for l in layers)
+
+
+def _bisect_threshold(layers: list[_Layer], kind: str, base: float, goal: float,
+                      method: str) -> tuple[float, dict[str, int]]:
+    """The largest global energy threshold whose ranks meet ``goal``."""
+
+    def ranks_at(tau: float) -> dict[str, int]:
+        return {l.path: l.rank_for_energy(tau) for l in layers}
+
+    lowest = _total(layers, {l.path: 1 for l in layers}, kind, base)
+    if lowest > goal:
+        raise PruningError(f"method {method!r} cannot reach the target: with every factorisable layer at rank 1 "
+                           f"the model still has {lowest:.4g} {kind} (goal {goal:.4g}); the other layers are too "
+                           "large")
+    lo, hi = 0.0, 1.0
+    if _total(layers, ranks_at(hi), kind, base) <= goal:
+        return hi, ranks_at(hi)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if _total(layers, ranks_at(mid), kind, base) <= goal:
+            lo = mid
+        else:
+            hi = mid
+    return lo, ranks_at(lo)
+
+
+def _matrix(layer: nn.Module) -> torch.Tensor:
+    w = layer.weight.detach()
+    return w.reshape(w.shape[0], -1).double()
+
+
+def _core_shape(layer: nn.Module, r: int) -> tuple[int, ...]:
+    return (r, *layer.weight.shape[1:])
+
+
+def _svd_factors(layer: nn.Module, r: int, bias: torch.Tensor | None) -> LowRankFactors:
+    """Rank-``r`` truncated SVD of a layer: ``core = S_r V_r^T`` (reshaped to a kernel), ``post = U_r``."""
+    u, s, vh = torch.linalg.svd(_matrix(layer), full_matrices=False)
+    dtype = layer.weight.dtype
+    core = (s[:r, None] * vh[:r]).reshape(_core_shape(layer, r)).to(dtype)
+    return LowRankFactors(core=core, post=u[:, :r].to(dtype).contiguous(),
+                          bias=None if bias is None else bias.detach().clone())
+
+
+def _plan_meta(layers: list[_Layer], ranks: dict[str, int], kind: str, base: float, goal: float,
+               extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "ranks": {l.path: [ranks[l.path], min(l.out, l.cols)] for l in layers if l.factored(ranks[l.path])},
+        "kept_dense": sorted(l.path for l in layers if not l.factored(ranks[l.path])),
+        "predicted": {kind: _total(layers, ranks, kind, base)},
+        "goal": {kind: goal},
+        **extra,
+    }
+
+
+class _LowRankBase(Method):
+    defaults: dict[str, Any] = {"keep_ratio": None, "target_kind": None}
+
+
+# --------------------------------------------------------------------------------------------- svd
+@register_method("svd", granularity="lowrank", family="lowrank",
+                 description="Truncated SVD of each weight at one global energy threshold (data-free).")
+class SVD(_LowRankBase):
+    """Plain weight SVD; the global energy threshold is bisected to meet the target."""
+
+    def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
+        t0 = time.perf_counter()
+        layers, graph = _eligible(model, ctx, self.name)
+        kind, goal = _goal(ctx, graph, self.keep_ratio, self.target_kind, self.name)
+        base = float(graph.cost.base_flops if kind == "flops" else graph.cost.base_params)
+        for l in layers:
+            l.spectrum = torch.linalg.svdvals(_matrix(model.get_submodule(l.path))) ** 2
+        tau, ranks = _bisect_threshold(layers, kind, base, goal, self.name)
+        lowrank = {}
+        for l in layers:
+            if l.factored(ranks[l.path]):
+                mod = model.get_submodule(l.path)
+                lowrank[l.path] = _svd_factors(mod, ranks[l.path], mod.bias)
+        meta = _plan_meta(layers, ranks, kind, base, goal, {"threshold": tau,
+                                                            "time_s": round(time.perf_counter() - t0, 3)})
+        return Plan(method=self.name, lowrank=lowrank, meta=meta)
+
+
+# --------------------------------------------------------------------------------------------- pca
+def _output_moments(model: nn.Module, paths: list[str], batches: Callable[[], Any]) -> dict[str, tuple]:
+    """``(count, mean, covariance)`` (float64) of every layer's output channels over the prune set."""
+    sums: dict[str, torch.Tensor] = {}
+    grams: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {p: 0 for p in paths}
+    handles = []
+
+    def make(path: str, linear: bool) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+            y = out.detach()
+            y = y.reshape(-1, y.shape[-1]) if linear else y.movedim(1, -1).reshape(-1, y.shape[1])
+            y = y.double()
+            if path not in sums:
+                sums[path] = torch.zeros(y.shape[1], dtype=torch.float64, device=y.device)
+                grams[path] = torch.zeros(y.shape[1], y.shape[1], dtype=torch.float64, device=y.device)
+            sums[path] += y.sum(0)
+            grams[path] += y.T @ y
+            counts[path] += y.shape[0]
+        return hook
+
+    for p in paths:
+        mod = model.get_submodule(p)
+        handles.append(mod.register_forward_hook(make(p, isinstance(mod, nn.Linear))))
+    training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for x, _ in batches():
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+    out = {}
+    for p in paths:
+        n = counts[p]
+        if n == 0:
+            continue
+        mean = sums[p] / n
+        cov = grams[p] / n - torch.outer(mean, mean)
+        out[p] = (n, mean.cpu(), cov.cpu())
+    return out
+
+
+@register_method("pca", granularity="lowrank", needs_data=True, needs_labels=False, family="lowrank",
+                 description="Top principal directions of each layer's outputs on the prune set, one global "
+                             "explained-variance threshold (no labels).")
+class PCA(_LowRankBase):
+    """Data-driven low rank: ``W -> U_r (U_r^T W)`` with the output mean restored by the bias.
+
+    Options: ``samples`` (prune-set size, 5000), ``keep_ratio``, ``target_kind``.
+    """
+
+    defaults = {**_LowRankBase.defaults, "samples": 5000}
+
+    def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
+        t0 = time.perf_counter()
+        self.check(ctx)
+        layers, graph = _eligible(model, ctx, self.name)
+        kind, goal = _goal(ctx, graph, self.keep_ratio, self.target_kind, self.name)
+        base = float(graph.cost.base_flops if kind == "flops" else graph.cost.base_params)
+        moments = _output_moments(model, [l.path for l in layers], lambda: ctx.batches(int(self.samples)))
+        if not moments:
+            raise PruningError("method 'pca' saw no examples: the prune set is empty")
+        layers = [l for l in layers if l.path in moments]
+        bases = {}
+        for l in layers:
+            evals, evecs = torch.linalg.eigh(moments[l.path][2])
+            evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+            l.spectrum = evals
+            l._adds_bias = True  # the chain restores the output mean with a bias
+            bases[l.path] = evecs
+        tau, ranks = _bisect_threshold(layers, kind, base, goal, self.name)
+        lowrank = {}
+        for l in layers:
+            r = ranks[l.path]
+            if not l.factored(r):
+                continue
+            mod = model.get_submodule(l.path)
+            u = bases[l.path][:, :r]  # (out, r) float64
+            mean = moments[l.path][1]
+            core = (u.T @ _matrix(mod)).reshape(_core_shape(mod, r))
+            b = mod.bias.detach().double().cpu() if mod.bias is not None else torch.zeros(l.out, dtype=torch.float64)
+            bias = mean + u @ (u.T @ (b - mean))
+            dtype, dev = mod.weight.dtype, mod.weight.device
+            lowrank[l.path] = LowRankFactors(core=core.to(dev, dtype), post=u.to(dev, dtype).contiguous(),
+                                             bias=bias.to(dev, dtype))
+        explained = {l.path: float(l.spectrum[: ranks[l.path]].sum() / l.spectrum.sum().clamp_min(1e-300))
+                     for l in layers if l.factored(ranks[l.path])}
+        meta = _plan_meta(layers, ranks, kind, base, goal, {
+            "threshold": tau, "explained_variance": explained,
+            "samples": int(next(iter(moments.values()))[0]), "time_s": round(time.perf_counter() - t0, 3)})
+        return Plan(method=self.name, lowrank=lowrank, meta=meta)
+
+
+# --------------------------------------------------------------------------------------------- lrank
+def _c_step(layers: list[_Layer], sigmas: dict[str, torch.Tensor], mu: float, lam: float, kind: str) -> dict[str, int]:
+    """Per layer: the rank minimising ``lam * cost(r) + mu/2 * sum_{i>r} sigma_i^2`` (full rank = dense)."""
+    ranks = {}
+    for l in layers:
+        s2 = sigmas[l.path] ** 2
+        full = len(s2)
+        tail = torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0])  # tail[i] = sum_{j >= i} s2_j
+        tail = torch.cat([tail, tail.new_zeros(1)])
+        useful = min(l.max_useful_rank(), full)
+        cand = list(range(1, useful + 1)) + [full]
+        obj = [lam * l.cost(r, kind) + 0.5 * mu * float(tail[r]) for r in cand]
+        ranks[l.path] = cand[min(range(len(cand)), key=obj.__getitem__)]
+    return ranks
+
+
+def _lambda_for(layers: list[_Layer], sigmas: dict[str, torch.Tensor], mu: float, kind: str, base: float,
+                goal: float) -> tuple[float, dict[str, int]]:
+    """Smallest ``lam`` (log-bisection) whose C-step ranks meet ``goal``."""
+    lo, hi = 1e-16, 1.0
+    while _total(layers, _c_step(layers, sigmas, mu, hi, kind), kind, base) > goal:
+        hi *= 10
+        if hi > 1e16:
+            ranks = {l.path: 1 for l in layers}
+            return hi, ranks
+    for _ in range(60):
+        mid = math.sqrt(lo * hi)
+        if _total(layers, _c_step(layers, sigmas, mu, mid, kind), kind, base) <= goal:
+            hi = mid
+        else:
+            lo = mid
+    return hi, _c_step(layers, sigmas, mu, hi, kind)
+
+
+@register_method("lrank", granularity="lowrank", needs_data=True, needs_grad=True, family="lowrank",
+                 paper="Idelbayev & Carreira-Perpinan, Low-rank compression of neural nets: learning the rank of "
+                       "each layer, CVPR 2020",
+                 description="LC algorithm: alternate penalised training (L step) and per-layer rank selection "
+                             "with the SVD (C step), learning each layer's rank.")
+class LRank(_LowRankBase):
+    """Learning the rank of each layer with the LC algorithm.
+
+    Options: ``steps`` (LC iterations, 5), ``mu0`` (1e-3), ``mu_growth`` (4: ``mu_j = mu0 * growth^j``),
+    ``lam`` (None: bisected at every C step to meet the target), ``l_steps`` (SGD minibatches per
+    L step, 20), ``lr`` (0.01, momentum 0.9), ``keep_ratio``, ``target_kind``. BatchNorm statistics
+    are frozen during the L steps (eval mode); every other parameter trains.
+    """
+
+    defaults = {**_LowRankBase.defaults, "steps": 5, "mu0": 1e-3, "mu_growth": 4.0, "lam": None, "l_steps": 20,
+                "lr": 0.01, "momentum": 0.9}
+
+    def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
+        t0 = time.perf_counter()
+        self.check(ctx)
+        layers, graph = _eligible(model, ctx, self.name)
+        kind, goal = _goal(ctx, graph, self.keep_ratio, self.target_kind, self.name)
+        base = float(graph.cost.base_flops if kind == "flops" else graph.cost.base_params)
+        work = copy.deepcopy(model)
+        work.eval()
+        mods = {l.path: work.get_submodule(l.path) for l in layers}
+        params = [p for p in work.parameters() if p.is_floating_point()]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.SGD(params, lr=float(self.lr), momentum=float(self.momentum))
+        data = _cycle(ctx)
+        history = []
+        thetas: dict[str, torch.Tensor] = {}
+        ranks: dict[str, int] = {}
+        lam = self.lam
+        for j in range(int(self.steps)):
+            mu = float(self.mu0) * float(self.mu_growth) ** j
+            if j > 0:  # L step (the first C step projects the trained model directly)
+                loss_sum = 0.0
+                for _ in range(int(self.l_steps)):
+                    x, y = next(data)
+                    opt.zero_grad(set_to_none=True)
+                    loss = ctx.loss(work(x), y)
+                    pen = sum(((mods[p].weight - thetas[p]) ** 2).sum() for p in thetas)
+                    total = loss + 0.5 * mu * pen
+                    total.backward()
+                    opt.step()
+                    loss_sum += float(loss)
+                history.append({"step": j, "mu": mu, "loss": loss_sum / max(1, int(self.l_steps))})
+            # C step
+            sigmas = {p: torch.linalg.svdvals(_matrix(m)) for p, m in mods.items()}
+            if self.lam is None:
+                lam, ranks = _lambda_for(layers, sigmas, mu, kind, base, goal)
+            else:
+                ranks = _c_step(layers, sigmas, mu, float(self.lam), kind)
+            thetas = {}
+            for l in layers:
+                m = mods[l.path]
+                f = _svd_factors(m, ranks[l.path], None) if l.factored(ranks[l.path]) else None
+                thetas[l.path] = (f.dense_weight().reshape(m.weight.shape) if f is not None
+                                  else m.weight.detach().clone())
+            if history:
+                history[-1].update(lam=lam, ranks=dict(ranks))
+        for p in params:
+            p.requires_grad_(False)
+        achieved = _total(layers, ranks, kind, base)
+        if achieved > goal * (1 + 1e-9):
+            raise PruningError(f"method 'lrank' with lam={self.lam} ends at {achieved:.4g} {kind}, above the goal "
+                               f"{goal:.4g}; leave lam unset to tune it to the target")
+        lowrank = {}
+        factored = set()
+        for l in layers:
+            if l.factored(ranks[l.path]):
+                m = mods[l.path]
+                lowrank[l.path] = _svd_factors(m, ranks[l.path], m.bias)
+                factored.update({f"{l.path}.weight", f"{l.path}.bias"})
+        weights = {n: p.detach().clone() for n, p in work.named_parameters() if n not in factored}
+        meta = _plan_meta(layers, ranks, kind, base, goal, {"lam": lam, "history": history,
+                                                            "time_s": round(time.perf_counter() - t0, 3)})
+        return Plan(method=self.name, lowrank=lowrank, weights=weights, meta=meta)
+
+
+def _cycle(ctx: PruneContext) -> Any:
+    """Endless minibatches of the prune set."""
+    while True:
+        seen = False
+        for x, y in ctx.batches():
+            seen = True
+            yield x, y
+        if not seen:
+            raise PruningError("method 'lrank' needs a labelled prune set; the data is empty")
+
+
+__all__ = ["LRank", "PCA", "SVD"]
