@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,7 @@ def stub_prune(model, method, target, data=None, *, input_shape, mode="physical"
     boom = options.get("boom_after", -1)
     if boom >= 0 and len(CALLS) > boom:
         raise KeyboardInterrupt  # simulates the user killing the run mid-sweep
+    warnings.warn(f"stub warning from {method}", UserWarning, stacklevel=1)
     plan = create_method(method, **options).plan(model, PruneContext(Target.parse(target), input_shape, data=data))
     apply_masks_(model, plan.masks)
     return types.SimpleNamespace(model=model, plan=plan, report={"prune_seconds": 0.001})
@@ -171,6 +173,7 @@ def test_run_writes_rows_and_resumes(tmp_path):
                 "prunekit_version", "cpu", "threads", "timestamp", "cell_id", "duration_s"):
         assert r.get(key) is not None, key
     assert r["compression"] > 2.5 and r["params_dense"] == r["params_base"]
+    assert "stub warning from bench_zero" in r["warnings"]  # warnings are kept with the row
     assert {c["seed"] for c in rows} == {0, 1}
     assert {seed for *_, seed in CALLS} == {0, 1}  # each cell seeds its own RNG
     # weight methods are applied masked (fine-tuning keeps the zeros), structured ones physically
@@ -305,3 +308,31 @@ def test_cli_dry_run_merge_report_list(tmp_path, capsys):
     csv_rows = (tmp_path / "m" / "results.csv").read_text().splitlines()
     assert len(csv_rows) == 7
     assert json.loads(json.dumps(R.load_rows(tmp_path / "m")[0]))["status"] == "ok"
+
+
+def test_tensorboard_scalars_when_available(tmp_path, monkeypatch):
+    import sys
+
+    from prunekit.bench.plots import write_tensorboard
+
+    rows = [{"cell_id": "a", "status": "ok", "method": "m", "label": "m", "target": "flops=2", "target_kind": "flops",
+             "target_value": 2.0, "top1_pruned": 0.5, "top1_final": 0.6, "flops_speedup": 2.0}]
+    scalars: list[tuple[str, float, int]] = []
+
+    class FakeWriter:
+        def __init__(self, log_dir: str):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            scalars.append((tag, value, step))
+
+        def close(self) -> None:
+            pass
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    assert write_tensorboard(rows, tmp_path) == [tmp_path / "tb"]
+    assert ("flops/top1_pruned/m", 0.5, 200) in scalars and ("flops/flops_speedup/m", 2.0, 200) in scalars
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed: silently nothing
+    assert write_tensorboard(rows, tmp_path) == []

@@ -50,75 +50,117 @@ def _positive_diagonal(r: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def qr_r(a: torch.Tensor, *, chunk_rows: int | None = None) -> torch.Tensor:
-    """The ``R`` factor (``min(m, C) x C``, upper triangular) of a matrix ``a`` (``m x C``).
-
-    Very tall, narrow matrices are split into row chunks that are factored together by a
-    batched QR (LAPACK is slow on one ``m x 16`` matrix and fast on many short ones); the
-    stacked chunk factors are factored again. The result is the same up to row signs.
-    """
-    m, c = a.shape
-    if m == 0:
-        return a.new_zeros(0, c)
-    if chunk_rows is None:
-        chunk_rows = max(256, 32 * c)
-    if m >= 4 * chunk_rows and c > 0:
-        nb = m // chunk_rows
-        head = a[: nb * chunk_rows].reshape(nb, chunk_rows, c)
-        rs = torch.linalg.qr(head, mode="r")[1].reshape(nb * c, c)
-        tail = a[nb * chunk_rows :]
-        a = torch.cat([rs, tail]) if len(tail) else rs
-        if a.shape[0] >= 4 * chunk_rows:
-            return qr_r(a, chunk_rows=chunk_rows)
+def qr_r(a: torch.Tensor) -> torch.Tensor:
+    """The ``R`` factor (``min(m, C) x C``, upper triangular) of a matrix ``a`` (``m x C``)."""
+    if a.shape[0] == 0:
+        return a.new_zeros(0, a.shape[1])
     return torch.linalg.qr(a, mode="r")[1]
+
+
+def _gram_r(g: torch.Tensor) -> torch.Tensor:
+    """Upper-triangular ``R`` with ``R^T R = G + delta I`` for a (float64, PSD) Gram matrix ``G``.
+
+    ``delta = C * eps * max(diag G)`` is the smallest shift that lets Cholesky through for a
+    singular ``G`` (dead channels); it perturbs ``R`` by ``sqrt(delta) ~ 1e-7 * |largest column|``,
+    below the precision of float32 activations. If Cholesky still fails, an eigendecomposition
+    gives the factor.
+    """
+    c = g.shape[0]
+    top = float(torch.diagonal(g).max()) if c else 0.0
+    if top <= 0.0:
+        return torch.zeros_like(g)
+    delta = c * float(torch.finfo(torch.float64).eps) * top
+    eye = torch.eye(c, dtype=g.dtype, device=g.device)
+    l, info = torch.linalg.cholesky_ex(0.5 * (g + g.T) + delta * eye)
+    if int(info) == 0:
+        return l.T.contiguous()
+    evals, evecs = torch.linalg.eigh(0.5 * (g + g.T))
+    half = evals.clamp_min(0).sqrt().unsqueeze(1) * evecs.T
+    return _positive_diagonal(qr_r(half))
 
 
 class TSQR:
     """Streaming tall-skinny QR: the ``R`` factor of ``[Z_1; Z_2; ...]`` fed one block at a time.
 
-    Each block is reduced to its ``R`` factor in its own dtype (float32 activations stay
-    float32, so the block QR is fast); the running factor is kept in ``dtype`` (float64)
-    and merged with each new block factor by a QR of the two stacked factors. Memory is
-    ``O(C^2)`` whatever the number of rows.
+    Memory is ``O(C^2)`` whatever the number of rows. Two ways to reduce a block:
+
+    * ``block="qr"`` (the classic TSQR): Householder QR of each block in its own dtype, the
+      running factor (float64) and the block factor stacked and factored again;
+    * ``block="gram"`` (CholeskyQR leaves): each block's float64 Gram matrix ``Z_b^T Z_b`` is added
+      to a running sum and ``R`` is its (shifted) Cholesky factor. For blocks of many rows and few
+      columns (activations: samples x positions by channels) this is several times faster --
+      one matrix product instead of a level-2-bound QR -- and, computed in float64 from float32
+      data, as accurate as a float32 Householder QR: the relative error of ``R[k, k] / R[0, 0]``
+      stays below ``1e-6`` for ratios down to about ``3e-4`` (``~1e-4`` relative at ``1e-5``).
+
+    Both give the same ``R`` up to rounding (and row signs, normalised by :meth:`r`).
 
     Args:
         dtype: dtype of the accumulated factor.
+        block: ``"qr"`` or ``"gram"``.
     """
 
-    def __init__(self, dtype: torch.dtype = torch.float64):
+    def __init__(self, dtype: torch.dtype = torch.float64, block: str = "qr"):
+        if block not in ("qr", "gram"):
+            raise ValueError(f"block must be 'qr' or 'gram', got {block!r}")
         self.dtype = dtype
+        self.block = block
         self._r: torch.Tensor | None = None
+        self._g: torch.Tensor | None = None
+        self._c: int | None = None
         self.rows = 0
 
     @property
     def ncols(self) -> int | None:
-        return None if self._r is None else self._r.shape[1]
+        return self._c
 
     def update(self, block: torch.Tensor) -> TSQR:
         """Add rows ``block`` (``m x C``; any float dtype / device)."""
         if block.dim() != 2:
             raise ValueError(f"TSQR blocks must be 2-D (rows x columns), got shape {tuple(block.shape)}")
-        if self._r is not None and block.shape[1] != self._r.shape[1]:
-            raise ValueError(f"block has {block.shape[1]} columns, earlier blocks had {self._r.shape[1]}")
+        if self._c is not None and block.shape[1] != self._c:
+            raise ValueError(f"block has {block.shape[1]} columns, earlier blocks had {self._c}")
+        self._c = int(block.shape[1])
+        block = block.detach()
         if block.shape[0] == 0:
-            if self._r is None:
-                self._r = torch.zeros(0, block.shape[1], dtype=self.dtype)
             return self
-        if not block.is_floating_point():
-            block = block.to(self.dtype)
-        elif block.dtype in (torch.float16, torch.bfloat16):
+        self.rows += int(block.shape[0])
+        if self.block == "gram":
+            z = block.to(self.dtype)
+            g = (z.T @ z).cpu()
+            self._g = g if self._g is None else self._g + g
+            return self
+        if not block.is_floating_point() or block.dtype in (torch.float16, torch.bfloat16):
             block = block.float()
-        rb = qr_r(block.detach()).to(device="cpu", dtype=self.dtype)
-        self.rows += block.shape[0]
-        self._r = rb if self._r is None or self._r.shape[0] == 0 else torch.linalg.qr(
-            torch.cat([self._r, rb]), mode="r")[1]
+        rb = qr_r(block).to(device="cpu", dtype=self.dtype)
+        self._r = rb if self._r is None else qr_r(torch.cat([self._r, rb]))
         return self
+
+    def update_channels(self, x: torch.Tensor, dim: int = 1) -> TSQR:
+        """Add an activation tensor whose axis ``dim`` holds the columns (channels); every other
+        position is a row. For ``dim=1`` (``N x C x ...``) the Gram matrix is formed without moving
+        the channels last."""
+        dim = dim % x.dim()
+        if self.block == "gram" and dim == 1 and x.dim() >= 3:
+            c = x.shape[1]
+            if self._c is not None and c != self._c:
+                raise ValueError(f"block has {c} columns, earlier blocks had {self._c}")
+            self._c = int(c)
+            xd = x.detach().to(self.dtype).reshape(x.shape[0], c, -1)
+            g = torch.matmul(xd, xd.transpose(1, 2)).sum(0).cpu()
+            self._g = g if self._g is None else self._g + g
+            self.rows += int(x.numel() // max(1, c))
+            return self
+        z = x.movedim(dim, -1)
+        return self.update(z.reshape(-1, z.shape[-1]))
 
     def merge(self, other: TSQR) -> TSQR:
         """Add all rows of another accumulator (same number of columns)."""
-        if other._r is not None:
-            self.update(other._r)
-            self.rows += other.rows - other._r.shape[0]
+        if other._c is None:
+            return self
+        rows = self.rows
+        self.update(other.r())
+        self.rows = rows + other.rows
         return self
 
     def r(self) -> torch.Tensor:
@@ -126,18 +168,22 @@ class TSQR:
 
         With fewer rows than columns the missing rows are zero.
         """
-        if self._r is None:
+        if self._c is None:
             raise ValueError("TSQR has seen no block")
+        c = self._c
+        if self.block == "gram":
+            return _gram_r(self._g) if self._g is not None else torch.zeros(c, c, dtype=self.dtype)
+        if self._r is None:
+            return torch.zeros(c, c, dtype=self.dtype)
         r = _positive_diagonal(self._r)
-        c = r.shape[1]
         if r.shape[0] < c:
             r = torch.cat([r, r.new_zeros(c - r.shape[0], c)])
         return r
 
 
-def tsqr_r(blocks: Iterable[torch.Tensor], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def tsqr_r(blocks: Iterable[torch.Tensor], dtype: torch.dtype = torch.float64, block: str = "qr") -> torch.Tensor:
     """``R`` factor (``C x C``, non-negative diagonal) of the row-wise concatenation of ``blocks``."""
-    acc = TSQR(dtype)
+    acc = TSQR(dtype, block)
     for b in blocks:
         acc.update(b)
     return acc.r()

@@ -43,7 +43,7 @@ COLUMNS: tuple[str, ...] = (
     # pruning cost and fine-tuning budget
     "prune_seconds", "prune_peak_mem_mb", "prune_mode", "finetune_epochs", "finetune_lr", "finetune_seconds",
     # bookkeeping
-    "error", "traceback", "duration_s", "timestamp", "prunekit_version", "torch_version", "machine", "cpu",
+    "error", "traceback", "warnings", "duration_s", "timestamp", "prunekit_version", "torch_version", "machine", "cpu",
     "threads", "device", "config_hash", "experiment",
 )
 

@@ -21,6 +21,7 @@ import platform
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,7 +251,12 @@ class Runner:
                 for c in pending:
                     if bar is not None:
                         bar.set_postfix_str(c.describe(), refresh=True)
-                    row = self.run_cell(c, env, prune_fn)
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        row = self.run_cell(c, env, prune_fn)
+                    if caught:  # kept with the row instead of cluttering the progress display
+                        msgs = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
+                        row["warnings"] = " | ".join(msgs)[:2000]
                     self._append(row)
                     summary.ran += 1
                     if row["status"] == R.STATUS_OK:

@@ -24,16 +24,18 @@ How the pieces map to the code:
   LayerNorm / GroupNorm over the channels (removing channels changes the statistics of the kept
   ones), attention-head groups, and groups read by a layer that is not a plain conv / linear
   called once (grouped convs, shared modules).
-* The model is never edited while planning: a working copy keeps its full shape, consumers get
-  ``W T^T`` on the kept columns and zeros on the removed ones (computes exactly what the
-  physically pruned model computes); the returned plan holds the kept channels and the consumer
-  weights in their post-removal shape.
+* The model passed in is never edited: a working copy is pruned physically step by step (rows /
+  columns / norm entries sliced along the graph's member tables, consumers rewritten with
+  ``W T^T``); the returned plan holds the kept channels (original numbering) and the final
+  consumer weights in their post-removal shape, so applying it to the original model gives the
+  working copy.
 
 **id_iter** recomputes activations only downstream of the layer it changed: the model is
 traced with ``torch.fx`` and the values entering each group's first consumer are cached for the
-whole prune set (within ``cache_mb``), so a step re-runs the network from the nearest valid
-cache; read points upstream of the change keep their ``R``. Models ``torch.fx`` cannot trace fall
-back to full forward passes with hooks (same result, slower).
+whole prune set (within ``cache_mb``), so a step re-runs the network from the nearest cache
+before the pruned group's first producer; read points before its first consumer keep their
+``R`` (restricted to the kept columns). Models ``torch.fx`` cannot trace fall back to full
+forward passes with hooks (same result, slower).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ from prunekit.methods.base import Method, PruneContext, Target
 from prunekit.methods.registry import register_method
 from prunekit.surgery.plan import Plan
 
+_BINARY_OPS = {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift",
+               "matmul"}
 _PAPER = "Chee et al., Model Preserving Compression for Neural Networks, NeurIPS 2022"
 
 
@@ -81,31 +85,34 @@ class _GroupState:
     layers: list[str]  # producers + depthwise + consumers (cost of the group)
     min_keep: int
     multiple_of: int
-    first_consumer: int = 0
+    first_consumer: int = 0  # execution position of the first consumer (activations change after it)
+    first_change: int = 0  # execution position of the first layer whose tensors the group slices
     r_piv: torch.Tensor | None = None  # pivoted R of the stacked read points (cached)
     perm: torch.Tensor | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _gather(act: torch.Tensor, rp: _ReadPoint, pos: torch.Tensor) -> torch.Tensor:
-    """``Z`` of a read point: rows = examples x positions, columns = the group's current channels.
+def _accumulate(acc: TSQR, act: torch.Tensor, rp: _ReadPoint, pos: torch.Tensor) -> None:
+    """Add the rows of ``Z`` (examples x positions by the group's current channels) of one batch.
 
-    ``pos`` is ``(C, E)``: the ``E`` entries of channel ``c`` along the channel axis; the ``E``
-    entries become extra rows (``T (x) I_E`` is then the right correction).
+    ``pos`` is ``(C, E)``: the ``E`` entries of channel ``c`` along the channel axis (current
+    numbering); the ``E`` entries become extra rows (``T (x) I_E`` is then the right correction).
     """
     x = act.detach()
     if x.dim() == 1:
         x = x.unsqueeze(0)
+    c, e = pos.shape
+    width = x.shape[rp.channel_dim]
+    if e == 1 and c == width and bool((pos[:, 0] == torch.arange(c, device=pos.device)).all()):
+        acc.update_channels(x, rp.channel_dim)  # every channel, in order: no gather copy
+        return
     x = x.movedim(rp.channel_dim, -1)
     x = x.reshape(-1, x.shape[-1])
-    c, e = pos.shape
     if e == 1:
-        flat = pos[:, 0]
-        if c == x.shape[1] and bool((flat == torch.arange(c, device=flat.device)).all()):
-            return x.contiguous()
-        return x.index_select(1, flat.to(x.device))
+        acc.update(x.index_select(1, pos[:, 0].to(x.device)))
+        return
     z = x.index_select(1, pos.reshape(-1).to(x.device)).reshape(-1, c, e)
-    return z.transpose(1, 2).reshape(-1, c)
+    acc.update(z.transpose(1, 2).reshape(-1, c))
 
 
 # --------------------------------------------------------------------------------------------- runners
@@ -115,7 +122,12 @@ class _Runner:
     batches: list[torch.Tensor]
 
     def order(self, consumer: str) -> int | None:
+        """Execution position of a layer called exactly once (None otherwise)."""
         raise NotImplementedError
+
+    def position(self, path: str) -> int:
+        """First execution position of a module (or ``get_attr`` of a tensor); 0 when unknown."""
+        return 0
 
     def read_node(self, consumer: str) -> Any:
         raise NotImplementedError
@@ -137,12 +149,13 @@ class _FxRunner(_Runner):
     or after ``p`` uses (its *frontier*); the network can then be re-run from ``p`` alone.
     """
 
-    def __init__(self, model: nn.Module, batches: list[torch.Tensor], cache_bytes: float):
+    def __init__(self, model: nn.Module, batches: list[torch.Tensor], cache_bytes: float, block: str):
         import torch.fx
 
         self.model = model
         self.batches = batches
         self.cache_bytes = cache_bytes
+        self.block = block
         gm = torch.fx.symbolic_trace(model)
         self.nodes = list(gm.graph.nodes)
         self.pos_of = {n: i for i, n in enumerate(self.nodes)}
@@ -156,12 +169,13 @@ class _FxRunner(_Runner):
             self.free_at[i].append(n)
         self.calls: dict[str, list[int]] = defaultdict(list)
         for i, n in enumerate(self.nodes):
-            if n.op == "call_module":
+            if n.op in ("call_module", "get_attr"):
                 self.calls[str(n.target)].append(i)
         self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
         self.restarts: list[int] = [0]
         self.cache: dict[int, list[tuple[Any, ...]]] = {}
         self.frontiers: dict[int, list[Any]] = {0: []}
+        self.mutated: dict[int, list[bool]] = {0: []}
         self.valid: set[int] = {0}
         self.capture: dict[int, list[_ReadPoint]] = defaultdict(list)
 
@@ -169,6 +183,10 @@ class _FxRunner(_Runner):
     def order(self, consumer: str) -> int | None:
         calls = self.calls.get(consumer, [])
         return calls[0] if len(calls) == 1 else None
+
+    def position(self, path: str) -> int:
+        calls = self.calls.get(path, [])
+        return calls[0] if calls else 0
 
     def read_node(self, consumer: str) -> Any:
         node = self.nodes[self.calls[consumer][0]]
@@ -197,6 +215,22 @@ class _FxRunner(_Runner):
         self.restarts = sorted([0, *chosen])
         self.frontiers = {p: self._frontier(p) for p in self.restarts}
         self.frontiers[0] = []
+        self.mutated = {p: [self._mutated_later(f, p) for f in self.frontiers[p]] for p in self.restarts}
+
+    def _mutated_later(self, node: Any, p: int) -> bool:
+        """Whether a node at or after ``p`` might change ``node``'s value in place (then caches clone it)."""
+        for u in node.users:
+            if self.pos_of[u] < p:
+                continue
+            if u.op == "call_module" and getattr(self.model.get_submodule(str(u.target)), "inplace", False):
+                return True
+            if u.op == "call_method" and str(u.target).endswith("_"):
+                return True
+            if u.op == "call_function":
+                name = getattr(u.target, "__name__", "")
+                if name.endswith("_") or name.startswith("i") and name[1:] in _BINARY_OPS or u.kwargs.get("inplace"):
+                    return True
+        return False
 
     def _probe_sizes(self, x: torch.Tensor, candidates: list[int]) -> dict[int, float]:
         env: dict[Any, Any] = {}
@@ -242,8 +276,8 @@ class _FxRunner(_Runner):
         raise PruningError(f"unsupported torch.fx node {n.op!r}")
 
     @staticmethod
-    def _clone(v: Any) -> Any:
-        return v.clone() if isinstance(v, torch.Tensor) else v
+    def _clone(v: Any, needed: bool = True) -> Any:
+        return v.clone() if needed and isinstance(v, torch.Tensor) else v
 
     def changed(self, index: int) -> None:
         self.valid = {p for p in self.valid if p <= index}
@@ -256,7 +290,7 @@ class _FxRunner(_Runner):
         start = max(p for p in self.valid if p <= first)
         refresh = [p for p in self.restarts if start < p <= stop]
         want = {rp.key for rp in needed}
-        accs = {rp.key: TSQR() for rp in needed}
+        accs = {rp.key: TSQR(block=self.block) for rp in needed}
         stores: dict[int, list[tuple[Any, ...]]] = {p: [] for p in refresh}
         with torch.inference_mode():
             for b, x in enumerate(self.batches):
@@ -265,15 +299,16 @@ class _FxRunner(_Runner):
                     if n.op == "get_attr":
                         env[n] = self._run_node(n, env, x)
                 if start > 0:
-                    for n, v in zip(self.frontiers[start], self.cache[start][b]):
-                        env[n] = self._clone(v)
+                    for n, v, mut in zip(self.frontiers[start], self.cache[start][b], self.mutated[start]):
+                        env[n] = self._clone(v, mut)
                 for i in range(start, stop + 1):
                     n = self.nodes[i]
                     if i in stores:
-                        stores[i].append(tuple(self._clone(env[f]) for f in self.frontiers[i]))
+                        stores[i].append(tuple(self._clone(env[f], mut) for f, mut in zip(self.frontiers[i],
+                                                                                            self.mutated[i])))
                     for rp in self.capture.get(i, ()):
                         if rp.key in want:
-                            accs[rp.key].update(_gather(env[rp.node], rp, pos[rp.key]))
+                            _accumulate(accs[rp.key], env[rp.node], rp, pos[rp.key])
                     if n.op == "output":
                         break
                     env[n] = self._run_node(n, env, x)
@@ -289,9 +324,10 @@ class _FxRunner(_Runner):
 class _HookRunner(_Runner):
     """Fallback for models ``torch.fx`` cannot trace: full forward passes with pre-hooks."""
 
-    def __init__(self, model: nn.Module, batches: list[torch.Tensor], consumers: list[str]):
+    def __init__(self, model: nn.Module, batches: list[torch.Tensor], consumers: list[str], block: str):
         self.model = model
         self.batches = batches
+        self.block = block
         self.first_call: dict[str, int] = {}
         self.calls: dict[str, int] = defaultdict(int)
         self.same_input: dict[str, str] = {}
@@ -335,7 +371,7 @@ class _HookRunner(_Runner):
     def collect(self, needed: list[_ReadPoint], pos: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not needed:
             return {}
-        accs = {rp.key: TSQR() for rp in needed}
+        accs = {rp.key: TSQR(block=self.block) for rp in needed}
         by_layer: dict[str, list[_ReadPoint]] = defaultdict(list)
         for rp in needed:
             by_layer[str(rp.node)].append(rp)
@@ -344,7 +380,7 @@ class _HookRunner(_Runner):
         def make(rps: list[_ReadPoint]) -> Callable[..., None]:
             def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
                 for rp in rps:
-                    accs[rp.key].update(_gather(args[0], rp, pos[rp.key]))
+                    _accumulate(accs[rp.key], args[0], rp, pos[rp.key])
             return hook
 
         for path, rps in by_layer.items():
@@ -363,8 +399,9 @@ class _HookRunner(_Runner):
 class _IDState:
     """A working copy of the model being pruned by ID, with cached ``R`` factors per read point.
 
-    The copy keeps its full shape: pruned channels are still computed but every consumer has zero
-    weights for them, so the copy computes exactly what the physically pruned model computes.
+    Each :meth:`prune` folds ``T`` into the consumers and then physically removes the group's
+    dropped channels from the copy (``present`` tracks which original positions every sliced
+    tensor dimension still holds), so later passes run on the smaller network.
     """
 
     def __init__(self, model: nn.Module, ctx: PruneContext, method: Method):
@@ -384,6 +421,7 @@ class _IDState:
         self.changed_layers: set[str] = set()
         self.timings: dict[str, float] = defaultdict(float)
         self.r: dict[str, torch.Tensor] = {}  # read point key -> R over the group's current kept channels
+        self.present: dict[tuple[str, int], torch.Tensor] = {}  # (tensor, dim) -> original positions still there
         self.runner = self._make_runner()
         self.groups = self._build_groups()
         self.read_points = [rp for g in self.groups.values() for rp in g.read_points]
@@ -394,12 +432,23 @@ class _IDState:
     # -- construction ---------------------------------------------------------------------------
     def _make_runner(self) -> _Runner:
         cache = float(self.method.cache_mb) * 2**20
+        block = str(self.method.tsqr_block)
+        if block not in ("gram", "qr"):
+            raise PruningError(f"method {self.method.name!r}: tsqr_block must be 'gram' or 'qr', not {block!r}")
         try:
-            return _FxRunner(self.model, self.batches, cache)
+            return _FxRunner(self.model, self.batches, cache, block)
         except Exception as e:  # noqa: BLE001 - any tracing failure: fall back to hooks
             self.skipped["<trace>"] = f"torch.fx could not trace the model ({type(e).__name__}); using full passes"
             consumers = sorted({c for g in self.graph.groups.values() for c in g.consumers})
-            return _HookRunner(self.model, self.batches, consumers)
+            return _HookRunner(self.model, self.batches, consumers, block)
+
+    def _multiple(self, g: Any) -> int:
+        """Kept counts are multiples of this: the group's GroupNorm groups and an explicit ``round_to``."""
+        m = max(1, int(g.multiple_of))
+        rt = self.ctx.budget.round_to
+        if isinstance(rt, int) and not isinstance(rt, bool) and rt > 1:
+            m = m * rt // math.gcd(m, rt)
+        return m
 
     def _build_groups(self) -> dict[str, _GroupState]:
         budget = self.ctx.budget
@@ -413,25 +462,26 @@ class _IDState:
                 continue
             rps: dict[Any, _ReadPoint] = {}
             for c in g.consumers:
-                idx = self.runner.order(c)
+                idx = int(self.runner.order(c) or 0)
                 node = self.runner.read_node(c)
                 member = next(mb for mb in g.members if mb.tensor == f"{c}.weight" and mb.role == "consumer")
                 layer = self.model.get_submodule(c)
                 chan_dim = -1 if isinstance(layer, nn.Linear) else 1
                 rp = rps.get(node)
                 if rp is None:
-                    rp = _ReadPoint(f"{g.key}@{c}", g.key, [c], member.index, chan_dim, int(idx or 0), node)
-                    rps[node] = rp
+                    rps[node] = _ReadPoint(f"{g.key}@{c}", g.key, [c], member.index, chan_dim, idx, node)
                 else:
                     rp.consumers.append(c)
-                    rp.index = min(rp.index, int(idx or 0))
+                    rp.index = min(rp.index, idx)
             floor_keep = int(math.floor(budget.floor * g.size)) + 1 if budget.floor > 0 else 1
             cap_keep = int(math.ceil((1.0 - budget.cap) * g.size))
             state = _GroupState(
                 key=g.key, size=g.size, kept=torch.arange(g.size), read_points=list(rps.values()),
-                layers=g.layers(), min_keep=max(1, g.min_keep, floor_keep, cap_keep), multiple_of=max(1, g.multiple_of),
+                layers=g.layers(), min_keep=max(1, g.min_keep, floor_keep, cap_keep), multiple_of=self._multiple(g),
             )
             state.first_consumer = min(rp.index for rp in state.read_points)
+            paths = g.producers + g.depthwise + g.norms + g.consumers + g.params
+            state.first_change = min(self.runner.position(p) for p in paths)
             groups[g.key] = state
         if not groups:
             raise PruningError(f"method {self.method.name!r} found no channel group it can prune in this model "
@@ -457,10 +507,23 @@ class _IDState:
                 return f"consumer {c!r} is called more than once (or never) in the forward pass"
         return ""
 
-    # -- R factors --------------------------------------------------------------------------------
-    def _positions(self, rp: _ReadPoint) -> torch.Tensor:
-        return rp.positions[self.groups[rp.group].kept]
+    # -- current numbering ------------------------------------------------------------------------
+    def _present(self, tensor: str, dim: int) -> torch.Tensor:
+        key = (tensor, dim)
+        if key not in self.present:
+            self.present[key] = torch.arange(self.graph.layer_shapes[tensor][dim])
+        return self.present[key]
 
+    def _current(self, tensor: str, dim: int, original: torch.Tensor) -> torch.Tensor:
+        """Current indices along ``dim`` of ``tensor`` of the given original positions (all present)."""
+        return torch.searchsorted(self._present(tensor, dim), original)
+
+    def _positions(self, rp: _ReadPoint) -> torch.Tensor:
+        """``(C, E)`` current positions of the group's kept channels on the read point's channel axis."""
+        orig = rp.positions[self.groups[rp.group].kept]
+        return self._current(f"{rp.consumers[0]}.weight", 1, orig.reshape(-1)).reshape(orig.shape)
+
+    # -- R factors --------------------------------------------------------------------------------
     def refresh(self, groups: list[str] | None = None) -> None:
         """Compute the missing ``R`` factors (of ``groups``, default all)."""
         keys = list(self.groups) if groups is None else groups
@@ -509,6 +572,12 @@ class _IDState:
             total += t.macs_per_entry * n if kind == "flops" else n
         return total
 
+    def width_options(self, key: str, k: int) -> int:
+        """``k`` rounded down to the group's multiple (``0`` when below its minimum)."""
+        g = self.groups[key]
+        k = (k // g.multiple_of) * g.multiple_of
+        return k if k >= g.min_keep else 0
+
     # -- pruning ------------------------------------------------------------------------------------
     def prune(self, key: str, k: int) -> float:
         """Keep ``k`` channels of group ``key`` by ID and fold ``T`` into its consumers; returns the error proxy."""
@@ -526,37 +595,55 @@ class _IDState:
         for rp in g.read_points:
             t = interpolation_matrix(rs[rp.key], keep_local) if per_point else t_shared
             for c in rp.consumers:
-                self._fold(c, rp, g.kept, keep_local, t)
-        # read points upstream of the change keep their data: restrict R to the kept columns
-        change = g.first_consumer
-        new_kept = g.kept[keep_local]
+                self._fold(c, rp, keep_local, t)
+        removed = torch.ones(n, dtype=torch.bool)
+        removed[keep_local] = False
+        self._shrink(key, g.kept[removed])
+        # read points up to the first consumer keep their data: restrict R to the kept columns
         for rp in self.read_points:
-            if rp.index > change:
+            if rp.index > g.first_consumer:
                 self.r.pop(rp.key, None)
                 self.groups[rp.group].r_piv = None
             elif rp.group == key:
-                self.r[rp.key] = qr_r(rs[rp.key][:, keep_local])
-        g.kept = new_kept
+                self.r[rp.key] = _upper(qr_r(rs[rp.key][:, keep_local]))
+        g.kept = g.kept[keep_local]
         g.r_piv = g.perm = None
-        self.runner.changed(change)
+        self.runner.changed(g.first_change)
         g.history.append({"width": k, "error": err})
         self.timings["decompose"] += time.perf_counter() - t0
         return err
 
-    def _fold(self, consumer: str, rp: _ReadPoint, kept: torch.Tensor, keep_local: torch.Tensor,
-              t: torch.Tensor) -> None:
-        """``W <- W T^T`` on the consumer's current columns; removed columns become zero."""
+    def _fold(self, consumer: str, rp: _ReadPoint, keep_local: torch.Tensor, t: torch.Tensor) -> None:
+        """``W <- W T^T`` on the consumer's columns of the group (kept columns get the result)."""
         layer = self.model.get_submodule(consumer)
-        w = layer.weight
-        pos = rp.positions[kept]  # (C, E) current columns
+        pos = self._positions(rp)  # (C, E) current columns of the group's channels
         new_pos = pos[keep_local]  # (k, E)
         with torch.no_grad():
-            wm = w.data.movedim(1, -1)  # (..., in)
+            wm = layer.weight.data.movedim(1, -1)  # (..., in), a view: written in place
             cur = wm[..., pos.reshape(-1)].reshape(*wm.shape[:-1], *pos.shape)  # (..., C, E)
-            folded = torch.einsum("...ce,jc->...je", cur.double(), t.to(cur.device)).to(w.dtype)
-            wm[..., pos.reshape(-1)] = 0  # wm is a view of the weight: written in place
-            wm[..., new_pos.reshape(-1)] = folded.reshape(*wm.shape[:-1], -1)
+            folded = torch.einsum("...ce,jc->...je", cur.double(), t.to(cur.device))
+            wm[..., new_pos.reshape(-1)] = folded.reshape(*wm.shape[:-1], -1).to(wm.dtype)
         self.changed_layers.add(consumer)
+
+    def _shrink(self, key: str, removed: torch.Tensor) -> None:
+        """Physically remove original channels ``removed`` of group ``key`` from the working copy."""
+        touched: dict[str, nn.Module] = {}
+        for mb in self.graph.groups[key].members:
+            present = self._present(mb.tensor, mb.dim)
+            drop = mb.index[removed].reshape(-1)
+            keep_mask = ~torch.isin(present, drop)
+            self.present[(mb.tensor, mb.dim)] = present[keep_mask]
+            mod_path, _, name = mb.tensor.rpartition(".")
+            mod = self.model.get_submodule(mod_path) if mod_path else self.model
+            old = getattr(mod, name)
+            new = old.detach().index_select(mb.dim, keep_mask.nonzero().flatten().to(old.device)).clone()
+            if name in mod._parameters:
+                mod._parameters[name] = nn.Parameter(new, requires_grad=False)
+            else:
+                mod._buffers[name] = new
+            touched[mod_path] = mod
+        for mod in touched.values():
+            _fix_attributes(mod)
 
     # -- result -------------------------------------------------------------------------------------
     def plan(self, extra_meta: dict[str, Any]) -> Plan:
@@ -566,8 +653,12 @@ class _IDState:
         for c in sorted(self.changed_layers):
             path = f"{c}.weight"
             w = self.model.get_submodule(c).weight.detach()
-            for d, idx in kept_dims.get(path, {}).items():
-                w = w.index_select(d, idx.to(w.device))
+            full = self.graph.layer_shapes[path]
+            dims = kept_dims.get(path, {})
+            expected = tuple(len(dims[d]) if d in dims else s for d, s in enumerate(full))
+            if tuple(w.shape) != expected:
+                raise PruningError(f"internal error in {self.method.name!r}: {path!r} has shape {tuple(w.shape)}, "
+                                   f"the plan implies {expected}")
             weights[path] = w.clone()
         meta = {
             "widths": {k: [g.size, int(len(g.kept))] for k, g in self.groups.items()},
@@ -580,11 +671,37 @@ class _IDState:
         }
         return Plan(method=self.method.name, channels=channels, weights=weights, meta=meta)
 
-    def width_options(self, key: str, k: int) -> int:
-        """``k`` rounded down to the group's multiple (``0`` when below its minimum)."""
-        g = self.groups[key]
-        k = (k // g.multiple_of) * g.multiple_of
-        return k if k >= g.min_keep else 0
+
+def _upper(r: torch.Tensor) -> torch.Tensor:
+    """Square (zero-padded) upper-triangular factor with a non-negative diagonal."""
+    c = r.shape[1]
+    if r.shape[0] < c:
+        r = torch.cat([r, r.new_zeros(c - r.shape[0], c)])
+    d = torch.sign(torch.diagonal(r))
+    return r * torch.where(d == 0, torch.ones_like(d), d).unsqueeze(1)
+
+
+def _fix_attributes(mod: nn.Module) -> None:
+    """Make a sliced module's size attributes agree with its tensors."""
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        w = mod.weight
+        depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+        out_dim, in_dim = (1, 0) if mod.transposed else (0, 1)
+        if depthwise:
+            n = int(w.shape[0] if not mod.transposed else w.shape[0])
+            mod.in_channels = mod.out_channels = mod.groups = n
+        else:
+            mod.out_channels = int(w.shape[out_dim]) * (mod.groups if mod.transposed else 1)
+            mod.in_channels = int(w.shape[in_dim]) * (1 if mod.transposed else mod.groups)
+    elif isinstance(mod, nn.Linear):
+        mod.out_features, mod.in_features = int(mod.weight.shape[0]), int(mod.weight.shape[1])
+    elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        ref = mod.running_mean if mod.running_mean is not None else mod.weight
+        mod.num_features = int(ref.shape[0])
+    elif isinstance(mod, nn.GroupNorm):
+        mod.num_channels = int(mod.weight.shape[0])
+    elif isinstance(mod, nn.PReLU):
+        mod.num_parameters = int(mod.weight.shape[0])
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -624,7 +741,7 @@ def _goal(target: Target, base: dict[str, float], target_kind: str | None, metho
 
 class _IDBase(Method):
     defaults: dict[str, Any] = {"samples": 5000, "batch_size": 500, "cache_mb": 2048, "per_read_point": True,
-                                "target_kind": None}
+                                "target_kind": None, "tsqr_block": "gram"}
 
     def _state(self, model: nn.Module, ctx: PruneContext) -> _IDState:
         self.check(ctx)

@@ -277,8 +277,12 @@ def _search(prob: _ChannelProblem, ctx: PruneContext, cost: Any, budget: float) 
     else:
         raise PruningError(f"scope must be 'global' or 'layerwise', got {ctx.budget.scope!r}")
     best = _bisect(seq, c, budget)
-    if ctx.budget.scope == "global" and abs(math.log(max(c(best), EPS) / budget)) > math.log1p(tol / 2):
-        best = _refine(prob, best, c, budget)
+    if abs(math.log(max(c(best), EPS) / budget)) > math.log1p(tol / 2):
+        best = _refine(prob, best, c, budget, prob.mult)  # rounding steps are coarse: adjust single groups
+    if abs(math.log(max(c(best), EPS) / budget)) > math.log1p(tol):
+        # still outside the tolerance: give up alignment where needed (one channel at a time)
+        best = _refine(prob, best, c, budget, [max(1, g) for g in (prob.graph.groups[k].multiple_of
+                                                                   for k in prob.keys)])
     return best
 
 
@@ -338,13 +342,13 @@ def _layerwise_configs(prob: _ChannelProblem) -> Any:
     return seq
 
 
-def _refine(prob: _ChannelProblem, counts: list[int], c: Any, budget: float) -> list[int]:
-    """Greedy single-group steps (one rounding unit) towards the budget, lowest scores first."""
+def _refine(prob: _ChannelProblem, counts: list[int], c: Any, budget: float, mult: list[int]) -> list[int]:
+    """Greedy single-group steps of ``mult[i]`` channels towards the budget."""
     counts = list(counts)
     err = abs(math.log(max(c(counts), EPS) / budget))
     for _ in range(4 * len(counts)):
         best_move, best_err = None, err
-        for i, (k, lo, hi, m) in enumerate(zip(counts, prob.lo, prob.hi, prob.mult)):
+        for i, (k, lo, hi, m) in enumerate(zip(counts, prob.lo, prob.hi, mult)):
             for nk in (_snap(k - m, lo, hi, m), _snap(k + m, lo, hi, m) if k + m <= hi else hi):
                 if nk == k:
                     continue

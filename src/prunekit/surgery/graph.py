@@ -577,9 +577,10 @@ def _convert(root: str, size: int, tp_group: Any, dg: Any, names: dict[nn.Module
         dep = item.dep
         node = dep.target
         mod = node.module
-        table = _index_table(item.idxs, item.root_idxs, size)
         if node.type in _dummy_types():
+            bad = bad or _mixing(node)
             continue
+        table = _index_table(item.idxs, item.root_idxs, size)
         if isinstance(mod, nn.Parameter):
             name = dg._param_to_name.get(mod, "?")
             if table is None:
@@ -642,6 +643,27 @@ def _convert(root: str, size: int, tp_group: Any, dg: Any, names: dict[nn.Module
     if not g.producers and not bad:
         bad = "no conv / linear layer produces these channels"
     return g, out_mods, bad
+
+
+# autograd ops that combine channels; Torch-Pruning treats unknown ops as element-wise
+_MIXING_OPS = ("MmBackward", "BmmBackward", "MatmulBackward", "AddmmBackward", "BaddbmmBackward", "AddbmmBackward",
+               "MvBackward", "AddmvBackward", "DotBackward", "ConvolutionBackward", "SoftmaxBackward",
+               "LogSoftmaxBackward", "CdistBackward", "NormBackward", "LinalgVectorNormBackward", "EinsumBackward")
+
+
+def _mixing(node: Any) -> str:
+    """Why an operation on the channel path mixes channels (""=it does not).
+
+    A matrix product fed by a parameter-only branch (a transposed weight) is the inside of a
+    linear layer applied to a 3-D input, not a channel mix.
+    """
+    fn = getattr(node, "grad_fn", None)
+    name = fn.name() if fn is not None and hasattr(fn, "name") else ""
+    if not name.startswith(_MIXING_OPS):
+        return ""
+    if any(not n.inputs for n in node.inputs):
+        return ""
+    return f"operation {name} between the layers mixes channels (matrix product, softmax or norm over them)"
 
 
 def _head_group(path: str, m: nn.Module) -> ChannelGroup:

@@ -24,6 +24,18 @@ class Mask(nn.Module):
         return w * self.mask.to(w.dtype)
 
 
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own.
+
+    ``torch.nn.utils.parametrize`` injects one class per parametrized module, but a deep copy
+    shares it with the original; registering or removing a parametrization on the copy would then
+    add / delete properties of the original's class too. A private copy of the class avoids that.
+    """
+    if parametrize.is_parametrized(module):
+        cls = type(module)
+        module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+
+
 def _split(name: str) -> tuple[str, str]:
     mod, _, p = name.rpartition(".")
     return mod, p
@@ -56,6 +68,7 @@ def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
         current = getattr(module, pname)
         if tuple(mask.shape) != tuple(current.shape):
             raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(current.shape)}")
+        _own_class(module)
         parametrize.register_parametrization(module, pname, Mask(mask.to(current.device)))
     return model
 
@@ -64,6 +77,7 @@ def remove_masks_(model: nn.Module) -> nn.Module:
     """Bake masks into the weights and drop the parametrizations (pruned weights stay zero)."""
     for m in model.modules():
         if parametrize.is_parametrized(m):
+            _own_class(m)
             for pname in list(m.parametrizations.keys()):
                 if any(isinstance(p, Mask) for p in m.parametrizations[pname]):
                     parametrize.remove_parametrizations(m, pname, leave_parametrized=True)
