@@ -38,7 +38,9 @@ def _one_thread():
 def tiny(name: str, **kw) -> tuple[nn.Module, tuple[int, ...]]:
     info = get_model_info(name)
     torch.manual_seed(0)
-    return create_model(name, in_channels=info.input_size[0], **{**info.tiny_kwargs, **kw}).eval(), info.input_size
+    return create_model(
+        name, in_channels=info.input_size[0], **{**info.tiny_kwargs, **kw}
+    ).eval(), info.input_size
 
 
 def ctx_for(model: nn.Module, shape, target: str, **budget) -> PruneContext:
@@ -62,7 +64,17 @@ def measured(model, shape, keep) -> tuple[float, float]:
 
 # --------------------------------------------------------------------------------------------- rounding
 def test_rounding_rules() -> None:
-    assert [default_round_to(s) for s in (4, 16, 17, 32, 33, 64, 512)] == [1, 1, 4, 4, 8, 8, 8]
+    assert [default_round_to(s) for s in (4, 16, 17, 32, 33, 64, 127, 128, 512)] == [
+        1,
+        1,
+        4,
+        4,
+        8,
+        8,
+        8,
+        16,
+        16,
+    ]
     assert resolve_round_to(64, 1) == 1 and resolve_round_to(64, None) == 8 and resolve_round_to(64, 16) == 16
     assert resolve_round_to(64, lambda s: s // 4) == 16
     with pytest.raises(PruningError):
@@ -73,8 +85,16 @@ def test_rounding_rules() -> None:
 
 
 # --------------------------------------------------------------------------------------------- channels
-@pytest.mark.parametrize("name,target", [("resnet20", "flops=2"), ("resnet20", "params=3"), ("lenet5", "flops=2"),
-                                         ("mobilenet_v2", "flops=1.5"), ("vgg11", "flops=3")])
+@pytest.mark.parametrize(
+    "name,target",
+    [
+        ("resnet20", "flops=2"),
+        ("resnet20", "params=3"),
+        ("lenet5", "flops=2"),
+        ("mobilenet_v2", "flops=1.5"),
+        ("vgg11", "flops=3"),
+    ],
+)
 def test_channel_targets_are_met(name: str, target: str) -> None:
     model, shape = tiny(name)
     ctx = ctx_for(model, shape, target)
@@ -130,7 +150,9 @@ def test_global_ranking_and_normalisation() -> None:
     scores = {"fc1": torch.rand(300) + 10.0, "fc2": torch.rand(100)}  # fc2 scores far below fc1's
     keep = allocate_channels(model, ctx, scores)
     assert set(keep) == {"fc2"} and 6 <= len(keep["fc2"]) < 50  # only the low-scored group loses channels
-    assert set(keep["fc2"].tolist()) == set(scores["fc2"].argsort(descending=True)[:len(keep["fc2"])].tolist())
+    assert set(keep["fc2"].tolist()) == set(
+        scores["fc2"].argsort(descending=True)[: len(keep["fc2"])].tolist()
+    )
     ctx = ctx_for(model, shape, "params=1.1", round_to=1, normalize="mean")
     keep = allocate_channels(model, ctx, scores)
     assert set(keep) == {"fc1", "fc2"}  # after per-layer normalisation both are pruned
@@ -139,7 +161,9 @@ def test_global_ranking_and_normalisation() -> None:
 def test_impossible_target_and_bad_scores() -> None:
     model, shape = tiny("lenet5")
     ctx = ctx_for(model, shape, "params=1000")
-    with pytest.raises(PruningError, match=r"params=1000 cannot be reached: the largest reachable reduction is \d"):
+    with pytest.raises(
+        PruningError, match=r"params=1000 cannot be reached: the largest reachable reduction is \d"
+    ):
         allocate_channels(model, ctx, l1(model, ctx))
     ctx = ctx_for(model, shape, "flops=2")
     with pytest.raises(PruningError, match="3 channels"):
@@ -236,8 +260,11 @@ def test_nm_masks_and_existing_masks() -> None:
     for p, m in first.items():
         assert not bool((second[p] & ~m).any())  # pruned weights stay pruned
     with pytest.raises(PruningError, match="nm"):
-        allocate_weights(model, PruneContext(Target.parse("ratio=0.5"), shape, BudgetOptions(nm="4:2")),
-                         magnitudes(model, ctx))
+        allocate_weights(
+            model,
+            PruneContext(Target.parse("ratio=0.5"), shape, BudgetOptions(nm="4:2")),
+            magnitudes(model, ctx),
+        )
 
 
 def test_weight_targets_errors() -> None:
@@ -247,5 +274,7 @@ def test_weight_targets_errors() -> None:
         allocate_weights(model, ctx, magnitudes(model, ctx))
     with pytest.raises(PruningError, match="not prunable"):
         allocate_weights(model, ctx, {"fc3.weight": torch.ones(10, 42)})
-    ctx = PruneContext(target=Target.parse("params=2"), input_shape=shape, budget=BudgetOptions(ignored=("fc1",)))
+    ctx = PruneContext(
+        target=Target.parse("params=2"), input_shape=shape, budget=BudgetOptions(ignored=("fc1",))
+    )
     assert "fc1.weight" not in prunable_weights(model, ctx) and "fc3.weight" in prunable_weights(model, ctx)

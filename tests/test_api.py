@@ -61,8 +61,13 @@ def _methods_and_threads():
     torch.set_num_threads(1)
     for name, spec in TEST_METHODS.items():
         spec = dict(spec)
-        register_method(name, granularity=spec.pop("granularity"), family="test", **spec.pop("extra", {}),
-                        needs_data=spec.pop("needs_data", False))(spec.pop("cls"))
+        register_method(
+            name,
+            granularity=spec.pop("granularity"),
+            family="test",
+            **spec.pop("extra", {}),
+            needs_data=spec.pop("needs_data", False),
+        )(spec.pop("cls"))
     yield
     for name in TEST_METHODS:
         unregister_method(name)
@@ -77,7 +82,10 @@ def tiny(name: str, **kw) -> nn.Module:
 
 def batches(shape, n: int = 2, bs: int = 16, classes: int = 10) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(bs, *shape, generator=g), torch.randint(0, classes, (bs,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(bs, *shape, generator=g), torch.randint(0, classes, (bs,), generator=g))
+        for _ in range(n)
+    ]
 
 
 # --------------------------------------------------------------------------------------------- prune()
@@ -86,9 +94,23 @@ def test_prune_report_and_copy_semantics() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     res = prunekit.prune(model, "_api_l1", "flops=2")
     rep = res.report
-    assert abs(rep["flops_speedup"] / 2 - 1) <= 0.05 and rep["target_error"] == pytest.approx(rep["flops_speedup"] / 2 - 1)
-    for key in ("compression", "base_flops", "base_params", "params", "nonzero_params", "flops", "effective_flops",
-                "prune_seconds", "peak_memory_mb", "warnings", "layers", "skipped"):
+    assert abs(rep["flops_speedup"] / 2 - 1) <= 0.05 and rep["target_error"] == pytest.approx(
+        rep["flops_speedup"] / 2 - 1
+    )
+    for key in (
+        "compression",
+        "base_flops",
+        "base_params",
+        "params",
+        "nonzero_params",
+        "flops",
+        "effective_flops",
+        "prune_seconds",
+        "peak_memory_mb",
+        "warnings",
+        "layers",
+        "skipped",
+    ):
         assert key in rep
     assert rep["layers"]["layer1.0.conv1"]["before"] == [4, 4] and "fc" in rep["skipped"]
     assert res.model.prunekit_config == model.prunekit_config
@@ -156,7 +178,9 @@ def test_round_fractions() -> None:
     for schedule in ("geometric", "linear", "gradflow"):
         r = round_fractions(p, n, schedule)
         assert math.prod(1 - x for x in r) == pytest.approx(1 - p)
-    assert round_fractions(p, n, "gradflow") == pytest.approx([p / (k * p + n * (1 - p)) for k in range(1, n + 1)])
+    assert round_fractions(p, n, "gradflow") == pytest.approx(
+        [p / (k * p + n * (1 - p)) for k in range(1, n + 1)]
+    )
     assert cumulative_fractions(0.5, 2, "linear") == [0.25, 0.5]
     assert cumulative_fractions(0.5, 1, thresholds=[0.2, 0.5]) == [0.2, 0.5]
     with pytest.raises(PruningError):
@@ -170,8 +194,15 @@ def test_rounds_leave_exactly_the_requested_fraction(schedule: str) -> None:
     model = tiny("resnet20", width=1.0)
     g0 = analyze(model, (3, 32, 32))
     calls = []
-    res = prunekit.prune(model, "_api_l1", "ratio=0.5", rounds=3, schedule=schedule, round_to=1,
-                         finetune=lambda m, e: calls.append(sum(p.numel() for p in m.parameters())))
+    res = prunekit.prune(
+        model,
+        "_api_l1",
+        "ratio=0.5",
+        rounds=3,
+        schedule=schedule,
+        round_to=1,
+        finetune=lambda m, e: calls.append(sum(p.numel() for p in m.parameters())),
+    )
     assert len(calls) == 3 and calls[0] > calls[1] > calls[2]  # between rounds and after the last
     g1 = analyze(res.model, (3, 32, 32))
     for key, grp in g0.groups.items():
@@ -238,18 +269,70 @@ def test_cli_methods_and_prune(tmp_path, capsys) -> None:
     model = create_model("resnet20", width=0.25)
     prunekit.save(model, tmp_path / "base.pt", meta={"dataset": "synthetic"})
     out = tmp_path / "out"
-    rc = main(["prune", "--checkpoint", str(tmp_path / "base.pt"), "--method", "_api_data", "--target", "flops=2",
-               "--prune-samples", "64", "--finetune-epochs", "0.25", "--batch-size", "32", "--out", str(out),
-               "--option", "samples=32", "--quiet", "--device", "cpu"])
+    rc = main(
+        [
+            "prune",
+            "--checkpoint",
+            str(tmp_path / "base.pt"),
+            "--method",
+            "_api_data",
+            "--target",
+            "flops=2",
+            "--prune-samples",
+            "64",
+            "--finetune-epochs",
+            "0.25",
+            "--batch-size",
+            "32",
+            "--out",
+            str(out),
+            "--option",
+            "samples=32",
+            "--quiet",
+            "--device",
+            "cpu",
+            "--latency-repeats",
+            "1",
+        ]
+    )
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
-    for key in ("top1", "top5", "params", "nonzero_params", "flops", "effective_flops", "latency_ms", "per_class",
-                "base_top1", "agreement", "agreement_per_class", "flops_speedup", "compression", "latency_speedup",
-                "latency_speedup_b1", "prune_seconds", "top1_after_prune", "agreement_after_prune"):
+    for key in (
+        "top1",
+        "top5",
+        "params",
+        "nonzero_params",
+        "flops",
+        "effective_flops",
+        "latency_ms",
+        "per_class",
+        "base_top1",
+        "agreement",
+        "agreement_per_class",
+        "flops_speedup",
+        "compression",
+        "latency_speedup",
+        "latency_speedup_b1",
+        "prune_seconds",
+        "top1_after_prune",
+        "agreement_after_prune",
+    ):
         assert key in m, key
     assert abs(m["flops_speedup"] / 2 - 1) <= 0.05
     back = prunekit.load(out / "model.pt")
     assert back.prunekit_meta["plan"]["method"] == "_api_data" and "report" in back.prunekit_meta
-    rc = main(["prune", "--checkpoint", str(tmp_path / "base.pt"), "--method", "_api_l1", "--target", "params=1e6",
-               "--out", str(out), "--no-latency"])
+    rc = main(
+        [
+            "prune",
+            "--checkpoint",
+            str(tmp_path / "base.pt"),
+            "--method",
+            "_api_l1",
+            "--target",
+            "params=1e6",
+            "--out",
+            str(out),
+            "--no-latency",
+        ]
+    )
     assert rc == 2 and "largest reachable" in capsys.readouterr().err

@@ -40,7 +40,10 @@ class _WeightMagnitude(WeightScorer):
         return {p: w.detach().abs() for p, w in self.prunable_params(model, ctx).items()}
 
 
-LOCAL = {"_registry_channel_l1": (_ChannelL1, "channel"), "_registry_weight_magnitude": (_WeightMagnitude, "weight")}
+LOCAL = {
+    "_registry_channel_l1": (_ChannelL1, "channel"),
+    "_registry_weight_magnitude": (_WeightMagnitude, "weight"),
+}
 REGISTERED = [m for m in list_methods() if m not in LOCAL]
 ALL_MODELS = list_models()
 FAMILY_MODELS = ["lenet_300_100", "resnet20", "vit_tiny"]

@@ -70,8 +70,13 @@ def test_resnet_groups_follow_the_residual_streams() -> None:
     g = analyze(model, shape)
     stream1 = g.groups["conv1"]
     assert stream1.producers == ["conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"]
-    assert set(stream1.consumers) == {"layer1.0.conv1", "layer1.1.conv1", "layer1.2.conv1", "layer2.0.conv1",
-                                      "layer2.0.shortcut.0"}
+    assert set(stream1.consumers) == {
+        "layer1.0.conv1",
+        "layer1.1.conv1",
+        "layer1.2.conv1",
+        "layer2.0.conv1",
+        "layer2.0.shortcut.0",
+    }
     assert "bn1" in stream1.norms and len(stream1.norms) == 4
     assert g.groups["layer2.0.conv2"].producers[:2] == ["layer2.0.conv2", "layer2.0.shortcut.0"]
     assert "fc" in g.groups["layer3.0.conv2"].consumers
@@ -166,7 +171,7 @@ def test_unsupported_layer_is_skipped_with_a_warning_naming_it() -> None:
         apply_plan(Grouped(), Plan(channels={"a": torch.tensor([0, 1])}), g)
 
 
-# --------------------------------------------------------------------------------------------- masked == physical
+# ----------------------------------------------------------------------------------------- masked == physical
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_masked_equals_physical(name: str) -> None:
     model, shape = tiny(name)
@@ -265,7 +270,9 @@ def test_lowrank_physical_masked_and_checkpoint(tmp_path) -> None:
     assert torch.equal(loaded(x), phys(x))
     assert count_params(phys)["params"] < count_params(model)["params"]
     with pytest.raises(PruningError, match="core"):
-        apply_plan(model, Plan(lowrank={"fc": LowRankFactors(core=torch.randn(4, 15), post=torch.randn(10, 4))}))
+        apply_plan(
+            model, Plan(lowrank={"fc": LowRankFactors(core=torch.randn(4, 15), post=torch.randn(10, 4))})
+        )
 
 
 def test_masks_are_baked_physically_and_kept_masked() -> None:

@@ -54,15 +54,21 @@ class PruneResult:
 def _resolve_method(method: str | Method, options: dict[str, Any]) -> tuple[Method, MethodInfo | None]:
     if isinstance(method, Method):
         if options:
-            raise PruningError(f"options {sorted(options)} were given for an already created method; pass them to "
-                               "create_method(...) instead")
+            raise PruningError(
+                f"options {sorted(options)} were given for an already created method; pass them to "
+                "create_method(...) instead"
+            )
         return method, method.info
     if not isinstance(method, str):
-        raise PruningError(f"method must be a registered name or a Method instance, got {type(method).__name__}")
+        raise PruningError(
+            f"method must be a registered name or a Method instance, got {type(method).__name__}"
+        )
     info = get_method_info(method)
     if not info.available():
-        raise PruningError(f"method {method!r} needs the optional package {info.requires!r}: "
-                           f"pip install {info.requires.replace('_', '-')}")
+        raise PruningError(
+            f"method {method!r} needs the optional package {info.requires!r}: "
+            f"pip install {info.requires.replace('_', '-')}"
+        )
     return info.cls(**options), info
 
 
@@ -77,15 +83,20 @@ def _as_batches(data: Any, batch_size: int = 128) -> Any:
             return BatchLoader(data, batch_size=batch_size, shuffle=False)
     except ImportError:  # pragma: no cover - the data package is part of prunekit
         pass
-    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset) \
-            and hasattr(data, "__len__"):
+    if (
+        isinstance(data, torch.utils.data.Dataset)
+        and not isinstance(data, torch.utils.data.IterableDataset)
+        and hasattr(data, "__len__")
+    ):
         return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         x, y = data
-        return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     if not hasattr(data, "__iter__"):
-        raise PruningError(f"data must be a BatchLoader, an iterable of (x, y) batches or a dataset, got "
-                           f"{type(data).__name__}")
+        raise PruningError(
+            f"data must be a BatchLoader, an iterable of (x, y) batches or a dataset, got "
+            f"{type(data).__name__}"
+        )
     return data
 
 
@@ -128,7 +139,9 @@ def _sparsity(model: nn.Module) -> dict[str, float]:
     return out
 
 
-def _measure(model: nn.Module, input_shape: tuple[int, ...], graph: ChannelGraph | None = None) -> dict[str, int]:
+def _measure(
+    model: nn.Module, input_shape: tuple[int, ...], graph: ChannelGraph | None = None
+) -> dict[str, int]:
     """Dense and effective multiply-adds and parameters, as :mod:`prunekit.metrics` counts them (one
     counted forward pass; none when ``graph`` was just built on this very model)."""
     from prunekit.metrics import count_params
@@ -197,7 +210,9 @@ class _PeakMemory:
             self.method = "ru_maxrss (process lifetime peak)"
         self.peak_mb = peak
         self.delta_mb = None if self.rss0 is None or peak is None else max(0.0, peak - self.rss0)
-        self.cuda_mb = (torch.cuda.max_memory_allocated(self.device) / 2**20) if self.device.type == "cuda" else None
+        self.cuda_mb = (
+            (torch.cuda.max_memory_allocated(self.device) / 2**20) if self.device.type == "cuda" else None
+        )
 
 
 def _budget(budget: BudgetOptions | None, **overrides: Any) -> BudgetOptions:
@@ -211,15 +226,29 @@ def _budget(budget: BudgetOptions | None, **overrides: Any) -> BudgetOptions:
     return b
 
 
-def _round_target(tgt: Target, kind_granularity: str, k: int, cum: list[float], graph: ChannelGraph | None,
-                  originals: dict[str, int], removed: dict[str, int], current_cost: float, base_cost: float,
-                  rounds: int, schedule: str, thresholds: Any) -> Target | None:
+def _round_target(
+    tgt: Target,
+    kind_granularity: str,
+    k: int,
+    cum: list[float],
+    graph: ChannelGraph | None,
+    originals: dict[str, int],
+    removed: dict[str, int],
+    current_cost: float,
+    base_cost: float,
+    rounds: int,
+    schedule: str,
+    thresholds: Any,
+) -> Target | None:
     """The target of round ``k`` relative to the current model (None: nothing left to do this round)."""
     c = cum[k]
     if tgt.kind == "ratio":
         if kind_granularity != "channel" or graph is None:
-            return Target("ratio", c, {p: cumulative_fractions(v, rounds, schedule)[k]
-                                       for p, v in tgt.per_layer.items()})
+            return Target(
+                "ratio",
+                c,
+                {p: cumulative_fractions(v, rounds, schedule)[k] for p, v in tgt.per_layer.items()},
+            )
         per: dict[str, float] = {}
         for key, g in graph.groups.items():
             if not g.prunable:
@@ -281,7 +310,8 @@ def prune(
             dataset, or an ``(x, y)`` pair of tensors. Required by methods that need data.
         mode: ``"physical"`` (remove channels; bake weight masks) or ``"masked"`` (reversible zeros).
         scope: ``"global"`` (one ranking across layers, default) or ``"layerwise"``.
-        round_to: channel multiple (default: 8 above 32 channels, 4 for 17-32, none below; 1: none).
+        round_to: channel multiple (default ``"auto"``: 16 from 128 channels, 8 for 33-127, 4 for 17-32,
+            none below; ``1``: no rounding; or a callable ``width -> multiple``).
         ignored: layer paths whose output channels (channel methods) / weights (weight methods) are not
             pruned; the classifier never is.
         floor / cap / normalize / nm: see :class:`BudgetOptions`; ``budget`` passes them all at once.
@@ -319,21 +349,35 @@ def prune(
     granularity = info.granularity if info is not None else "channel"
     dev = torch.device(device)
     loader = _as_batches(data)
-    b = _budget(budget, scope=scope, round_to=round_to, ignored=ignored, floor=floor, cap=cap, normalize=normalize,
-                nm=nm)
+    b = _budget(
+        budget,
+        scope=scope,
+        round_to=round_to,
+        ignored=ignored,
+        floor=floor,
+        cap=cap,
+        normalize=normalize,
+        nm=nm,
+    )
     if copy:
         model = _copy.deepcopy(model)
     model.to(dev)
     shape = _input_shape(model, input_shape, loader)
-    ctx = PruneContext(target=tgt, input_shape=shape, budget=b, data=loader, device=dev, trajectory=trajectory,
-                       num_classes=num_classes)
+    ctx = PruneContext(
+        target=tgt,
+        input_shape=shape,
+        budget=b,
+        data=loader,
+        device=dev,
+        trajectory=trajectory,
+        num_classes=num_classes,
+    )
     ctx.extra["verify"] = verify
     meth.check(ctx)
     tuner = _finetuner(finetune, loader, dev)
     cum = cumulative_fractions(target_fraction(tgt), rounds, schedule, thresholds)
     rounds = len(cum)
 
-    caught: list[warnings.WarningMessage] = []
     plans: list[Plan] = []
     finetune_s = 0.0
     graph: ChannelGraph | None = None
@@ -361,8 +405,20 @@ def prune(
             current = 0.0
             if tgt.kind != "ratio":
                 current = base[cost_key] if k == 0 else _measure(model, shape, graph)[cost_key]
-            rt = _round_target(tgt, granularity, k, cum, graph, originals, removed, current,
-                               base["flops" if tgt.kind == "flops" else "params"], rounds, schedule, thresholds)
+            rt = _round_target(
+                tgt,
+                granularity,
+                k,
+                cum,
+                graph,
+                originals,
+                removed,
+                current,
+                base["flops" if tgt.kind == "flops" else "params"],
+                rounds,
+                schedule,
+                thresholds,
+            )
             if rt is None:
                 continue
             ctx.target = rt
@@ -385,11 +441,33 @@ def prune(
     for w in caught:  # show them to the caller too
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     prune_s = time.perf_counter() - t_start - finetune_s
-    report = _report(meth, tgt, mode, b, rounds, schedule, base, pruned, widths_before, model, graph, ctx, plans,
-                     prune_s, finetune_s, mem, caught)
+    report = _report(
+        meth,
+        tgt,
+        mode,
+        b,
+        rounds,
+        schedule,
+        base,
+        pruned,
+        widths_before,
+        model,
+        graph,
+        ctx,
+        plans,
+        prune_s,
+        finetune_s,
+        mem,
+        caught,
+    )
     model.prunekit_report = report
-    return PruneResult(model=model, plan=plans[-1] if plans else Plan(method=meth.name), report=report, plans=plans,
-                       graph=graph)
+    return PruneResult(
+        model=model,
+        plan=plans[-1] if plans else Plan(method=meth.name),
+        report=report,
+        plans=plans,
+        graph=graph,
+    )
 
 
 def _finetuner(finetune: Any, loader: Any, dev: torch.device) -> Any:
@@ -401,27 +479,52 @@ def _finetuner(finetune: Any, loader: Any, dev: torch.device) -> Any:
         return FineTuner(loader, epochs=float(finetune), device=dev)
     if callable(finetune):
         return finetune
-    raise PruningError(f"finetune must be None, a number of epochs, a FineTuner or a callable, got {finetune!r}")
+    raise PruningError(
+        f"finetune must be None, a number of epochs, a FineTuner or a callable, got {finetune!r}"
+    )
 
 
-def _report(meth: Method, tgt: Target, mode: str, b: BudgetOptions, rounds: int, schedule: str, base: dict[str, int],
-            pruned: dict[str, int], widths_before: dict[str, list[int]], model: nn.Module,
-            graph: ChannelGraph | None, ctx: PruneContext, plans: list[Plan], prune_s: float, finetune_s: float,
-            mem: _PeakMemory, caught: list[Any]) -> dict[str, Any]:
+def _report(
+    meth: Method,
+    tgt: Target,
+    mode: str,
+    b: BudgetOptions,
+    rounds: int,
+    schedule: str,
+    base: dict[str, int],
+    pruned: dict[str, int],
+    widths_before: dict[str, list[int]],
+    model: nn.Module,
+    graph: ChannelGraph | None,
+    ctx: PruneContext,
+    plans: list[Plan],
+    prune_s: float,
+    finetune_s: float,
+    mem: _PeakMemory,
+    caught: list[Any],
+) -> dict[str, Any]:
     after = _layer_widths(model)
     sparsity = _sparsity(model)
-    layers = {p: {"before": w, "after": after.get(p, w), "sparsity": round(sparsity.get(p, 0.0), 6)}
-              for p, w in widths_before.items()}
+    layers = {
+        p: {"before": w, "after": after.get(p, w), "sparsity": round(sparsity.get(p, 0.0), 6)}
+        for p, w in widths_before.items()
+    }
     flops_speedup = base["flops"] / max(1, pruned["effective_flops"])
     compression = base["params"] / max(1, pruned["nonzero_params"])
     achieved = flops_speedup if tgt.kind == "flops" else compression if tgt.kind == "params" else None
     report: dict[str, Any] = {
         "method": meth.name,
-        "options": {k: v for k, v in meth.options.items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "options": {
+            k: v for k, v in meth.options.items() if isinstance(v, (int, float, str, bool, type(None)))
+        },
         "target": str(tgt),
         "mode": mode,
         "scope": b.scope,
-        "round_to": b.round_to if b.round_to is not None else "auto",
+        "round_to": "auto"
+        if b.round_to in (None, "auto")
+        else b.round_to
+        if isinstance(b.round_to, int)
+        else repr(b.round_to),
         "rounds": rounds,
         "schedule": schedule,
         "base_flops": base["flops"],

@@ -16,6 +16,10 @@ from typing import Any
 
 from prunekit.errors import PrunekitError
 
+# On small shared CPUs, busy-waiting OpenMP threads slow everything down several-fold when
+# another process competes for the cores; let idle threads sleep (the user's setting wins).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 EXIT_USAGE = 2
 
 
@@ -121,7 +125,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from prunekit.data import BatchLoader
-    from prunekit.io import save
+    from prunekit.io import load, save
     from prunekit.models import create_model_for_dataset, get_model_info
     from prunekit.train import TrainConfig, Trainer, config_dict
 
@@ -132,6 +136,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_kw = json.loads(args.model_kwargs) if args.model_kwargs else {}
     torch.manual_seed(args.seed)
     model = create_model_for_dataset(args.model, train_ds.info, **model_kw)
+    if args.init_from:
+        init = load(args.init_from)
+        if getattr(init, "prunekit_config", {}).get("name") != args.model:
+            raise PrunekitError(f"--init-from {args.init_from} holds a {init.prunekit_config.get('name')!r} model, "
+                                f"not {args.model!r}")
+        model = init
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
                       weight_decay=args.weight_decay, schedule=args.schedule, label_smoothing=args.label_smoothing,
                       temperature=args.temperature, channels_last=args.channels_last, amp=args.amp,
@@ -153,6 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics.update({"model": args.model, "dataset": args.dataset, "seed": args.seed, "epochs": args.epochs,
                     "train_seconds": round(seconds, 1)})
     save(model, out / "model.pt", meta={"dataset": args.dataset, "train_config": config_dict(cfg),
+                                         "init_from": args.init_from,
                                          "history": history, "metrics": metrics})
     metrics["file_size"] = (out / "model.pt").stat().st_size
     write_json(out / "metrics.json", metrics)
@@ -214,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-every", action="store_true", help="evaluate on the test split after every epoch")
     s.add_argument("--resume", action="store_true", help="resume from OUT/train_state/last.pt")
     s.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to OUT/tb")
+    s.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from the weights of this prunekit checkpoint (same model) instead of a random init")
     s.add_argument("--model-kwargs", default=None, help='JSON options for the model, e.g. \'{"width": 2}\'')
     _add_runtime_args(s)
     s.set_defaults(fn=cmd_train)

@@ -68,7 +68,6 @@ def _latency_pair(base: Any, pruned: Any, shape: tuple[int, ...], repeats: int =
         for k, v in rs[0].items():
             if isinstance(v, float):
                 out[k] = min(r[k] for r in rs)
-        out["repeats"] = len(rs)
         return out
 
     return best(runs["base"]), best(runs["pruned"])
@@ -79,17 +78,24 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from prunekit.methods import get_method_info, list_methods
 
     filters = {"granularity": args.granularity} if args.granularity else {}
-    rows = [get_method_info(n).as_dict() | {"available": get_method_info(n).available()}
-            for n in list_methods(**filters)]
+    rows = [
+        get_method_info(n).as_dict() | {"available": get_method_info(n).available()}
+        for n in list_methods(**filters)
+    ]
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     for r in rows:
-        needs = [k[len("needs_"):] for k in ("needs_data", "needs_labels", "needs_grad", "needs_second_order",
-                                            "needs_trajectory") if r.get(k)]
+        needs = [
+            k[len("needs_") :]
+            for k in ("needs_data", "needs_labels", "needs_grad", "needs_second_order", "needs_trajectory")
+            if r.get(k)
+        ]
         flag = "" if r["available"] else f" [needs {r['requires']}]"
-        print(f"{r['name']:<24} {r['granularity']:<8} {r['family']:<14} {','.join(needs) or '-':<28} "
-              f"{r['description']}{flag}")
+        print(
+            f"{r['name']:<24} {r['granularity']:<8} {r['family']:<14} {','.join(needs) or '-':<28} "
+            f"{r['description']}{flag}"
+        )
     return 0
 
 
@@ -97,7 +103,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import torch
 
     from prunekit.api import prune
-    from prunekit.cli import _device, _setup_runtime, _test_loader, load_data, print_metrics, summarize, write_json
+    from prunekit.cli import (
+        _device,
+        _setup_runtime,
+        _test_loader,
+        load_data,
+        print_metrics,
+        summarize,
+        write_json,
+    )
     from prunekit.data import BatchLoader, train_holdout_split
     from prunekit.io import load, save
     from prunekit.methods import get_method_info
@@ -119,8 +133,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if n_prune < 1:
         raise PrunekitError(f"--prune-samples must be >= 1, got {args.prune_samples}")
     _, prune_ds = train_holdout_split(train_ds, n_prune, seed=args.seed)
-    prune_loader = BatchLoader(prune_ds, batch_size=args.batch_size, shuffle=False, augment=False, seed=args.seed,
-                               device=device)
+    prune_loader = BatchLoader(
+        prune_ds, batch_size=args.batch_size, shuffle=False, augment=False, seed=args.seed, device=device
+    )
     shape = (test_ds.info.in_channels, test_ds.info.image_size, test_ds.info.image_size)
     base.to(device)
     no_latency = args.no_latency
@@ -128,16 +143,44 @@ def cmd_prune(args: argparse.Namespace) -> int:
     base_metrics = summarize(base, test_ds, args, device)
     tuner = None
     if args.finetune_epochs > 0:
-        train_loader = BatchLoader(train_ds, batch_size=args.batch_size, shuffle=True, augment=True, seed=args.seed,
-                                   drop_last=True, device=device)
-        tuner = FineTuner(train_loader, epochs=args.finetune_epochs, lr=args.finetune_lr, device=device,
-                          progress=not args.quiet, momentum=args.momentum, weight_decay=args.weight_decay,
-                          seed=args.seed)
+        train_loader = BatchLoader(
+            train_ds,
+            batch_size=args.batch_size,
+            shuffle=True,
+            augment=True,
+            seed=args.seed,
+            drop_last=True,
+            device=device,
+        )
+        tuner = FineTuner(
+            train_loader,
+            epochs=args.finetune_epochs,
+            lr=args.finetune_lr,
+            device=device,
+            progress=not args.quiet,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            seed=args.seed,
+        )
     torch.manual_seed(args.seed)
-    result = prune(base, args.method, args.target, prune_loader, mode=args.mode, scope=args.scope,
-                   round_to=_round_to(args.round_to), floor=args.floor, rounds=args.rounds, schedule=args.schedule,
-                   heads=args.heads, finetune=tuner, finetune_last=False, input_shape=shape, device=device,
-                   **options)
+    result = prune(
+        base,
+        args.method,
+        args.target,
+        prune_loader,
+        mode=args.mode,
+        scope=args.scope,
+        round_to=_round_to(args.round_to),
+        floor=args.floor,
+        rounds=args.rounds,
+        schedule=args.schedule,
+        heads=args.heads,
+        finetune=tuner,
+        finetune_last=False,
+        input_shape=shape,
+        device=device,
+        **options,
+    )
     model = result.model.eval()
     metrics: dict[str, Any] = {}
     if tuner is not None:
@@ -153,33 +196,53 @@ def cmd_prune(args: argparse.Namespace) -> int:
     metrics.update(summarize(model, test_ds, args, device, reference=base))
     rep = result.report
     base_flops = rep["base_flops"]
-    metrics.update({
-        "method": args.method, "granularity": info.granularity, "target": str(args.target), "dataset": dataset,
-        "checkpoint": str(args.checkpoint), "mode": args.mode, "rounds": args.rounds, "seed": args.seed,
-        "base_top1": base_metrics.get("top1"), "base_top5": base_metrics.get("top5"),
-        "base_params": rep["base_params"], "base_flops": base_flops,
-        "flops_speedup": base_flops / max(1, metrics["effective_flops"]),
-        "dense_flops_speedup": base_flops / max(1, metrics["flops"]),
-        "compression": rep["base_params"] / max(1, metrics["nonzero_params"]),
-        "prune_seconds": rep["prune_seconds"], "finetune_seconds": rep["finetune_seconds"],
-        "peak_memory_mb": rep.get("peak_memory_mb"), "prune_samples": n_prune,
-    })
+    metrics.update(
+        {
+            "method": args.method,
+            "granularity": info.granularity,
+            "target": str(args.target),
+            "dataset": dataset,
+            "checkpoint": str(args.checkpoint),
+            "mode": args.mode,
+            "rounds": args.rounds,
+            "seed": args.seed,
+            "base_top1": base_metrics.get("top1"),
+            "base_top5": base_metrics.get("top5"),
+            "base_params": rep["base_params"],
+            "base_flops": base_flops,
+            "flops_speedup": base_flops / max(1, metrics["effective_flops"]),
+            "dense_flops_speedup": base_flops / max(1, metrics["flops"]),
+            "compression": rep["base_params"] / max(1, metrics["nonzero_params"]),
+            "prune_seconds": rep["prune_seconds"],
+            "finetune_seconds": rep["finetune_seconds"],
+            "peak_memory_mb": rep.get("peak_memory_mb"),
+            "prune_samples": n_prune,
+        }
+    )
     if not no_latency:
         model.to("cpu")
         base.to("cpu")
-        lb, lp = _latency_pair(base, model, shape)
+        lb, lp = _latency_pair(base, model, shape, repeats=max(1, args.latency_repeats))
         metrics["base_latency_ms"], metrics["latency_ms"] = lb, lp
+        metrics["latency_repeats"] = max(1, args.latency_repeats)
         for bs, key in (("64", "latency_speedup"), ("1", "latency_speedup_b1")):
             if isinstance(lb.get(bs), float) and isinstance(lp.get(bs), float):
                 metrics[key] = lb[bs] / lp[bs]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {k: v for k, v in rep.items() if k != "layers"}
-    save(model.to("cpu"), out / "model.pt", meta={"dataset": dataset, "plan": result.plan.describe(),
-                                                    "report": json.loads(json.dumps(report, default=str)),
-                                                    "layers": json.loads(json.dumps(rep["layers"])),
-                                                    "metrics": json.loads(json.dumps(metrics, default=str)),
-                                                    "base_checkpoint": str(args.checkpoint)})
+    save(
+        model.to("cpu"),
+        out / "model.pt",
+        meta={
+            "dataset": dataset,
+            "plan": result.plan.describe(),
+            "report": json.loads(json.dumps(report, default=str)),
+            "layers": json.loads(json.dumps(rep["layers"])),
+            "metrics": json.loads(json.dumps(metrics, default=str)),
+            "base_checkpoint": str(args.checkpoint),
+        },
+    )
     metrics["file_size"] = (out / "model.pt").stat().st_size
     write_json(out / "metrics.json", metrics)
     print_metrics(metrics, args.json)
@@ -206,20 +269,39 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--mode", default="physical", choices=["physical", "masked"])
     s.add_argument("--scope", default=None, choices=["global", "layerwise"])
-    s.add_argument("--round-to", default=None, help="channel multiple (integer, 1 = none) or 'auto' (default)")
+    s.add_argument(
+        "--round-to", default=None, help="channel multiple (integer, 1 = none) or 'auto' (default)"
+    )
     s.add_argument("--floor", type=float, default=None, help="every layer keeps floor(floor*width)+1 units")
     s.add_argument("--rounds", type=int, default=1, help="iterative pruning rounds")
     s.add_argument("--schedule", default="geometric", choices=["geometric", "linear", "gradflow"])
     s.add_argument("--heads", action="store_true", help="also prune whole attention heads (ViT)")
-    s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="method option (repeatable), e.g. --option samples=512")
-    s.add_argument("--prune-samples", type=int, default=5000,
-                   help="size of the prune set, drawn from the training split (default 5000)")
-    s.add_argument("--finetune-epochs", type=float, default=0.0, help="fine-tuning epochs per round (0: none)")
+    s.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option (repeatable), e.g. --option samples=512",
+    )
+    s.add_argument(
+        "--prune-samples",
+        type=int,
+        default=5000,
+        help="size of the prune set, drawn from the training split (default 5000)",
+    )
+    s.add_argument(
+        "--finetune-epochs", type=float, default=0.0, help="fine-tuning epochs per round (0: none)"
+    )
     s.add_argument("--finetune-lr", type=float, default=0.01)
     s.add_argument("--momentum", type=float, default=0.9)
     s.add_argument("--weight-decay", type=float, default=5e-4)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--latency-repeats",
+        type=int,
+        default=3,
+        help="base and pruned latency are measured alternately this many times (fastest kept)",
+    )
     s.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _add_runtime_args(s)
     s.set_defaults(fn=cmd_prune)

@@ -141,8 +141,10 @@ class TSQR:
         position is a row. For ``dim=1`` (``N x C x ...``) the Gram matrix is formed without moving
         the channels last."""
         dim = dim % x.dim()
-        if self.block == "gram" and dim == 1 and x.dim() >= 3:
-            c = x.shape[1]
+        positions = x.numel() // max(1, x.shape[0] * x.shape[dim]) if x.dim() >= 3 else 1
+        c = x.shape[dim]
+        # per-example products skip the channels-last copy; worth it when each example has many positions
+        if self.block == "gram" and dim == 1 and x.dim() >= 3 and positions >= c and x.shape[0] * c * c <= 2**23:
             if self._c is not None and c != self._c:
                 raise ValueError(f"block has {c} columns, earlier blocks had {self._c}")
             self._c = int(c)

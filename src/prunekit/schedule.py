@@ -28,8 +28,9 @@ from prunekit.methods.base import Target
 SCHEDULES = ("geometric", "linear", "gradflow")
 
 
-def round_fractions(p: float, rounds: int, schedule: str = "geometric",
-                    thresholds: Sequence[float] | None = None) -> list[float]:
+def round_fractions(
+    p: float, rounds: int, schedule: str = "geometric", thresholds: Sequence[float] | None = None
+) -> list[float]:
     """Fraction ``r_k`` of what is left that round ``k`` (1-based) removes; ``prod(1 - r_k) = 1 - p``."""
     cum = cumulative_fractions(p, rounds, schedule, thresholds)
     out, prev = [], 0.0
@@ -39,15 +40,18 @@ def round_fractions(p: float, rounds: int, schedule: str = "geometric",
     return out
 
 
-def cumulative_fractions(p: float, rounds: int, schedule: str = "geometric",
-                         thresholds: Sequence[float] | None = None) -> list[float]:
+def cumulative_fractions(
+    p: float, rounds: int, schedule: str = "geometric", thresholds: Sequence[float] | None = None
+) -> list[float]:
     """Fraction removed after each round (the last entry is ``p``)."""
     if not 0 <= p < 1:
         raise PruningError(f"the fraction to remove must be in [0, 1), got {p}")
     if thresholds is not None:
         th = [float(t) for t in thresholds]
         if not th or any(not 0 <= a < 1 for a in th) or any(b < a for a, b in zip(th, th[1:])):
-            raise PruningError(f"thresholds must be non-decreasing cumulative fractions in [0, 1), got {thresholds}")
+            raise PruningError(
+                f"thresholds must be non-decreasing cumulative fractions in [0, 1), got {thresholds}"
+            )
         if abs(th[-1] - p) > 1e-9:
             raise PruningError(f"the last threshold ({th[-1]}) must equal the target fraction ({p:.6g})")
         return th
@@ -66,7 +70,9 @@ def cumulative_fractions(p: float, rounds: int, schedule: str = "geometric",
             out.append(1 - left)
         out[-1] = p  # exact despite rounding
         return out
-    raise PruningError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)} or thresholds=[...]")
+    raise PruningError(
+        f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)} or thresholds=[...]"
+    )
 
 
 def target_fraction(target: Target) -> float:
@@ -89,8 +95,12 @@ def kept_dims_for_plan(graph: Any, plan: Any) -> dict[str, dict[int, torch.Tenso
     return graph.kept_dims(plan.channels) if plan.channels else {}
 
 
-def slice_optimizer_state_(optimizer: torch.optim.Optimizer, old_params: dict[str, nn.Parameter], model: nn.Module,
-                           kept: dict[str, dict[int, torch.Tensor]]) -> torch.optim.Optimizer:
+def slice_optimizer_state_(
+    optimizer: torch.optim.Optimizer,
+    old_params: dict[str, nn.Parameter],
+    model: nn.Module,
+    kept: dict[str, dict[int, torch.Tensor]],
+) -> torch.optim.Optimizer:
     """Carry optimizer state (momentum, Adam moments) across physical channel removal, in place.
 
     ``old_params``: ``dict(model.named_parameters())`` captured before pruning; ``kept``: the kept
@@ -133,8 +143,14 @@ def slice_optimizer_state_(optimizer: torch.optim.Optimizer, old_params: dict[st
         group["params"] = ps
     leftovers = [p for p in new_params.values() if id(p) not in placed]
     for p in leftovers:  # new parameters (e.g. low-rank factors): a group of the same kind, else the first
-        target = next((g for g in optimizer.param_groups
-                       if g["params"] and (g["params"][0].dim() > 1) == (p.dim() > 1)), optimizer.param_groups[0])
+        target = next(
+            (
+                g
+                for g in optimizer.param_groups
+                if g["params"] and (g["params"][0].dim() > 1) == (p.dim() > 1)
+            ),
+            optimizer.param_groups[0],
+        )
         target["params"].append(p)
     return optimizer
 
@@ -150,8 +166,17 @@ class FineTuner:
     records of every call.
     """
 
-    def __init__(self, data: Any, config: Any = None, *, epochs: float = 1.0, device: str | torch.device = "cpu",
-                 keep_optimizer_state: bool = True, progress: bool = False, **config_overrides: Any):
+    def __init__(
+        self,
+        data: Any,
+        config: Any = None,
+        *,
+        epochs: float = 1.0,
+        device: str | torch.device = "cpu",
+        keep_optimizer_state: bool = True,
+        progress: bool = False,
+        **config_overrides: Any,
+    ):
         from prunekit.train import TrainConfig
 
         if config is None:
@@ -167,8 +192,9 @@ class FineTuner:
         self.optimizer: torch.optim.Optimizer | None = None
         self.history: list[dict[str, Any]] = []
 
-    def pruned(self, old_params: dict[str, nn.Parameter], model: nn.Module,
-               kept: dict[str, dict[int, torch.Tensor]]) -> None:
+    def pruned(
+        self, old_params: dict[str, nn.Parameter], model: nn.Module, kept: dict[str, dict[int, torch.Tensor]]
+    ) -> None:
         """Tell the fine-tuner that ``model`` was pruned (``old_params``: its parameters before)."""
         if self.optimizer is not None and self.keep_optimizer_state:
             slice_optimizer_state_(self.optimizer, old_params, model, kept)
@@ -203,5 +229,13 @@ def fine_tune(model: nn.Module, data: Any, epochs: float = 1.0, **kwargs: Any) -
 FineTuneFn = Callable[[nn.Module, float], Any]
 
 
-__all__ = ["SCHEDULES", "FineTuner", "cumulative_fractions", "fine_tune", "fraction_target", "round_fractions",
-           "slice_optimizer_state_", "target_fraction"]
+__all__ = [
+    "SCHEDULES",
+    "FineTuner",
+    "cumulative_fractions",
+    "fine_tune",
+    "fraction_target",
+    "round_fractions",
+    "slice_optimizer_state_",
+    "target_fraction",
+]

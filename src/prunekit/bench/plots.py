@@ -45,11 +45,12 @@ def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     plot_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for fname, xk, yk, xlabel, ylabel, logx in PLOTS:
-        fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+        fig, ax = plt.subplots(figsize=(11 if len(labels) > 8 else 8.5, 5.5), dpi=110)
         any_points = False
         for i, label in enumerate(labels):
+            # in target order: each line follows one method as its target grows
             pts = sorted((a for a in aggs if a["label"] == label and a.get(xk) is not None and a.get(yk) is not None),
-                         key=lambda a: a[xk])
+                         key=lambda a: (target_sort_key(a["target"]), a[xk]))
             if not pts:
                 continue
             any_points = True
@@ -73,8 +74,9 @@ def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         ax.set_title(f"{ref.get('model', '')} / {ref.get('dataset', '')}: {ylabel} vs {xlabel.split(' (')[0]}",
                      fontsize=10)
         ax.grid(True, alpha=0.3)
-        if any_points:
-            ax.legend(fontsize=7, ncol=2 if len(labels) > 12 else 1, loc="best")
+        if any_points:  # outside the axes: with dozens of methods a legend inside hides the data
+            ax.legend(fontsize=7, ncol=2 if len(labels) > 20 else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                      borderaxespad=0.0)
         fig.tight_layout()
         path = plot_dir / fname
         fig.savefig(path)

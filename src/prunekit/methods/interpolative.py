@@ -88,6 +88,7 @@ class _GroupState:
     first_consumer: int = 0  # execution position of the first consumer (activations change after it)
     first_change: int = 0  # execution position of the first layer whose tensors the group slices
     r_piv: torch.Tensor | None = None  # pivoted R of the stacked read points (cached)
+    cache: dict[Any, Any] = field(default_factory=dict)  # values derived from r_piv (cleared with it)
     perm: torch.Tensor | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -549,7 +550,32 @@ class _IDState:
         return g.r_piv, g.perm
 
     def error(self, key: str, k: int) -> float:
-        return id_error(self.pivoted(key)[0], k)
+        """Error proxy of keeping ``k`` channels of group ``key``.
+
+        One read point: the paper's ``|R[k, k] / R[0, 0]|``, i.e. the largest residual column norm after
+        projecting out the ``k`` pivots, over the largest column norm. Several read points (coupled
+        groups) with ``group_error="sum"``: the same ratio at each read point for the pivots chosen on the
+        stacked factors (its own least-squares residual), summed over read points -- every consumer
+        suffers its own error; ``"stacked"``: the ratio of the stacked factor.
+        """
+        g = self.groups[key]
+        r_piv, perm = self.pivoted(key)
+        if len(g.read_points) == 1 or self.method.group_error == "stacked":
+            return id_error(r_piv, k)
+        cache_key = ("error", k)
+        if cache_key not in g.cache:
+            keep = perm[:k]
+            total = 0.0
+            for rp in g.read_points:
+                r = self.r[rp.key]
+                top = float(r.norm(dim=0).max())
+                if top == 0.0:
+                    continue
+                q = torch.linalg.qr(r[:, keep], mode="reduced")[0]
+                resid = r - q @ (q.T @ r)
+                total += float(resid.norm(dim=0).max()) / top
+            g.cache[cache_key] = total
+        return g.cache[cache_key]
 
     # -- costs ------------------------------------------------------------------------------------
     def widths(self) -> dict[str, int]:
@@ -604,10 +630,12 @@ class _IDState:
             if rp.index > g.first_consumer:
                 self.r.pop(rp.key, None)
                 self.groups[rp.group].r_piv = None
+                self.groups[rp.group].cache.clear()
             elif rp.group == key:
                 self.r[rp.key] = _upper(qr_r(rs[rp.key][:, keep_local]))
         g.kept = g.kept[keep_local]
         g.r_piv = g.perm = None
+        g.cache.clear()
         self.runner.changed(g.first_change)
         g.history.append({"width": k, "error": err})
         self.timings["decompose"] += time.perf_counter() - t0
@@ -741,7 +769,7 @@ def _goal(target: Target, base: dict[str, float], target_kind: str | None, metho
 
 class _IDBase(Method):
     defaults: dict[str, Any] = {"samples": 5000, "batch_size": 500, "cache_mb": 2048, "per_read_point": True,
-                                "target_kind": None, "tsqr_block": "gram"}
+                                "target_kind": None, "tsqr_block": "gram", "group_error": "sum"}
 
     def _state(self, model: nn.Module, ctx: PruneContext) -> _IDState:
         self.check(ctx)
@@ -819,7 +847,9 @@ class IterativeInterpolativeDecomposition(_IDBase):
     Options: ``k`` (per-step keep fraction, 0.95), ``samples`` (5000), ``batch_size``, ``cache_mb``,
     ``per_read_point``, ``target_kind`` (``"flops"`` / ``"params"`` for a ``ratio=`` target; the cost
     in the score's denominator is the target's kind). The last step keeps as many channels as
-    still meet the target, so the result lands within one channel of it.
+    still meet the target; when the chosen group's step would undershoot the target by more than
+    ``BudgetOptions.tolerance`` (tiny layers: one channel of a 6-channel conv), the best-scoring
+    step that lands within the tolerance is taken instead.
     """
 
     defaults = {**_IDBase.defaults, "k": 0.95}
@@ -831,46 +861,68 @@ class IterativeInterpolativeDecomposition(_IDBase):
         st = self._state(model, ctx)
         base = {"flops": st.cost("flops"), "params": st.cost("params")}
         kind, goal = _goal(ctx.target, base, self.target_kind, self.name)
+        tol = float(ctx.budget.tolerance) * goal
         steps: list[tuple[str, int, float]] = []
         while st.cost(kind) > goal:
             st.refresh()
-            best: tuple[float, str, int] | None = None
+            cands = []  # (score, key, width)
             for key, g in st.groups.items():
                 n = len(g.kept)
                 k = st.width_options(key, int(math.floor(float(self.k) * n)))
-                if k == 0 or k >= n:
-                    continue
-                score = st.error(key, k) / max(st.group_cost(key, kind), 1e-12)
-                if best is None or score < best[0]:
-                    best = (score, key, k)
-            if best is None:
+                if 0 < k < n:
+                    cands.append((st.error(key, k) / max(st.group_cost(key, kind), 1e-12), key, k))
+            if not cands:
                 raise PruningError(f"method 'id_iter' cannot reach {ctx.target}: every group is at its minimum "
                                    f"width and the model still has {st.cost(kind):.4g} {kind} (goal {goal:.4g})")
-            _, key, k = best
-            k = self._last_step_width(st, key, k, kind, goal)
+            _, key, k = min(cands)
+            key, k = self._last_step(st, cands, key, k, kind, goal, tol)
             err = st.prune(key, k)
             steps.append((key, k, err))
         return st.plan({"k": float(self.k), "steps": [list(s) for s in steps], "goal": {kind: goal},
                         "time_s": round(time.perf_counter() - t0, 3)})
 
     @staticmethod
-    def _last_step_width(st: _IDState, key: str, k: int, kind: str, goal: float) -> int:
-        """Largest width in ``[k, n)`` that still meets the goal (``k`` when none does)."""
+    def _landing(st: _IDState, key: str, k: int, kind: str, goal: float) -> int | None:
+        """Largest width in ``[k, n)`` that meets the goal when only group ``key`` changes (None: none does)."""
         g = st.groups[key]
         widths = st.widths()
         widths[key] = k
         if st.cost(kind, widths) > goal:
-            return k
+            return None
         best = k
-        for w in range(k + 1, len(g.kept)):
-            if w % g.multiple_of:
-                continue
+        for w in range(k + g.multiple_of, len(g.kept), g.multiple_of):
             widths[key] = w
-            if st.cost(kind, widths) <= goal:
-                best = w
-            else:
+            if st.cost(kind, widths) > goal:
                 break
+            best = w
         return best
+
+    def _last_step(self, st: _IDState, cands: list[tuple[float, str, int]], key: str, k: int, kind: str,
+                   goal: float, tol: float) -> tuple[str, int]:
+        """The final step: when the chosen step crosses the goal, keep as many channels as still meet it;
+        if that still undershoots the goal by more than the tolerance, take the best-scoring step (of at
+        most the usual size) that lands within it instead."""
+        w = self._landing(st, key, k, kind, goal)
+        if w is None:
+            return key, k
+        widths = st.widths()
+        widths[key] = w
+        if goal - st.cost(kind, widths) <= tol:
+            return key, w
+        landing = []
+        for _, other, k_other in cands:
+            w_other = self._landing(st, other, k_other, kind, goal)
+            if w_other is None:
+                continue
+            widths = st.widths()
+            widths[other] = w_other
+            if goal - st.cost(kind, widths) <= tol:
+                score = st.error(other, w_other) / max(st.group_cost(other, kind), 1e-12)
+                landing.append((score, other, w_other))
+        if landing:
+            _, other, w_other = min(landing)
+            return other, w_other
+        return key, w
 
 
 __all__ = ["InterpolativeDecomposition", "IterativeInterpolativeDecomposition"]

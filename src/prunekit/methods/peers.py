@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -102,6 +103,9 @@ def _search(achieved: Callable[[float], tuple[float, Any]], target: float, hi: f
     if best is None:
         raise PruningError(f"{what}: no pruning ratio up to {hi:g} reaches the target {target:g}x "
                            f"(best {top:.3f}x)")
+    if abs(best[1] / target - 1) > tol:
+        warnings.warn(f"{what}: the reduction jumps over the target; closest reachable is {best[1]:.3f}x "
+                      f"(target {target:g}x, tolerance {tol:.0%})", UserWarning, stacklevel=3)
     return best[0], best[1], best[2], evals
 
 

@@ -31,14 +31,24 @@ from prunekit.surgery.plan import Plan
 MODES = ("physical", "masked")
 
 
-def apply_plan(model: nn.Module, plan: Plan, graph: ChannelGraph | None = None, mode: str = "physical",
-               example_input: torch.Tensor | Sequence[int] | None = None) -> nn.Module:
+def apply_plan(
+    model: nn.Module,
+    plan: Plan,
+    graph: ChannelGraph | None = None,
+    mode: str = "physical",
+    example_input: torch.Tensor | Sequence[int] | None = None,
+) -> nn.Module:
     """Apply ``plan`` to a deep copy of ``model`` and return the copy (see :func:`apply_plan_`)."""
     return apply_plan_(copy.deepcopy(model), plan, graph, mode, example_input)
 
 
-def apply_plan_(model: nn.Module, plan: Plan, graph: ChannelGraph | None = None, mode: str = "physical",
-                example_input: torch.Tensor | Sequence[int] | None = None) -> nn.Module:
+def apply_plan_(
+    model: nn.Module,
+    plan: Plan,
+    graph: ChannelGraph | None = None,
+    mode: str = "physical",
+    example_input: torch.Tensor | Sequence[int] | None = None,
+) -> nn.Module:
     """Apply ``plan`` to ``model`` in place and return it.
 
     Args:
@@ -60,8 +70,11 @@ def apply_plan_(model: nn.Module, plan: Plan, graph: ChannelGraph | None = None,
     if channels:
         if example_input is None and graph is not None:
             example_input = graph.input_shape
-        if (graph is None or any(k not in graph.groups for k in channels)
-                or graph.layer_shapes != tensor_shapes(model)):
+        if (
+            graph is None
+            or any(k not in graph.groups for k in channels)
+            or graph.layer_shapes != tensor_shapes(model)
+        ):
             graph = analyze(model, example_input, heads=True, warn=False, costs=False)
         _check_channels(graph, channels)
     if mode == "physical":
@@ -88,20 +101,26 @@ def _check_channels(graph: ChannelGraph, channels: dict[str, torch.Tensor]) -> N
     for key, keep in channels.items():
         g = graph.groups.get(key)
         if g is None:
-            raise PruningError(f"the plan refers to channel group {key!r}, which this model does not have; its groups "
-                               f"are: {', '.join(sorted(graph.groups))}")
+            raise PruningError(
+                f"the plan refers to channel group {key!r}, which this model does not have; its groups "
+                f"are: {', '.join(sorted(graph.groups))}"
+            )
         if not g.prunable:
             raise PruningError(f"channel group {key!r} cannot be pruned: {g.reason}")
         if keep.numel() == 0:
-            raise PruningError(f"the plan keeps no channel of group {key!r} ({g.size} channels; layers "
-                               f"{', '.join(g.layers())}): every layer must keep at least one channel")
+            raise PruningError(
+                f"the plan keeps no channel of group {key!r} ({g.size} channels; layers "
+                f"{', '.join(g.layers())}): every layer must keep at least one channel"
+            )
         if int(keep.min()) < 0 or int(keep.max()) >= g.size:
             raise PruningError(f"plan.channels[{key!r}] has indices outside [0, {g.size})")
         if keep.unique().numel() != keep.numel():
             raise PruningError(f"plan.channels[{key!r}] lists a channel twice")
         if keep.numel() % g.multiple_of and keep.numel() != g.size:
-            raise PruningError(f"group {key!r} is normalised by a GroupNorm with {g.multiple_of} groups: keep a "
-                               f"multiple of {g.multiple_of} channels, not {keep.numel()}")
+            raise PruningError(
+                f"group {key!r} is normalised by a GroupNorm with {g.multiple_of} groups: keep a "
+                f"multiple of {g.multiple_of} channels, not {keep.numel()}"
+            )
 
 
 # --------------------------------------------------------------------------------------------- tensors
@@ -159,8 +178,13 @@ def _pruned_shape(shape: Sequence[int], dims: dict[int, torch.Tensor]) -> tuple[
 
 
 # --------------------------------------------------------------------------------------------- physical
-def _physical(model: nn.Module, plan: Plan, channels: dict[str, torch.Tensor], graph: ChannelGraph | None,
-              example_input: Any) -> None:
+def _physical(
+    model: nn.Module,
+    plan: Plan,
+    channels: dict[str, torch.Tensor],
+    graph: ChannelGraph | None,
+    example_input: Any,
+) -> None:
     pre_masks: dict[str, torch.Tensor] = {}
     kept: dict[str, dict[int, torch.Tensor]] = {}
     if channels:
@@ -170,8 +194,13 @@ def _physical(model: nn.Module, plan: Plan, channels: dict[str, torch.Tensor], g
             pre_masks = get_masks(model)
             remove_masks_(model)
         if not graph.bound_to(model):
-            graph = analyze(model, example_input if example_input is not None else graph.input_shape, heads=True,
-                            warn=False, costs=False)
+            graph = analyze(
+                model,
+                example_input if example_input is not None else graph.input_shape,
+                heads=True,
+                warn=False,
+                costs=False,
+            )
         expected = {t: _pruned_shape(graph.layer_shapes[t], dims) for t, dims in kept.items()}
         dg = graph._dg
         for key, keep in channels.items():
@@ -189,13 +218,17 @@ def _physical(model: nn.Module, plan: Plan, channels: dict[str, torch.Tensor], g
         shapes = tensor_shapes(model)
         for t, shape in expected.items():
             if shapes.get(t) != shape:
-                raise PruningError(f"internal error: after pruning, {t!r} has shape {shapes.get(t)}, expected {shape}; "
-                                   "please report this model")
+                raise PruningError(
+                    f"internal error: after pruning, {t!r} has shape {shapes.get(t)}, expected {shape}; "
+                    "please report this model"
+                )
     for path, w in plan.weights.items():
         target = _raw(model, path)
         if tuple(w.shape) != tuple(target.shape):
-            raise PruningError(f"plan.weights[{path!r}] has shape {tuple(w.shape)} but the layer has "
-                               f"{tuple(target.shape)} after channel removal")
+            raise PruningError(
+                f"plan.weights[{path!r}] has shape {tuple(w.shape)} but the layer has "
+                f"{tuple(target.shape)} after channel removal"
+            )
         with torch.no_grad():
             target.copy_(w.to(target.device, target.dtype))
     for path, f in plan.lowrank.items():
@@ -214,8 +247,9 @@ def _physical(model: nn.Module, plan: Plan, channels: dict[str, torch.Tensor], g
             dims = kept.get(path, {})
             full_ok = dims and tuple(m.shape) == tuple(graph.layer_shapes.get(path, ())) if graph else False
             if not full_ok:
-                raise PruningError(f"plan.masks[{path!r}] has shape {tuple(m.shape)}, the parameter has "
-                                   f"{tuple(cur.shape)}")
+                raise PruningError(
+                    f"plan.masks[{path!r}] has shape {tuple(m.shape)}, the parameter has {tuple(cur.shape)}"
+                )
             m = m[_full_index(m.shape, dims)]
         with torch.no_grad():
             cur.mul_(m.to(cur.device, cur.dtype))
@@ -229,7 +263,9 @@ def _layer(model: nn.Module, path: str) -> nn.Module:
     except AttributeError:
         raise PruningError(f"plan.lowrank refers to {path!r}, which the model does not have") from None
     if not isinstance(layer, (nn.Conv2d, nn.Linear)):
-        raise PruningError(f"plan.lowrank[{path!r}] must replace a Conv2d or Linear layer, not {type(layer).__name__}")
+        raise PruningError(
+            f"plan.lowrank[{path!r}] must replace a Conv2d or Linear layer, not {type(layer).__name__}"
+        )
     return layer
 
 
@@ -247,7 +283,9 @@ def _prune_heads(model: nn.Module, g: ChannelGroup, keep: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------------------------- masked
-def _masked(model: nn.Module, plan: Plan, channels: dict[str, torch.Tensor], graph: ChannelGraph | None) -> None:
+def _masked(
+    model: nn.Module, plan: Plan, channels: dict[str, torch.Tensor], graph: ChannelGraph | None
+) -> None:
     kept = graph.kept_dims(channels) if channels and graph is not None else {}
     params = {n for n, _ in _named_effective_params(model)}
     masks: dict[str, torch.Tensor] = {}
@@ -264,15 +302,19 @@ def _masked(model: nn.Module, plan: Plan, channels: dict[str, torch.Tensor], gra
             elif tuple(w.shape) == _pruned_shape(target.shape, dims):
                 target[_full_index(target.shape, dims)] = w
             else:
-                raise PruningError(f"plan.weights[{path!r}] has shape {tuple(w.shape)}; expected "
-                                   f"{_pruned_shape(target.shape, dims)} (after channel removal)")
+                raise PruningError(
+                    f"plan.weights[{path!r}] has shape {tuple(w.shape)}; expected "
+                    f"{_pruned_shape(target.shape, dims)} (after channel removal)"
+                )
     for path, f in plan.lowrank.items():
         layer = _layer(model, path)
         dense = f.dense_weight()
         target = _raw(model, f"{path}.weight")
         if tuple(dense.shape) != tuple(target.shape):
-            raise PruningError(f"plan.lowrank[{path!r}] rebuilds a weight of shape {tuple(dense.shape)}, the layer "
-                               f"has {tuple(target.shape)}")
+            raise PruningError(
+                f"plan.lowrank[{path!r}] rebuilds a weight of shape {tuple(dense.shape)}, the layer "
+                f"has {tuple(target.shape)}"
+            )
         with torch.no_grad():
             target.copy_(dense.to(target.dtype))
             if f.bias is not None:
@@ -289,8 +331,9 @@ def _masked(model: nn.Module, plan: Plan, channels: dict[str, torch.Tensor], gra
             full = torch.zeros(tuple(target.shape), dtype=torch.bool)
             full[_full_index(target.shape, dims)] = m
         else:
-            raise PruningError(f"plan.masks[{path!r}] has shape {tuple(m.shape)}, the parameter has "
-                               f"{tuple(target.shape)}")
+            raise PruningError(
+                f"plan.masks[{path!r}] has shape {tuple(m.shape)}, the parameter has {tuple(target.shape)}"
+            )
         masks[path] = masks[path] & full if path in masks else full
     if masks:
         apply_masks_(model, {k: v for k, v in masks.items() if not bool(v.all())})

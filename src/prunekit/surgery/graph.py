@@ -37,7 +37,12 @@ from torch.nn.utils import parametrize
 from prunekit.errors import PruningError
 
 LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+NORM_TYPES = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
 
 
 class PruningWarning(UserWarning):
@@ -155,19 +160,32 @@ class CostModel:
     unpruned model, so predictions at full width equal the measured counts.
     """
 
-    def __init__(self, tensors: list[TensorCost], sizes: dict[str, int], flops: int, params: int,
-                 extra: list[tuple[str, float]]):
+    def __init__(
+        self,
+        tensors: list[TensorCost],
+        sizes: dict[str, int],
+        flops: int,
+        params: int,
+        extra: list[tuple[str, float]],
+    ):
         self.tensors = tensors
         self.sizes = dict(sizes)
-        self.extra = extra  # (group key, multiply-adds per kept channel) not tied to a weight (attention matmuls)
+        self.extra = (
+            extra  # (group key, multiply-adds per kept channel) not tied to a weight (attention matmuls)
+        )
         full = self.sizes
         self.base_flops = int(flops)
         self.base_params = int(params)
-        self._const_flops = flops - sum(t.macs_per_entry * t.numel(full) for t in tensors) - sum(
-            c * full[k] for k, c in extra)
+        self._const_flops = (
+            flops
+            - sum(t.macs_per_entry * t.numel(full) for t in tensors)
+            - sum(c * full[k] for k, c in extra)
+        )
         self._const_params = params - sum(t.numel(full) for t in tensors if t.is_param)
         self._flop_tensors = [t for t in tensors if t.macs_per_entry and t.dims]
-        self._flop_fixed = sum(t.macs_per_entry * t.numel(full) for t in tensors if t.macs_per_entry and not t.dims)
+        self._flop_fixed = sum(
+            t.macs_per_entry * t.numel(full) for t in tensors if t.macs_per_entry and not t.dims
+        )
         self._param_tensors = [t for t in tensors if t.is_param and t.dims]
         self._param_fixed = sum(t.numel(full) for t in tensors if t.is_param and not t.dims)
 
@@ -176,8 +194,12 @@ class CostModel:
 
     def flops(self, widths: dict[str, int] | None = None) -> float:
         w = self._full(widths)
-        return (self._const_flops + self._flop_fixed + sum(t.macs_per_entry * t.numel(w) for t in self._flop_tensors)
-                + sum(c * w[k] for k, c in self.extra))
+        return (
+            self._const_flops
+            + self._flop_fixed
+            + sum(t.macs_per_entry * t.numel(w) for t in self._flop_tensors)
+            + sum(c * w[k] for k, c in self.extra)
+        )
 
     def params(self, widths: dict[str, int] | None = None) -> float:
         w = self._full(widths)
@@ -268,15 +290,30 @@ class ChannelGraph:
 
     def bound_to(self, model: nn.Module) -> bool:
         """Whether the graph (and its Torch-Pruning graph) describes this very model in its current shape."""
-        return (self._dg is not None and self._model_ref is not None and self._model_ref() is model
-                and self._signature == _signature(model))
+        return (
+            self._dg is not None
+            and self._model_ref is not None
+            and self._model_ref() is model
+            and self._signature == _signature(model)
+        )
 
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly description of the groups and skipped layers."""
         return {
-            "groups": {k: {"size": g.size, "kind": g.kind, "prunable": g.prunable, "reason": g.reason,
-                           "producers": g.producers, "consumers": g.consumers, "norms": g.norms,
-                           "depthwise": g.depthwise, "params": g.params} for k, g in self.groups.items()},
+            "groups": {
+                k: {
+                    "size": g.size,
+                    "kind": g.kind,
+                    "prunable": g.prunable,
+                    "reason": g.reason,
+                    "producers": g.producers,
+                    "consumers": g.consumers,
+                    "norms": g.norms,
+                    "depthwise": g.depthwise,
+                    "params": g.params,
+                }
+                for k, g in self.groups.items()
+            },
             "skipped": dict(self.skipped),
         }
 
@@ -315,8 +352,12 @@ def tensor_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def _is_depthwise(m: nn.Module) -> bool:
-    return (isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels
-            and m.out_channels == m.groups)
+    return (
+        isinstance(m, nn.modules.conv._ConvNd)
+        and m.groups > 1
+        and m.groups == m.in_channels
+        and m.out_channels == m.groups
+    )
 
 
 def _is_grouped(m: nn.Module) -> bool:
@@ -328,13 +369,20 @@ def is_attention(m: nn.Module) -> bool:
     a fused ``qkv`` linear with ``3 * num_heads * head_dim`` outputs and a ``proj`` linear."""
     h, d = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
     qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
-    return (isinstance(h, int) and isinstance(d, int) and isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)
-            and qkv.out_features == 3 * h * d and proj.in_features == h * d)
+    return (
+        isinstance(h, int)
+        and isinstance(d, int)
+        and isinstance(qkv, nn.Linear)
+        and isinstance(proj, nn.Linear)
+        and qkv.out_features == 3 * h * d
+        and proj.in_features == h * d
+    )
 
 
 def _has_masks(model: nn.Module) -> bool:
     return any(parametrize.is_parametrized(m) for m in model.modules()) or any(
-        b.endswith("_mask") for b, _ in model.named_buffers())
+        b.endswith("_mask") for b, _ in model.named_buffers()
+    )
 
 
 def _matches(path: str, patterns: Iterable[str]) -> str | None:
@@ -359,7 +407,9 @@ def default_input_shape(model: nn.Module) -> tuple[int, ...]:
     """The input shape of a zoo model (from ``model.prunekit_config``); raises if unknown."""
     cfg = getattr(model, "prunekit_config", None)
     if not cfg:
-        raise PruningError("cannot tell the model's input shape: pass input_shape=(C, H, W) (or example_input)")
+        raise PruningError(
+            "cannot tell the model's input shape: pass input_shape=(C, H, W) (or example_input)"
+        )
     from prunekit.models import get_model_info
 
     info = get_model_info(cfg["name"])
@@ -377,9 +427,17 @@ def _dummy_types() -> tuple:
     if _DUMMY_TYPES is None:
         from torch_pruning import ops
 
-        _DUMMY_TYPES = (ops.OPTYPE.ELEMENTWISE, ops.OPTYPE.RESHAPE, ops.OPTYPE.CONCAT, ops.OPTYPE.SPLIT,
-                        ops.OPTYPE.SLICE, ops.OPTYPE.EXPAND, ops.OPTYPE.UNBIND, ops.OPTYPE.OUTPUT,
-                        ops.OPTYPE.CUSTOMIZED)
+        _DUMMY_TYPES = (
+            ops.OPTYPE.ELEMENTWISE,
+            ops.OPTYPE.RESHAPE,
+            ops.OPTYPE.CONCAT,
+            ops.OPTYPE.SPLIT,
+            ops.OPTYPE.SLICE,
+            ops.OPTYPE.EXPAND,
+            ops.OPTYPE.UNBIND,
+            ops.OPTYPE.OUTPUT,
+            ops.OPTYPE.CUSTOMIZED,
+        )
     return _DUMMY_TYPES
 
 
@@ -433,8 +491,10 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tuple[Any, list[str], _UseRecor
             if "Unwrapped parameters" not in msg:
                 notes.append(msg.strip())
     except Exception as e:  # noqa: BLE001 - tracing arbitrary models can fail in many ways
-        raise PruningError(f"could not trace the model to find coupled channels ({type(e).__name__}: {e}); "
-                           "the model must run on a single tensor input of the given shape") from e
+        raise PruningError(
+            f"could not trace the model to find coupled channels ({type(e).__name__}: {e}); "
+            "the model must run on a single tensor input of the given shape"
+        ) from e
     finally:
         rec.remove()
         for m, f in flags:
@@ -477,7 +537,8 @@ def analyze(
         work = remove_masks_(copy.deepcopy(model))
     dg, notes, rec = _trace(work, x)
     names = {m: n for n, m in work.named_modules()}
-    ignored_paths = [names.get(i, "?") if isinstance(i, nn.Module) else str(i) for i in (ignored or ())]
+    model_names = {m: n for n, m in model.named_modules()}
+    ignored_paths = [model_names.get(i, "?") if isinstance(i, nn.Module) else str(i) for i in (ignored or ())]
     attn = {p: m for p, m in work.named_modules() if is_attention(m)}
     attn_qkv = {f"{p}.qkv": p for p in attn}
     outputs = _output_modules(dg)
@@ -501,8 +562,10 @@ def analyze(
         visited.update(out_mods)
         if path in attn_qkv:
             for p in g.producers:
-                skipped[p] = (f"attention projection of {attn_qkv[path]!r}: its output channels are heads; "
-                              "they are pruned only as whole heads (heads=True)")
+                skipped[p] = (
+                    f"attention projection of {attn_qkv[path]!r}: its output channels are heads; "
+                    "they are pruned only as whole heads (heads=True)"
+                )
             continue
         if bad:
             g.prunable, g.reason = False, bad
@@ -523,8 +586,11 @@ def analyze(
             groups[p] = _head_group(p, m)
     for path, reason in problems:
         if warn:
-            warnings.warn(f"prunekit: output channels of {path!r} are not pruned: {reason}", PruningWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"prunekit: output channels of {path!r} are not pruned: {reason}",
+                PruningWarning,
+                stacklevel=2,
+            )
     if warn:
         for note in notes:
             warnings.warn(f"prunekit: while tracing the model: {note}", PruningWarning, stacklevel=2)
@@ -536,8 +602,14 @@ def analyze(
             lst.sort(key=lambda p: order.get(p, 0))
         g.ln_coupled = any(n in stat_norms for n in g.norms)
     cost = _cost_model(work, x, groups, rec) if costs else None
-    graph = ChannelGraph(groups=groups, skipped=skipped, input_shape=tuple(x.shape[1:]), cost=cost,
-                         output_layers=sorted(names[m] for m in outputs if m in names), layer_shapes=shapes)
+    graph = ChannelGraph(
+        groups=groups,
+        skipped=skipped,
+        input_shape=tuple(x.shape[1:]),
+        cost=cost,
+        output_layers=sorted(names[m] for m in outputs if m in names),
+        layer_shapes=shapes,
+    )
     if work is model:
         graph._dg = dg
         graph._model_ref = weakref.ref(model)
@@ -545,8 +617,14 @@ def analyze(
     return graph
 
 
-def _convert(root: str, size: int, tp_group: Any, dg: Any, names: dict[nn.Module, str],
-             shapes: dict[str, tuple[int, ...]]) -> tuple[ChannelGroup, set[nn.Module], str]:
+def _convert(
+    root: str,
+    size: int,
+    tp_group: Any,
+    dg: Any,
+    names: dict[nn.Module, str],
+    shapes: dict[str, tuple[int, ...]],
+) -> tuple[ChannelGroup, set[nn.Module], str]:
     """Translate a Torch-Pruning group into a :class:`ChannelGroup` (+ modules whose outputs it holds,
     + the reason it cannot be pruned, or "")."""
     g = ChannelGroup(key=root, size=size)
@@ -559,12 +637,15 @@ def _convert(root: str, size: int, tp_group: Any, dg: Any, names: dict[nn.Module
             return ""
         d = dim % len(shape)
         if int(table.max()) >= shape[d]:
-            return (f"{tensor.rpartition('.')[0]!r} has {shape[d]} entries along dim {d} but the group has "
-                    f"{size} channels x {table.shape[1]} (an operation between the layers mixes channels)")
+            return (
+                f"{tensor.rpartition('.')[0]!r} has {shape[d]} entries along dim {d} but the group has "
+                f"{size} channels x {table.shape[1]} (an operation between the layers mixes channels)"
+            )
+        owner = tensor.rpartition(".")[0]
         if role != "consumer" and table.shape[1] != 1:
-            return f"{tensor.rpartition('.')[0]!r} maps one channel to {table.shape[1]} entries: unsupported"
+            return f"{owner!r} maps one channel to {table.shape[1]} entries: unsupported"
         if role == "producer" and shape[d] != size:
-            return f"{tensor.rpartition('.')[0]!r} produces {shape[d]} channels, the group has {size}: unsupported"
+            return f"{owner!r} produces {shape[d]} channels, the group has {size}: unsupported"
         for mb in g.members:
             if mb.tensor == tensor and mb.dim == d:
                 if not torch.equal(mb.index, table):
@@ -626,7 +707,9 @@ def _convert(root: str, size: int, tp_group: Any, dg: Any, names: dict[nn.Module
                 dim = len(mod.normalized_shape) - 1
             else:
                 dim = 0
-            for pname, _ in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            for pname, _ in list(mod.named_parameters(recurse=False)) + list(
+                mod.named_buffers(recurse=False)
+            ):
                 if pname == "num_batches_tracked":
                     continue
                 bad = bad or add(f"{path}.{pname}", dim, table, "norm")
@@ -646,9 +729,24 @@ def _convert(root: str, size: int, tp_group: Any, dg: Any, names: dict[nn.Module
 
 
 # autograd ops that combine channels; Torch-Pruning treats unknown ops as element-wise
-_MIXING_OPS = ("MmBackward", "BmmBackward", "MatmulBackward", "AddmmBackward", "BaddbmmBackward", "AddbmmBackward",
-               "MvBackward", "AddmvBackward", "DotBackward", "ConvolutionBackward", "SoftmaxBackward",
-               "LogSoftmaxBackward", "CdistBackward", "NormBackward", "LinalgVectorNormBackward", "EinsumBackward")
+_MIXING_OPS = (
+    "MmBackward",
+    "BmmBackward",
+    "MatmulBackward",
+    "AddmmBackward",
+    "BaddbmmBackward",
+    "AddbmmBackward",
+    "MvBackward",
+    "AddmvBackward",
+    "DotBackward",
+    "ConvolutionBackward",
+    "SoftmaxBackward",
+    "LogSoftmaxBackward",
+    "CdistBackward",
+    "NormBackward",
+    "LinalgVectorNormBackward",
+    "EinsumBackward",
+)
 
 
 def _mixing(node: Any) -> str:
@@ -671,8 +769,14 @@ def _head_group(path: str, m: nn.Module) -> ChannelGroup:
     inner = h * d
     heads = torch.arange(h).unsqueeze(1) * d + torch.arange(d).unsqueeze(0)  # (h, d)
     qkv_rows = torch.cat([heads, heads + inner, heads + 2 * inner], 1)  # (h, 3d)
-    g = ChannelGroup(key=path, size=h, producers=[f"{path}.qkv"], consumers=[f"{path}.proj"],
-                     expansion={f"{path}.proj": d}, kind="heads")
+    g = ChannelGroup(
+        key=path,
+        size=h,
+        producers=[f"{path}.qkv"],
+        consumers=[f"{path}.proj"],
+        expansion={f"{path}.proj": d},
+        kind="heads",
+    )
     g.members.append(Member(f"{path}.qkv.weight", 0, qkv_rows, "producer"))
     if m.qkv.bias is not None:
         g.members.append(Member(f"{path}.qkv.bias", 0, qkv_rows, "producer"))
@@ -704,14 +808,18 @@ class _UseRecorder:
             else:
                 spatial = len(m.kernel_size)
                 ref = args[0] if m.transposed else out
-                per = math.prod(ref.shape[-spatial:]) * (ref.numel() / max(1, math.prod(ref.shape[-spatial - 1:])))
+                per = math.prod(ref.shape[-spatial:]) * (
+                    ref.numel() / max(1, math.prod(ref.shape[-spatial - 1 :]))
+                )
             self.uses[path] = self.uses.get(path, 0.0) + per / max(1, batch)
+
         return hook
 
     def _attn_hook(self, path: str) -> Any:
         def hook(m: nn.Module, args: tuple) -> None:
             if args and isinstance(args[0], torch.Tensor):
                 self.tokens[path] = int(args[0].shape[-2])
+
         return hook
 
     def remove(self) -> None:
@@ -726,7 +834,9 @@ def _totals(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return int(count_flops(model, tuple(x.shape[1:]))), int(count_params(model)["params"])
 
 
-def _cost_model(model: nn.Module, x: torch.Tensor, groups: dict[str, ChannelGroup], rec: _UseRecorder) -> CostModel:
+def _cost_model(
+    model: nn.Module, x: torch.Tensor, groups: dict[str, ChannelGroup], rec: _UseRecorder
+) -> CostModel:
     flops, params = _totals(model, x)
     uses = rec.uses
     attn_cost = {p: float(n * n * 2 * model.get_submodule(p).head_dim) for p, n in rec.tokens.items()}
@@ -740,7 +850,10 @@ def _cost_model(model: nn.Module, x: torch.Tensor, groups: dict[str, ChannelGrou
     tensors: list[TensorCost] = []
     for name, p in model.named_parameters():
         shape = tuple(p.shape)
-        td = {d: (shape[d] - sum(sizes[k] * e for k, e in terms), terms) for d, terms in dims.get(name, {}).items()}
+        td = {
+            d: (shape[d] - sum(sizes[k] * e for k, e in terms), terms)
+            for d, terms in dims.get(name, {}).items()
+        }
         mod_path, _, pname = name.rpartition(".")
         per = uses.get(mod_path, 0.0) if pname == "weight" else 0.0
         tensors.append(TensorCost(name, shape, td, per, True))
@@ -752,5 +865,17 @@ def _cost_model(model: nn.Module, x: torch.Tensor, groups: dict[str, ChannelGrou
     return CostModel(tensors, sizes, flops, params, extra)
 
 
-__all__ = ["ChannelGraph", "ChannelGroup", "CostModel", "LayerCost", "Member", "PruningWarning", "TensorCost",
-           "analyze", "default_input_shape", "example_batch", "is_attention", "tensor_shapes"]
+__all__ = [
+    "ChannelGraph",
+    "ChannelGroup",
+    "CostModel",
+    "LayerCost",
+    "Member",
+    "PruningWarning",
+    "TensorCost",
+    "analyze",
+    "default_input_shape",
+    "example_batch",
+    "is_attention",
+    "tensor_shapes",
+]

@@ -31,17 +31,35 @@ class LowRankConv2d(nn.Sequential):
     ``r_in`` / ``r_out`` are the ranks of the input / output projections (``None``: no projection).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
-                 dilation: Any = 1, r_in: int | None = None, r_out: int | None = None, bias: bool = True,
-                 padding_mode: str = "zeros"):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        r_in: int | None = None,
+        r_out: int | None = None,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+    ):
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         cin = in_channels
         if r_in is not None:
             layers["pre"] = nn.Conv2d(in_channels, r_in, 1, bias=False)
             cin = r_in
         cout = r_out if r_out is not None else out_channels
-        layers["core"] = nn.Conv2d(cin, cout, kernel_size, stride, padding, dilation, bias=bias and r_out is None,
-                                   padding_mode=padding_mode)
+        layers["core"] = nn.Conv2d(
+            cin,
+            cout,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            bias=bias and r_out is None,
+            padding_mode=padding_mode,
+        )
         if r_out is not None:
             layers["post"] = nn.Conv2d(r_out, out_channels, 1, bias=bias)
         super().__init__(layers)
@@ -55,12 +73,23 @@ class LowRankConv2d(nn.Sequential):
     def from_factors(cls, layer: nn.Conv2d, f: LowRankFactors) -> LowRankConv2d:
         """Build the chain replacing ``layer`` from its factors (shapes checked)."""
         if layer.groups != 1:
-            raise PruningError(f"low-rank replacement of a grouped convolution (groups={layer.groups}) is not "
-                               "supported")
+            raise PruningError(
+                f"low-rank replacement of a grouped convolution (groups={layer.groups}) is not supported"
+            )
         r_in = None if f.pre is None else int(f.pre.shape[0])
         r_out = None if f.post is None else int(f.post.shape[1])
-        m = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
-                r_in, r_out, bias=f.bias is not None, padding_mode=layer.padding_mode)
+        m = cls(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            r_in,
+            r_out,
+            bias=f.bias is not None,
+            padding_mode=layer.padding_mode,
+        )
         _load(m, f, conv=True)
         return m.to(layer.weight.device, layer.weight.dtype)
 
@@ -72,8 +101,14 @@ class LowRankConv2d(nn.Sequential):
 class LowRankLinear(nn.Sequential):
     """``Linear`` factorised as ``pre`` (optional, ``in -> r_in``) -> ``core`` -> ``post`` (optional)."""
 
-    def __init__(self, in_features: int, out_features: int, r_in: int | None = None, r_out: int | None = None,
-                 bias: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r_in: int | None = None,
+        r_out: int | None = None,
+        bias: bool = True,
+    ):
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         cin = in_features
         if r_in is not None:
@@ -107,8 +142,9 @@ def _load(m: nn.Sequential, f: LowRankFactors, conv: bool) -> None:
         if conv and w.dim() == 2:
             w = w[:, :, None, None]
         if tuple(w.shape) != tuple(target.shape):
-            raise PruningError(f"low-rank factor {name!r} has shape {tuple(w.shape)}, the layer needs "
-                               f"{tuple(target.shape)}")
+            raise PruningError(
+                f"low-rank factor {name!r} has shape {tuple(w.shape)}, the layer needs {tuple(target.shape)}"
+            )
         with torch.no_grad():
             target.copy_(w)
 
@@ -121,8 +157,9 @@ def _load(m: nn.Sequential, f: LowRankFactors, conv: bool) -> None:
         if f.bias is not None:
             last = m.post if f.post is not None else m.core
             if tuple(f.bias.shape) != tuple(last.bias.shape):
-                raise PruningError(f"low-rank bias has shape {tuple(f.bias.shape)}, the layer needs "
-                                   f"{tuple(last.bias.shape)}")
+                raise PruningError(
+                    f"low-rank bias has shape {tuple(f.bias.shape)}, the layer needs {tuple(last.bias.shape)}"
+                )
             last.bias.copy_(f.bias.detach().to(last.bias.dtype))
 
 
@@ -146,15 +183,30 @@ def factors_to_module(layer: nn.Module, f: LowRankFactors) -> nn.Module:
     raise PruningError(f"low-rank replacement needs a Conv2d or Linear layer, got {type(layer).__name__}")
 
 
-register_module_spec(LowRankConv2d, lambda m: {
-    "in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
-    "stride": list(m.stride), "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
-    "dilation": list(m.dilation), "r_in": m.r_in, "r_out": m.r_out, "bias": m.has_bias,
-    "padding_mode": m.padding_mode,
-})
-register_module_spec(LowRankLinear, lambda m: {
-    "in_features": m.in_features, "out_features": m.out_features, "r_in": m.r_in, "r_out": m.r_out,
-    "bias": m.has_bias,
-})
+register_module_spec(
+    LowRankConv2d,
+    lambda m: {
+        "in_channels": m.in_channels,
+        "out_channels": m.out_channels,
+        "kernel_size": list(m.kernel_size),
+        "stride": list(m.stride),
+        "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
+        "dilation": list(m.dilation),
+        "r_in": m.r_in,
+        "r_out": m.r_out,
+        "bias": m.has_bias,
+        "padding_mode": m.padding_mode,
+    },
+)
+register_module_spec(
+    LowRankLinear,
+    lambda m: {
+        "in_features": m.in_features,
+        "out_features": m.out_features,
+        "r_in": m.r_in,
+        "r_out": m.r_out,
+        "bias": m.has_bias,
+    },
+)
 
 __all__ = ["LowRankConv2d", "LowRankLinear", "factors_to_module"]
