@@ -278,3 +278,16 @@ def test_weight_targets_errors() -> None:
         target=Target.parse("params=2"), input_shape=shape, budget=BudgetOptions(ignored=("fc1",))
     )
     assert "fc1.weight" not in prunable_weights(model, ctx) and "fc3.weight" in prunable_weights(model, ctx)
+
+
+def test_allocation_corrects_a_wrong_cost_model(monkeypatch) -> None:
+    import prunekit.surgery.allocate as alloc
+
+    real = alloc._measure
+    monkeypatch.setattr(alloc, "_measure", lambda *a, **k: 1.15 * real(*a, **k))  # pretend 15 % more FLOPs
+    model, shape = tiny("resnet20", width=1.0)
+    ctx = ctx_for(model, shape, "flops=2", round_to=1)
+    with pytest.warns(PruningWarning, match="cost model is off"):
+        keep = allocate_channels(model, ctx, l1(model, ctx))
+    achieved = count_flops(model, shape) / (1.15 * measured(model, shape, keep)[0])
+    assert abs(achieved / 2 - 1) <= 0.05 and ctx.extra["allocation"]["measured"] == pytest.approx(achieved)

@@ -227,6 +227,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -> nn.Module:
     """Rebuild the model stored in a checkpoint dictionary (see :func:`read_checkpoint`)."""
+    import prunekit.surgery  # noqa: F401  (registers the specs of prunekit's own layers, e.g. low-rank chains)
     from prunekit.errors import UnknownNameError
 
     try:

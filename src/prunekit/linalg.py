@@ -34,6 +34,7 @@ __all__ = [
     "interpolative_decomposition",
     "pivoted_qr",
     "qr_r",
+    "release_workspace",
     "tsqr_r",
 ]
 
@@ -55,6 +56,28 @@ def qr_r(a: torch.Tensor) -> torch.Tensor:
     if a.shape[0] == 0:
         return a.new_zeros(0, a.shape[1])
     return torch.linalg.qr(a, mode="r")[1]
+
+
+_WORKSPACE: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
+
+
+def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reused scratch tensor: converting every block into a fresh float64 buffer costs page faults
+    that dominate the Gram products of narrow activations."""
+    key = (name, dtype, str(device))
+    n = 1
+    for s in shape:
+        n *= int(s)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(n, dtype=dtype, device=device)
+        _WORKSPACE[key] = buf
+    return buf[:n].view(shape)
+
+
+def release_workspace() -> None:
+    """Free the scratch buffers of :class:`TSQR` (they are kept between blocks for speed)."""
+    _WORKSPACE.clear()
 
 
 def _gram_r(g: torch.Tensor) -> torch.Tensor:
@@ -126,7 +149,8 @@ class TSQR:
             return self
         self.rows += int(block.shape[0])
         if self.block == "gram":
-            z = block.to(self.dtype)
+            z = _workspace("z", tuple(block.shape), self.dtype, block.device)
+            z.copy_(block)
             g = (z.T @ z).cpu()
             self._g = g if self._g is None else self._g + g
             return self
@@ -148,10 +172,14 @@ class TSQR:
             if self._c is not None and c != self._c:
                 raise ValueError(f"block has {c} columns, earlier blocks had {self._c}")
             self._c = int(c)
-            xd = x.detach().to(self.dtype).reshape(x.shape[0], c, -1)
-            g = torch.matmul(xd, xd.transpose(1, 2)).sum(0).cpu()
+            n = x.shape[0]
+            xd = _workspace("x", (n, c, positions), self.dtype, x.device)
+            xd.copy_(x.detach().reshape(n, c, positions))
+            prods = _workspace("g", (n, c, c), self.dtype, x.device)
+            torch.matmul(xd, xd.transpose(1, 2), out=prods)
+            g = prods.sum(0).cpu()
             self._g = g if self._g is None else self._g + g
-            self.rows += int(x.numel() // max(1, c))
+            self.rows += int(n * positions)
             return self
         z = x.movedim(dim, -1)
         return self.update(z.reshape(-1, z.shape[-1]))

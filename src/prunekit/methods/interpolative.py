@@ -59,6 +59,7 @@ from prunekit.surgery.plan import Plan
 
 _BINARY_OPS = {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift",
                "matmul"}
+_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
 _PAPER = "Chee et al., Model Preserving Compression for Neural Networks, NeurIPS 2022"
 
 
@@ -179,6 +180,38 @@ class _FxRunner(_Runner):
         self.mutated: dict[int, list[bool]] = {0: []}
         self.valid: set[int] = {0}
         self.capture: dict[int, list[_ReadPoint]] = defaultdict(list)
+        self.bn_pairs = self._conv_bn_pairs()
+        self.fused: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _conv_bn_pairs(self) -> dict[Any, Any]:
+        """conv node -> the eval-mode BatchNorm node that is its only user (computed as one fused conv)."""
+        pairs = {}
+        for n in self.nodes:
+            if n.op != "call_module" or len(n.users) != 1 or n.kwargs:
+                continue
+            conv = self.model.get_submodule(str(n.target))
+            (b,) = n.users
+            if not isinstance(conv, nn.modules.conv._ConvNd) or conv.transposed or b.op != "call_module":
+                continue
+            bn = self.model.get_submodule(str(b.target))
+            if (isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None
+                    and len(b.args) == 1 and b.args[0] is n and not b.kwargs and type(conv).forward in _CONV_FORWARDS):
+                pairs[n] = b
+        return pairs
+
+    def _fuse(self) -> None:
+        """Folded weights of every conv -> BatchNorm pair, from the current (possibly sliced) modules."""
+        from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+        self.fused = {}
+        for n, b in self.bn_pairs.items():
+            conv, bn = self.model.get_submodule(str(n.target)), self.model.get_submodule(str(b.target))
+            if bn.training:
+                continue
+            w, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                           bn.weight, bn.bias)
+            self.fused[n] = (w.detach(), bias.detach())
+            self.fused[b] = None  # type: ignore[assignment]
 
     # -- structure ------------------------------------------------------------------------------
     def order(self, consumer: str) -> int | None:
@@ -267,6 +300,11 @@ class _FxRunner(_Runner):
         args = torch.fx.node.map_arg(n.args, lambda a: env[a])
         kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: env[a])
         if n.op == "call_module":
+            if n in self.fused:
+                wb = self.fused[n]
+                if wb is None:  # the BatchNorm of a fused pair: already applied by its conv
+                    return args[0]
+                return self.model.get_submodule(str(n.target))._conv_forward(args[0], wb[0], wb[1])
             return self.model.get_submodule(str(n.target))(*args, **kwargs)
         if n.op == "call_function":
             return n.target(*args, **kwargs)
@@ -292,6 +330,7 @@ class _FxRunner(_Runner):
         refresh = [p for p in self.restarts if start < p <= stop]
         want = {rp.key for rp in needed}
         accs = {rp.key: TSQR(block=self.block) for rp in needed}
+        self._fuse()
         stores: dict[int, list[tuple[Any, ...]]] = {p: [] for p in refresh}
         with torch.inference_mode():
             for b, x in enumerate(self.batches):
