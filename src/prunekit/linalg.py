@@ -19,7 +19,8 @@ float64 on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,7 @@ __all__ = [
     "pivoted_qr",
     "qr_r",
     "release_workspace",
+    "small_ops",
     "tsqr_r",
 ]
 
@@ -56,6 +58,25 @@ def qr_r(a: torch.Tensor) -> torch.Tensor:
     if a.shape[0] == 0:
         return a.new_zeros(0, a.shape[1])
     return torch.linalg.qr(a, mode="r")[1]
+
+
+@contextmanager
+def small_ops(size: int = 0, limit: int = 512) -> Iterator[None]:
+    """Run small dense factorizations (``size <= limit`` columns) on one thread.
+
+    For a 64 x 64 QR, waking the thread pool costs more than the work -- ten times more on a
+    machine whose cores are busy -- so the many small factorizations of a pruning step run
+    single-threaded.
+    """
+    if size > limit or torch.get_num_threads() == 1:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 _WORKSPACE: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}

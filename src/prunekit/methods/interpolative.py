@@ -52,7 +52,16 @@ import torch
 import torch.nn as nn
 
 from prunekit.errors import PruningError
-from prunekit.linalg import TSQR, id_error, id_from_pivoted, interpolation_matrix, pivoted_qr, qr_r
+from prunekit.linalg import (
+    TSQR,
+    id_error,
+    id_from_pivoted,
+    interpolation_matrix,
+    pivoted_qr,
+    qr_r,
+    release_workspace,
+    small_ops,
+)
 from prunekit.methods.base import Method, PruneContext, Target
 from prunekit.methods.registry import register_method
 from prunekit.surgery.plan import Plan
@@ -358,7 +367,8 @@ class _FxRunner(_Runner):
         for p, vals in stores.items():
             self.cache[p] = vals
             self.valid.add(p)
-        return {k: a.r() for k, a in accs.items()}
+        with small_ops(max((a.ncols or 0) for a in accs.values())):
+            return {k: a.r() for k, a in accs.items()}
 
 
 class _HookRunner(_Runner):
@@ -432,7 +442,8 @@ class _HookRunner(_Runner):
         finally:
             for h in handles:
                 h.remove()
-        return {k: a.r() for k, a in accs.items()}
+        with small_ops(max((a.ncols or 0) for a in accs.values())):
+            return {k: a.r() for k, a in accs.items()}
 
 
 # --------------------------------------------------------------------------------------------- the state
@@ -582,8 +593,9 @@ class _IDState:
             self.refresh([key])
             t0 = time.perf_counter()
             rs = [self.r[rp.key] for rp in g.read_points]
-            stacked = rs[0] if len(rs) == 1 else qr_r(torch.cat(rs))
-            g.r_piv, g.perm = pivoted_qr(stacked)
+            with small_ops(len(g.kept)):
+                stacked = rs[0] if len(rs) == 1 else qr_r(torch.cat(rs))
+                g.r_piv, g.perm = pivoted_qr(stacked)
             self.timings["pivoted_qr"] += time.perf_counter() - t0
         assert g.r_piv is not None and g.perm is not None
         return g.r_piv, g.perm
@@ -603,18 +615,22 @@ class _IDState:
             return id_error(r_piv, k)
         cache_key = ("error", k)
         if cache_key not in g.cache:
-            keep = perm[:k]
-            total = 0.0
-            for rp in g.read_points:
-                r = self.r[rp.key]
-                top = float(r.norm(dim=0).max())
-                if top == 0.0:
-                    continue
-                q = torch.linalg.qr(r[:, keep], mode="reduced")[0]
-                resid = r - q @ (q.T @ r)
-                total += float(resid.norm(dim=0).max()) / top
-            g.cache[cache_key] = total
+            with small_ops(len(g.kept)):
+                g.cache[cache_key] = self._point_errors(g, perm[:k])
         return g.cache[cache_key]
+
+    def _point_errors(self, g: _GroupState, keep: torch.Tensor) -> float:
+        """Sum over read points of (largest least-squares residual column) / (largest column), kept = ``keep``."""
+        total = 0.0
+        for rp in g.read_points:
+            r = self.r[rp.key]
+            top = float(r.norm(dim=0).max())
+            if top == 0.0:
+                continue
+            q = torch.linalg.qr(r[:, keep], mode="reduced")[0]
+            resid = r - q @ (q.T @ r)
+            total += float(resid.norm(dim=0).max()) / top
+        return total
 
     # -- costs ------------------------------------------------------------------------------------
     def widths(self) -> dict[str, int]:
@@ -651,8 +667,14 @@ class _IDState:
         if k >= n:
             return 0.0
         self.refresh([key])
-        t0 = time.perf_counter()
         r_piv, perm = self.pivoted(key)
+        with small_ops(n):
+            return self._prune(key, k, r_piv, perm)
+
+    def _prune(self, key: str, k: int, r_piv: torch.Tensor, perm: torch.Tensor) -> float:
+        g = self.groups[key]
+        n = len(g.kept)
+        t0 = time.perf_counter()
         dec = id_from_pivoted(r_piv, perm, k)
         err, keep_local, t_shared = dec.error, dec.keep, dec.T
         rs = {rp.key: self.r[rp.key] for rp in g.read_points}
