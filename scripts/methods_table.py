@@ -23,9 +23,10 @@ def table() -> str:
     for name in sorted(list_methods(), key=lambda n: (get_method_info(n).family, n)):
         i = get_method_info(name)
         extra = f" (needs `{i.requires}`)" if i.requires else ""
+        desc = i.description.replace("|", "\\|")  # a bare pipe would split the table cell
         lines.append(
             f"| `{name}` | {i.family} | {i.granularity} | {yes(i.needs_data)} | {yes(i.needs_labels)} | "
-            f"{yes(i.needs_grad)} | {yes(i.needs_second_order)} | {yes(i.needs_trajectory)} | {i.description}{extra} |"
+            f"{yes(i.needs_grad)} | {yes(i.needs_second_order)} | {yes(i.needs_trajectory)} | {desc}{extra} |"
         )
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from prunekit.errors import PrunekitError
-from prunekit.train import Trainer, TrainConfig, lr_factor
+from prunekit.train import TrainConfig, Trainer, lr_factor
 
 
 def _toy_data(n=256, seed=0):

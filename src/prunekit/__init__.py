@@ -36,11 +36,11 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from prunekit.api import PruneResult, prune
-    from prunekit.io import load, save
-    from prunekit.methods import Target, create_method, list_methods
-    from prunekit.models import create_model, list_models
-    from prunekit.surgery import PruningWarning, analyze, apply_plan, apply_plan_
+    from prunekit.api import PruneResult, prune  # noqa: F401
+    from prunekit.io import load, save  # noqa: F401
+    from prunekit.methods import Target, create_method, list_methods  # noqa: F401
+    from prunekit.models import create_model, list_models  # noqa: F401
+    from prunekit.surgery import PruningWarning, analyze, apply_plan, apply_plan_  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -59,7 +59,6 @@ from prunekit.linalg import (
     interpolation_matrix,
     pivoted_qr,
     qr_r,
-    release_workspace,
     small_ops,
 )
 from prunekit.methods.base import Method, PruneContext, Target
@@ -143,8 +142,8 @@ class _Runner:
     def read_node(self, consumer: str) -> Any:
         raise NotImplementedError
 
-    def setup(self, read_points: list[_ReadPoint]) -> None:
-        """Called once the read points are known (choose caches)."""
+    def setup(self, read_points: list[_ReadPoint], changes: list[int]) -> None:
+        """Called once the read points and the groups' first changed positions are known (choose caches)."""
 
     def collect(self, needed: list[_ReadPoint], pos: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -188,6 +187,7 @@ class _FxRunner(_Runner):
         self.frontiers: dict[int, list[Any]] = {0: []}
         self.mutated: dict[int, list[bool]] = {0: []}
         self.valid: set[int] = {0}
+        self.cache_planned_mb = 0.0
         self.capture: dict[int, list[_ReadPoint]] = defaultdict(list)
         self.bn_pairs = self._conv_bn_pairs()
         self.fused: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -238,19 +238,26 @@ class _FxRunner(_Runner):
     def _frontier(self, p: int) -> list[Any]:
         return [n for n in self.nodes[:p] if n.op != "get_attr" and self.last_use.get(n, -1) >= p]
 
-    def setup(self, read_points: list[_ReadPoint]) -> None:
+    def setup(self, read_points: list[_ReadPoint], changes: list[int]) -> None:
         for rp in read_points:
             self.capture[rp.index].append(rp)
-        # candidate restart points: where each group's first consumer runs (changes start there)
-        candidates = sorted({rp.index for rp in read_points if rp.index > 0})
-        if not candidates or self.cache_bytes <= 0:
+        changes = sorted({c for c in changes if c > 0})
+        if not changes or self.cache_bytes <= 0:
             return
-        probe = self.batches[0][:2]
-        per_sample = self._probe_sizes(probe, candidates)
+        # a step that prunes a group changes the model from its first layer on, so the useful restart
+        # point of a group is at or before that position: the one with the smallest frontier since the
+        # previous group's (e.g. a residual block's input, not the two tensors inside the block)
+        per_sample = self._probe_sizes(self.batches[0][:2], changes[-1])
+        candidates, prev = [], 0
+        for c in changes:
+            window = range(prev + 1, c + 1)
+            best = min(window, key=lambda p: (per_sample[p], -p))
+            candidates.append(best)
+            prev = c
         total = sum(len(b) for b in self.batches)
         budget = self.cache_bytes
         chosen = []
-        for p in sorted(candidates, reverse=True):  # deep restart points save the most work
+        for p in sorted(set(candidates), reverse=True):  # deep restart points save the most work
             need = per_sample[p] * total
             if need <= budget:
                 chosen.append(p)
@@ -259,6 +266,7 @@ class _FxRunner(_Runner):
         self.frontiers = {p: self._frontier(p) for p in self.restarts}
         self.frontiers[0] = []
         self.mutated = {p: [self._mutated_later(f, p) for f in self.frontiers[p]] for p in self.restarts}
+        self.cache_planned_mb = (self.cache_bytes - budget) / 2**20
 
     def _mutated_later(self, node: Any, p: int) -> bool:
         """Whether a node at or after ``p`` might change ``node``'s value in place (then caches clone it)."""
@@ -275,22 +283,22 @@ class _FxRunner(_Runner):
                     return True
         return False
 
-    def _probe_sizes(self, x: torch.Tensor, candidates: list[int]) -> dict[int, float]:
+    def _probe_sizes(self, x: torch.Tensor, last: int) -> list[float]:
+        """Bytes per example of the frontier of every position up to ``last`` (one pass on ``x``)."""
         env: dict[Any, Any] = {}
-        sizes: dict[int, float] = {}
-        want = set(candidates)
+        sizes: list[float] = []
+        live: dict[Any, int] = {}  # node -> bytes of its value, while some later node needs it
         with torch.inference_mode():
-            for i, n in enumerate(self.nodes):
-                if i in want:
-                    nbytes = 0
-                    for f in self._frontier(i):
-                        v = env.get(f)
-                        if isinstance(v, torch.Tensor):
-                            nbytes += v.numel() * v.element_size()
-                    sizes[i] = nbytes / max(1, len(x))
+            for i, n in enumerate(self.nodes[: last + 1]):
+                sizes.append(sum(live.values()) / max(1, len(x)))
                 if n.op == "output":
                     break
                 env[n] = self._run_node(n, env, x)
+                v = env[n]
+                if n.op != "get_attr" and isinstance(v, torch.Tensor) and self.last_use.get(n, -1) > i:
+                    live[n] = v.numel() * v.element_size()
+                for dead in self.free_at[i]:
+                    live.pop(dead, None)
         return sizes
 
     # -- execution -------------------------------------------------------------------------------
@@ -476,7 +484,7 @@ class _IDState:
         self.runner = self._make_runner()
         self.groups = self._build_groups()
         self.read_points = [rp for g in self.groups.values() for rp in g.read_points]
-        self.runner.setup(self.read_points)
+        self.runner.setup(self.read_points, [g.first_change for g in self.groups.values()])
         self._tensor_cost = {t.path: t for t in self.graph.cost.tensors}
         self.timings["setup"] += time.perf_counter() - t0
 
@@ -756,6 +764,7 @@ class _IDState:
             "samples": int(sum(len(b) for b in self.batches)),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "runner": type(self.runner).__name__.strip("_"),
+            "cache_mb": round(float(getattr(self.runner, "cache_planned_mb", 0.0)), 1),
             **extra_meta,
         }
         return Plan(method=self.method.name, channels=channels, weights=weights, meta=meta)
@@ -816,6 +825,16 @@ def _prune_batches(ctx: PruneContext, samples: int, batch_size: int, method: str
     return list(x.split(max(1, batch_size)))
 
 
+def measured_costs(model: nn.Module, input_shape: Any) -> dict[str, float]:
+    """The model's cost as :func:`prunekit.prune` measures progress towards a target: effective
+    multiply-adds (zero weights skipped) and non-zero parameters. Goals are set against these;
+    predictions of the pruned model are dense counts, so a goal met by the prediction is met."""
+    from prunekit.metrics import count_params, effective_flops
+
+    return {"flops": float(effective_flops(model, tuple(input_shape))),
+            "params": float(count_params(model)["nonzero_params"])}
+
+
 def _goal(target: Target, base: dict[str, float], target_kind: str | None, method: str) -> tuple[str, float]:
     """``(cost kind, cost to reach)`` of a flops / params / ratio target."""
     if target.kind in ("flops", "params"):
@@ -829,7 +848,7 @@ def _goal(target: Target, base: dict[str, float], target_kind: str | None, metho
 
 
 class _IDBase(Method):
-    defaults: dict[str, Any] = {"samples": 5000, "batch_size": 500, "cache_mb": 2048, "per_read_point": True,
+    defaults: dict[str, Any] = {"samples": 5000, "batch_size": 500, "cache_mb": 4096, "per_read_point": True,
                                 "target_kind": None, "tsqr_block": "gram", "group_error": "sum"}
 
     def _state(self, model: nn.Module, ctx: PruneContext) -> _IDState:
@@ -856,14 +875,14 @@ class InterpolativeDecomposition(_IDBase):
     def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
         t0 = time.perf_counter()
         st = self._state(model, ctx)
-        widths = self._target_widths(st, ctx)
+        widths = self._target_widths(st, ctx, model)
         for key, g in st.groups.items():
             w = widths[key]
             if w < len(g.kept):
                 st.prune(key, w)
         return st.plan({"k": self._k_used, "time_s": round(time.perf_counter() - t0, 3)})
 
-    def _target_widths(self, st: _IDState, ctx: PruneContext) -> dict[str, int]:
+    def _target_widths(self, st: _IDState, ctx: PruneContext, model: nn.Module) -> dict[str, int]:
         def at(q: float, per_layer: dict[str, float] | None = None) -> dict[str, int]:
             out = {}
             for key, g in st.groups.items():
@@ -881,7 +900,7 @@ class InterpolativeDecomposition(_IDBase):
         if target.kind == "ratio" and self.target_kind is None:
             self._k_used = 1.0 - target.value
             return at(1.0 - target.value, target.per_layer)
-        kind, goal = _goal(target, {"flops": st.cost("flops"), "params": st.cost("params")}, self.target_kind,
+        kind, goal = _goal(target, measured_costs(model, ctx.input_shape), self.target_kind,
                            self.name)
         if st.cost(kind, at(0.0)) > goal:
             raise PruningError(f"method 'id' cannot reach {target}: with every prunable group at its minimum width "
@@ -910,7 +929,7 @@ class IterativeInterpolativeDecomposition(_IDBase):
     in the score's denominator is the target's kind). The last step keeps as many channels as
     still meet the target; when the chosen group's step would undershoot the target by more than
     ``BudgetOptions.tolerance`` (tiny layers: one channel of a 6-channel conv), the best-scoring
-    step that lands within the tolerance is taken instead.
+    single-group step (of any size) that lands within the tolerance is taken instead.
     """
 
     defaults = {**_IDBase.defaults, "k": 0.95}
@@ -920,8 +939,7 @@ class IterativeInterpolativeDecomposition(_IDBase):
         if not 0 < float(self.k) < 1:
             raise PruningError(f"method 'id_iter': k must be in (0, 1), got {self.k}")
         st = self._state(model, ctx)
-        base = {"flops": st.cost("flops"), "params": st.cost("params")}
-        kind, goal = _goal(ctx.target, base, self.target_kind, self.name)
+        kind, goal = _goal(ctx.target, measured_costs(model, ctx.input_shape), self.target_kind, self.name)
         tol = float(ctx.budget.tolerance) * goal
         steps: list[tuple[str, int, float]] = []
         while st.cost(kind) > goal:
@@ -943,26 +961,29 @@ class IterativeInterpolativeDecomposition(_IDBase):
                         "time_s": round(time.perf_counter() - t0, 3)})
 
     @staticmethod
-    def _landing(st: _IDState, key: str, k: int, kind: str, goal: float) -> int | None:
-        """Largest width in ``[k, n)`` that meets the goal when only group ``key`` changes (None: none does)."""
+    def _landing(st: _IDState, key: str, lowest: int, kind: str, goal: float) -> int | None:
+        """Largest width in ``[lowest, n)`` that meets the goal when only group ``key`` changes (None: none)."""
         g = st.groups[key]
         widths = st.widths()
-        widths[key] = k
+        widths[key] = lowest
         if st.cost(kind, widths) > goal:
             return None
-        best = k
-        for w in range(k + g.multiple_of, len(g.kept), g.multiple_of):
-            widths[key] = w
-            if st.cost(kind, widths) > goal:
-                break
-            best = w
-        return best
+        lo, hi = lowest, len(g.kept) - 1  # cost decreases with the width: bisect on multiples
+        lo_m, hi_m = lo // g.multiple_of, hi // g.multiple_of
+        while lo_m < hi_m:
+            mid = (lo_m + hi_m + 1) // 2
+            widths[key] = mid * g.multiple_of
+            if st.cost(kind, widths) <= goal:
+                lo_m = mid
+            else:
+                hi_m = mid - 1
+        return max(lowest, lo_m * g.multiple_of)
 
     def _last_step(self, st: _IDState, cands: list[tuple[float, str, int]], key: str, k: int, kind: str,
                    goal: float, tol: float) -> tuple[str, int]:
-        """The final step: when the chosen step crosses the goal, keep as many channels as still meet it;
-        if that still undershoots the goal by more than the tolerance, take the best-scoring step (of at
-        most the usual size) that lands within it instead."""
+        """The final step. When the chosen step crosses the goal, keep as many channels as still meet it;
+        if that still lands more than the tolerance below the goal (a large channel of a tiny model),
+        take instead the best-scoring single-group step -- of any size -- that lands within it."""
         w = self._landing(st, key, k, kind, goal)
         if w is None:
             return key, k
@@ -971,9 +992,9 @@ class IterativeInterpolativeDecomposition(_IDBase):
         if goal - st.cost(kind, widths) <= tol:
             return key, w
         landing = []
-        for _, other, k_other in cands:
-            w_other = self._landing(st, other, k_other, kind, goal)
-            if w_other is None:
+        for _, other, _ in cands:
+            w_other = self._landing(st, other, st.groups[other].min_keep, kind, goal)
+            if w_other is None or w_other == 0:
                 continue
             widths = st.widths()
             widths[other] = w_other

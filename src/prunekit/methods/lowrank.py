@@ -40,6 +40,7 @@ import torch.nn as nn
 
 from prunekit.errors import PruningError
 from prunekit.methods.base import Method, PruneContext
+from prunekit.methods.interpolative import measured_costs
 from prunekit.methods.registry import register_method
 from prunekit.surgery.plan import LowRankFactors, Plan
 
@@ -118,10 +119,10 @@ def _eligible(model: nn.Module, ctx: PruneContext, method: str) -> tuple[list[_L
     return layers, graph
 
 
-def _goal(ctx: PruneContext, graph: Any, keep_ratio: float | None, target_kind: str | None,
+def _goal(model: nn.Module, ctx: PruneContext, keep_ratio: float | None, target_kind: str | None,
           method: str) -> tuple[str, float]:
-    """``(cost kind, total cost to reach)``."""
-    base = {"flops": float(graph.cost.base_flops), "params": float(graph.cost.base_params)}
+    """``(cost kind, total cost to reach)``, relative to the model's measured (non-zero) cost."""
+    base = measured_costs(model, ctx.input_shape)
     if keep_ratio is not None:
         if not 0 < float(keep_ratio) < 1:
             raise PruningError(f"method {method!r}: keep_ratio must be in (0, 1), got {keep_ratio}")
@@ -209,7 +210,7 @@ class SVD(_LowRankBase):
     def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
         t0 = time.perf_counter()
         layers, graph = _eligible(model, ctx, self.name)
-        kind, goal = _goal(ctx, graph, self.keep_ratio, self.target_kind, self.name)
+        kind, goal = _goal(model, ctx, self.keep_ratio, self.target_kind, self.name)
         base = float(graph.cost.base_flops if kind == "flops" else graph.cost.base_params)
         for l in layers:
             l.spectrum = torch.linalg.svdvals(_matrix(model.get_submodule(l.path))) ** 2
@@ -284,7 +285,7 @@ class PCA(_LowRankBase):
         t0 = time.perf_counter()
         self.check(ctx)
         layers, graph = _eligible(model, ctx, self.name)
-        kind, goal = _goal(ctx, graph, self.keep_ratio, self.target_kind, self.name)
+        kind, goal = _goal(model, ctx, self.keep_ratio, self.target_kind, self.name)
         base = float(graph.cost.base_flops if kind == "flops" else graph.cost.base_params)
         moments = _output_moments(model, [l.path for l in layers], lambda: ctx.batches(int(self.samples)))
         if not moments:
@@ -375,7 +376,7 @@ class LRank(_LowRankBase):
         t0 = time.perf_counter()
         self.check(ctx)
         layers, graph = _eligible(model, ctx, self.name)
-        kind, goal = _goal(ctx, graph, self.keep_ratio, self.target_kind, self.name)
+        kind, goal = _goal(model, ctx, self.keep_ratio, self.target_kind, self.name)
         base = float(graph.cost.base_flops if kind == "flops" else graph.cost.base_params)
         work = copy.deepcopy(model)
         work.eval()

@@ -111,4 +111,5 @@ def baked_state_and_masks(model: nn.Module) -> tuple[dict[str, torch.Tensor], di
                 continue
             state[prefix + bname] = b.detach().clone()
     # parametrized modules expose "parametrizations.*" children; drop their internals
-    return {k: v for k, v in state.items() if ".parametrizations." not in k and not k.startswith("parametrizations.")}, masks
+    plain = {k: v for k, v in state.items() if ".parametrizations." not in k and not k.startswith("parametrizations.")}
+    return plain, masks
