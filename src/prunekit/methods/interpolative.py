@@ -30,12 +30,24 @@ How the pieces map to the code:
   consumer weights in their post-removal shape, so applying it to the original model gives the
   working copy.
 
-**id_iter** recomputes activations only downstream of the layer it changed: the model is
-traced with ``torch.fx`` and the values entering each group's first consumer are cached for the
-whole prune set (within ``cache_mb``), so a step re-runs the network from the nearest cache
-before the pruned group's first producer; read points before its first consumer keep their
-``R`` (restricted to the kept columns). Models ``torch.fx`` cannot trace fall back to full
-forward passes with hooks (same result, slower).
+**id_iter** recomputes activations only downstream of the layer it changed. The model is traced
+with ``torch.fx`` and run node by node; for every group, the values needed to restart the network
+at (or just before) its first layer are cached for the whole prune set (deepest first, within
+``cache_mb``), so a step re-runs the network from the nearest cache before the pruned group's
+first producer, and read points up to its first consumer keep their ``R`` (restricted to the kept
+columns). Conv -> BatchNorm pairs run as one folded convolution during these passes. Models
+``torch.fx`` cannot trace fall back to full forward passes with hooks (same result, slower).
+
+Options shared by both methods:
+
+* ``samples`` (5000): prune-set size, taken from ``ctx.data`` (the training split);
+  ``batch_size`` (500) of the passes;
+* ``cache_mb`` (4096): upper bound on the restart caches (ResNet-20, 5000 CIFAR images: ~2.6 GB);
+* ``tsqr_block`` (``"gram"``): how TSQR reduces a block (see :class:`prunekit.linalg.TSQR`; ``"qr"``
+  is Householder, slower on activations, same ``R`` to rounding);
+* ``per_read_point`` (True): least-squares ``T`` per read point of a coupled group;
+* ``group_error`` (``"sum"``): error proxy of a coupled group (see :meth:`_IDState.error`);
+* ``target_kind``: ``"flops"`` / ``"params"``, the cost a ``ratio=`` target reduces (default flops).
 """
 
 from __future__ import annotations
@@ -59,6 +71,7 @@ from prunekit.linalg import (
     interpolation_matrix,
     pivoted_qr,
     qr_r,
+    release_workspace,
     small_ops,
 )
 from prunekit.methods.base import Method, PruneContext, Target
@@ -337,6 +350,8 @@ class _FxRunner(_Runner):
 
     def changed(self, index: int) -> None:
         self.valid = {p for p in self.valid if p <= index}
+        for p in [p for p in self.cache if p not in self.valid]:
+            del self.cache[p]  # stale: free the memory now
 
     def collect(self, needed: list[_ReadPoint], pos: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not needed:
@@ -349,6 +364,9 @@ class _FxRunner(_Runner):
         accs = {rp.key: TSQR(block=self.block) for rp in needed}
         self._fuse()
         stores: dict[int, list[tuple[Any, ...]]] = {p: [] for p in refresh}
+        for p in refresh:  # recomputed below: never hold the old and the new copy at once
+            self.cache.pop(p, None)
+            self.valid.discard(p)
         with torch.inference_mode():
             for b, x in enumerate(self.batches):
                 env: dict[Any, Any] = {}
@@ -767,6 +785,7 @@ class _IDState:
             "cache_mb": round(float(getattr(self.runner, "cache_planned_mb", 0.0)), 1),
             **extra_meta,
         }
+        release_workspace()
         return Plan(method=self.method.name, channels=channels, weights=weights, meta=meta)
 
 
@@ -847,6 +866,15 @@ def _goal(target: Target, base: dict[str, float], target_kind: str | None, metho
     return kind, base[kind] * (1.0 - target.value)
 
 
+def _dense_goal(st: _IDState, model: nn.Module, ctx: PruneContext, target_kind: str | None,
+                method: str) -> tuple[str, float]:
+    """The goal in the dense counts the cost model predicts: the measured (non-zero) goal scaled by
+    dense / measured now (zero entries, e.g. untrained BatchNorm biases, go with their channels)."""
+    measured = measured_costs(model, ctx.input_shape)
+    kind, goal = _goal(ctx.target, measured, target_kind, method)
+    return kind, goal * st.cost(kind) / max(measured[kind], 1.0)
+
+
 class _IDBase(Method):
     defaults: dict[str, Any] = {"samples": 5000, "batch_size": 500, "cache_mb": 4096, "per_read_point": True,
                                 "target_kind": None, "tsqr_block": "gram", "group_error": "sum"}
@@ -863,8 +891,9 @@ class InterpolativeDecomposition(_IDBase):
     """One-shot ID: every prunable group keeps ``floor(k * width)`` channels.
 
     Options: ``k`` keep fraction (default None: ``1 - ratio`` for a ``ratio=`` target, and for a
-    ``flops=`` / ``params=`` target the largest uniform fraction meeting it); ``samples`` (prune-set
-    size, 5000); ``batch_size``; ``cache_mb`` (activation cache); ``per_read_point``.
+    ``flops=`` / ``params=`` target the largest uniform fraction meeting it, after which the
+    relatively most pruned groups get channels back while the target still holds); ``samples``
+    (prune-set size, 5000); ``batch_size``; ``cache_mb`` (activation cache); ``per_read_point``.
 
     Groups are decomposed in execution order, each on the activations of the model whose earlier
     groups are already pruned (so later corrections see the real, perturbed inputs).
@@ -883,37 +912,79 @@ class InterpolativeDecomposition(_IDBase):
         return st.plan({"k": self._k_used, "time_s": round(time.perf_counter() - t0, 3)})
 
     def _target_widths(self, st: _IDState, ctx: PruneContext, model: nn.Module) -> dict[str, int]:
-        def at(q: float, per_layer: dict[str, float] | None = None) -> dict[str, int]:
-            out = {}
-            for key, g in st.groups.items():
-                frac = 1.0 - per_layer[key] if per_layer and key in per_layer else q
-                out[key] = max(st.width_options(key, int(math.floor(frac * g.size + 1e-9))), g.min_keep)
-                out[key] = min(out[key], g.size)
-            return out
-
         if self.k is not None:
             if not 0 < float(self.k) <= 1:
                 raise PruningError(f"method 'id': k must be in (0, 1], got {self.k}")
             self._k_used = float(self.k)
-            return at(float(self.k))
+            return self._uniform(st, float(self.k))
         target = ctx.target
         if target.kind == "ratio" and self.target_kind is None:
             self._k_used = 1.0 - target.value
-            return at(1.0 - target.value, target.per_layer)
-        kind, goal = _goal(target, measured_costs(model, ctx.input_shape), self.target_kind,
-                           self.name)
-        if st.cost(kind, at(0.0)) > goal:
+            return self._uniform(st, 1.0 - target.value, target.per_layer)
+        kind, goal = _dense_goal(st, model, ctx, self.target_kind, self.name)
+        lowest = st.cost(kind, self._uniform(st, 0.0))
+        if lowest > goal:
             raise PruningError(f"method 'id' cannot reach {target}: with every prunable group at its minimum width "
-                               f"the model still has {st.cost(kind, at(0.0)):.4g} {kind} (goal {goal:.4g})")
+                               f"the model still has {lowest:.4g} {kind} (goal {goal:.4g})")
+        self._k_used, widths = self._fit(st, kind, goal, {})
+        tol = float(ctx.budget.tolerance) * goal
+        if goal - st.cost(kind, widths) > tol:
+            # a small group's single channel can be worth more than the tolerance (LeNet-5's first conv): try
+            # giving one group one more channel and fitting the others around it; keep the closest fit
+            best = widths
+            for key in sorted(st.groups, key=lambda key: widths[key] / st.groups[key].size):
+                g = st.groups[key]
+                if widths[key] + g.multiple_of > g.size:
+                    continue
+                fixed = {key: widths[key] + g.multiple_of}
+                if st.cost(kind, {**self._uniform(st, 0.0), **fixed}) > goal:
+                    continue
+                _, trial = self._fit(st, kind, goal, fixed)
+                if st.cost(kind, trial) > st.cost(kind, best):
+                    best = trial
+                if goal - st.cost(kind, best) <= tol:
+                    break
+            widths = best
+        return widths
+
+    @staticmethod
+    def _uniform(st: _IDState, q: float, per_layer: dict[str, float] | None = None,
+                 fixed: dict[str, int] | None = None) -> dict[str, int]:
+        """``floor(q * width)`` for every group (``per_layer``: fraction removed per group; ``fixed`` widths)."""
+        out = {}
+        for key, g in st.groups.items():
+            if fixed and key in fixed:
+                out[key] = fixed[key]
+                continue
+            frac = 1.0 - per_layer[key] if per_layer and key in per_layer else q
+            out[key] = min(g.size, max(st.width_options(key, int(math.floor(frac * g.size + 1e-9))), g.min_keep))
+        return out
+
+    def _fit(self, st: _IDState, kind: str, goal: float, fixed: dict[str, int]) -> tuple[float, dict[str, int]]:
+        """The largest uniform keep fraction meeting ``goal`` (``fixed`` groups aside), then channels given
+        back, always to the relatively most pruned group that still fits (``floor(q * n)`` undershoots most
+        where channels are few)."""
         lo, hi = 0.0, 1.0
         for _ in range(50):
             mid = 0.5 * (lo + hi)
-            if st.cost(kind, at(mid)) <= goal:
+            if st.cost(kind, self._uniform(st, mid, fixed=fixed)) <= goal:
                 lo = mid
             else:
                 hi = mid
-        self._k_used = lo
-        return at(lo)
+        widths = self._uniform(st, lo, fixed=fixed)
+        while True:
+            for key in sorted(st.groups, key=lambda key: widths[key] / st.groups[key].size):
+                g = st.groups[key]
+                if key in fixed:
+                    continue
+                trial = dict(widths)
+                trial[key] = min(g.size, widths[key] + g.multiple_of)
+                if trial[key] > widths[key] and st.cost(kind, trial) <= goal:
+                    widths = trial
+                    break
+            else:
+                break
+        return lo, widths
 
 
 @register_method("id_iter", granularity="channel", needs_data=True, needs_labels=False, family="interpolative",
@@ -929,7 +1000,8 @@ class IterativeInterpolativeDecomposition(_IDBase):
     in the score's denominator is the target's kind). The last step keeps as many channels as
     still meet the target; when the chosen group's step would undershoot the target by more than
     ``BudgetOptions.tolerance`` (tiny layers: one channel of a 6-channel conv), the best-scoring
-    single-group step (of any size) that lands within the tolerance is taken instead.
+    single-group step (of any size) that lands within the tolerance is taken instead, or else the best
+    step that does not reach the target yet (see :meth:`_choose`).
     """
 
     defaults = {**_IDBase.defaults, "k": 0.95}
@@ -939,7 +1011,7 @@ class IterativeInterpolativeDecomposition(_IDBase):
         if not 0 < float(self.k) < 1:
             raise PruningError(f"method 'id_iter': k must be in (0, 1), got {self.k}")
         st = self._state(model, ctx)
-        kind, goal = _goal(ctx.target, measured_costs(model, ctx.input_shape), self.target_kind, self.name)
+        kind, goal = _dense_goal(st, model, ctx, self.target_kind, self.name)
         tol = float(ctx.budget.tolerance) * goal
         steps: list[tuple[str, int, float]] = []
         while st.cost(kind) > goal:
@@ -953,8 +1025,7 @@ class IterativeInterpolativeDecomposition(_IDBase):
             if not cands:
                 raise PruningError(f"method 'id_iter' cannot reach {ctx.target}: every group is at its minimum "
                                    f"width and the model still has {st.cost(kind):.4g} {kind} (goal {goal:.4g})")
-            _, key, k = min(cands)
-            key, k = self._last_step(st, cands, key, k, kind, goal, tol)
+            key, k = self._choose(st, cands, kind, goal, tol)
             err = st.prune(key, k)
             steps.append((key, k, err))
         return st.plan({"k": float(self.k), "steps": [list(s) for s in steps], "goal": {kind: goal},
@@ -979,31 +1050,32 @@ class IterativeInterpolativeDecomposition(_IDBase):
                 hi_m = mid - 1
         return max(lowest, lo_m * g.multiple_of)
 
-    def _last_step(self, st: _IDState, cands: list[tuple[float, str, int]], key: str, k: int, kind: str,
-                   goal: float, tol: float) -> tuple[str, int]:
-        """The final step. When the chosen step crosses the goal, keep as many channels as still meet it;
-        if that still lands more than the tolerance below the goal (a large channel of a tiny model),
-        take instead the best-scoring single-group step -- of any size -- that lands within it."""
+    def _choose(self, st: _IDState, cands: list[tuple[float, str, int]], kind: str, goal: float,
+                tol: float) -> tuple[str, int]:
+        """The step to take: the best-scoring one, except near the goal. A step that reaches the goal keeps as
+        many channels as still meet it. If that lands more than the tolerance below the goal (a big channel
+        of a tiny model), the best-scoring single-group step of any size landing within the tolerance is
+        taken instead; failing that, the best step that does not reach the goal yet (smaller steps follow);
+        failing that, the overshooting one."""
+        cands = sorted(cands)
+        _, key, k = cands[0]
         w = self._landing(st, key, k, kind, goal)
         if w is None:
             return key, k
-        widths = st.widths()
-        widths[key] = w
-        if goal - st.cost(kind, widths) <= tol:
+        if goal - st.cost(kind, {**st.widths(), key: w}) <= tol:
             return key, w
         landing = []
         for _, other, _ in cands:
             w_other = self._landing(st, other, st.groups[other].min_keep, kind, goal)
-            if w_other is None or w_other == 0:
-                continue
-            widths = st.widths()
-            widths[other] = w_other
-            if goal - st.cost(kind, widths) <= tol:
+            if w_other is not None and goal - st.cost(kind, {**st.widths(), other: w_other}) <= tol:
                 score = st.error(other, w_other) / max(st.group_cost(other, kind), 1e-12)
                 landing.append((score, other, w_other))
         if landing:
             _, other, w_other = min(landing)
             return other, w_other
+        for _, other, k_other in cands[1:]:
+            if st.cost(kind, {**st.widths(), other: k_other}) > goal:
+                return other, k_other
         return key, w
 
 

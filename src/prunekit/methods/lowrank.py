@@ -48,39 +48,51 @@ from prunekit.surgery.plan import LowRankFactors, Plan
 # --------------------------------------------------------------------------------------------- layers
 @dataclass
 class _Layer:
-    """One factorisable layer and how its cost depends on the rank."""
+    """One factorisable layer and how its cost depends on the rank.
+
+    Costs are counted the way :func:`prunekit.prune` measures them: non-zero parameters and
+    multiply-adds of non-zero weights (``nonzero``: the weight's non-zero entries; the factors are
+    dense). ``lrank`` trains every weight first, so it counts the layer as dense.
+    """
 
     path: str
     out: int  # rows of the weight matrix
     cols: int  # in * kh * kw
     uses: float  # multiply-adds per weight entry per example
     has_bias: bool
+    nonzero: int  # non-zero weight entries now
+    zero_bias: int = 0  # zero entries of the bias now
+    adds_bias: bool = False  # the factor chain gets a (non-zero) bias of its own (pca: the mean)
     spectrum: torch.Tensor | None = None  # descending energies (sigma^2 or PCA eigenvalues)
 
     @property
     def dense(self) -> int:
         return self.out * self.cols
 
-    def entries(self, r: int) -> int:
-        """Weight entries at rank ``r`` (the dense layer when factoring would not save any)."""
-        return min(self.dense, r * (self.cols + self.out))
+    @property
+    def _new_bias(self) -> int:
+        """Bias entries the chain adds (pca's mean correction on a layer without bias)."""
+        return self.out if self.adds_bias and not self.has_bias else 0
 
     def factored(self, r: int) -> bool:
-        return r * (self.cols + self.out) < self.dense
+        """Whether the rank-``r`` chain has fewer parameters than the layer."""
+        return r * (self.cols + self.out) + self._new_bias < self.dense
 
     def max_useful_rank(self) -> int:
-        """Largest rank whose factors are smaller than the layer (0: never worth it)."""
-        return max(0, (self.dense - 1) // (self.cols + self.out))
+        """Largest rank whose chain is smaller than the layer (0: never worth it)."""
+        return max(0, (self.dense - self._new_bias - 1) // (self.cols + self.out))
 
-    def cost(self, r: int, kind: str) -> float:
-        """Cost of the layer at rank ``r`` minus nothing: params (incl. an added bias) or multiply-adds."""
-        n = self.entries(r)
+    def cost(self, r: int | None, kind: str) -> float:
+        """Parameters or multiply-adds of the layer at rank ``r`` (``None`` or a useless rank: as it is)."""
+        if r is None or not self.factored(r):
+            return float(self.nonzero * self.uses if kind == "flops" else self.nonzero)
+        n = r * (self.cols + self.out)
         if kind == "flops":
             return n * self.uses
-        extra = self.out if (self.factored(r) and not self.has_bias and self._adds_bias) else 0
+        extra = 0
+        if self.adds_bias:
+            extra = self.zero_bias if self.has_bias else self.out
         return float(n + extra)
-
-    _adds_bias: bool = False
 
     def rank_for_energy(self, tau: float) -> int:
         """Fewest components holding a fraction ``tau`` of the energy (at least 1)."""
@@ -93,7 +105,7 @@ class _Layer:
         return max(1, min(r, len(self.spectrum)))
 
 
-def _eligible(model: nn.Module, ctx: PruneContext, method: str) -> tuple[list[_Layer], Any]:
+def _eligible(model: nn.Module, ctx: PruneContext, method: str, dense: bool = False) -> tuple[list[_Layer], Any]:
     """Conv2d (groups = 1) and Linear layers that may be factored, with their per-entry costs."""
     from prunekit.surgery.graph import analyze
 
@@ -110,8 +122,11 @@ def _eligible(model: nn.Module, ctx: PruneContext, method: str) -> tuple[list[_L
         if isinstance(m, nn.Conv2d) and m.groups == 1 or isinstance(m, nn.Linear):
             if path not in uses or uses[path] == 0:
                 continue  # not used in the forward pass
-            w = m.weight
-            layer = _Layer(path, int(w.shape[0]), int(w[0].numel()), float(uses[path]), m.bias is not None)
+            w = m.weight.detach()
+            nonzero = w.numel() if dense else int(torch.count_nonzero(w))
+            zero_bias = 0 if m.bias is None or dense else int(m.bias.numel() - torch.count_nonzero(m.bias))
+            layer = _Layer(path, int(w.shape[0]), int(w[0].numel()), float(uses[path]), m.bias is not None, nonzero,
+                           zero_bias)
             if layer.max_useful_rank() >= 1:
                 layers.append(layer)
     if not layers:
@@ -119,10 +134,20 @@ def _eligible(model: nn.Module, ctx: PruneContext, method: str) -> tuple[list[_L
     return layers, graph
 
 
-def _goal(model: nn.Module, ctx: PruneContext, keep_ratio: float | None, target_kind: str | None,
-          method: str) -> tuple[str, float]:
-    """``(cost kind, total cost to reach)``, relative to the model's measured (non-zero) cost."""
-    base = measured_costs(model, ctx.input_shape)
+def _goal(model: nn.Module, ctx: PruneContext, graph: Any, keep_ratio: float | None, target_kind: str | None,
+          method: str, dense: bool = False) -> tuple[str, float, float]:
+    """``(cost kind, cost to reach, cost now)``, relative to the model's measured (non-zero) cost; with
+    ``dense`` the cost now is the dense count and the goal is scaled to it."""
+    measured = measured_costs(model, ctx.input_shape)
+    kind, goal = _goal_of(measured, ctx, keep_ratio, target_kind, method)
+    if not dense:
+        return kind, goal, measured[kind]
+    now = float(graph.cost.base_flops if kind == "flops" else graph.cost.base_params)
+    return kind, goal * now / max(measured[kind], 1.0), now
+
+
+def _goal_of(base: dict[str, float], ctx: PruneContext, keep_ratio: float | None, target_kind: str | None,
+             method: str) -> tuple[str, float]:
     if keep_ratio is not None:
         if not 0 < float(keep_ratio) < 1:
             raise PruningError(f"method {method!r}: keep_ratio must be in (0, 1), got {keep_ratio}")
@@ -141,7 +166,7 @@ def _goal(model: nn.Module, ctx: PruneContext, keep_ratio: float | None, target_
 
 def _total(layers: list[_Layer], ranks: dict[str, int], kind: str, base: float) -> float:
     """Model cost when every layer is at its rank (``base``: the model's full cost)."""
-    return base - sum(l.cost(10**9, kind) - l.cost(ranks[l.path], kind) for l in layers)
+    return base - sum(l.cost(None, kind) - l.cost(ranks[l.path], kind) for l in layers)
 
 
 def _bisect_threshold(layers: list[_Layer], kind: str, base: float, goal: float,
@@ -210,8 +235,7 @@ class SVD(_LowRankBase):
     def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
         t0 = time.perf_counter()
         layers, graph = _eligible(model, ctx, self.name)
-        kind, goal = _goal(model, ctx, self.keep_ratio, self.target_kind, self.name)
-        base = float(graph.cost.base_flops if kind == "flops" else graph.cost.base_params)
+        kind, goal, base = _goal(model, ctx, graph, self.keep_ratio, self.target_kind, self.name)
         for l in layers:
             l.spectrum = torch.linalg.svdvals(_matrix(model.get_submodule(l.path))) ** 2
         tau, ranks = _bisect_threshold(layers, kind, base, goal, self.name)
@@ -285,8 +309,7 @@ class PCA(_LowRankBase):
         t0 = time.perf_counter()
         self.check(ctx)
         layers, graph = _eligible(model, ctx, self.name)
-        kind, goal = _goal(model, ctx, self.keep_ratio, self.target_kind, self.name)
-        base = float(graph.cost.base_flops if kind == "flops" else graph.cost.base_params)
+        kind, goal, base = _goal(model, ctx, graph, self.keep_ratio, self.target_kind, self.name)
         moments = _output_moments(model, [l.path for l in layers], lambda: ctx.batches(int(self.samples)))
         if not moments:
             raise PruningError("method 'pca' saw no examples: the prune set is empty")
@@ -296,7 +319,7 @@ class PCA(_LowRankBase):
             evals, evecs = torch.linalg.eigh(moments[l.path][2])
             evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
             l.spectrum = evals
-            l._adds_bias = True  # the chain restores the output mean with a bias
+            l.adds_bias = True  # the chain restores the output mean with a bias
             bases[l.path] = evecs
         tau, ranks = _bisect_threshold(layers, kind, base, goal, self.name)
         lowrank = {}
@@ -365,19 +388,20 @@ class LRank(_LowRankBase):
 
     Options: ``steps`` (LC iterations, 5), ``mu0`` (1e-3), ``mu_growth`` (4: ``mu_j = mu0 * growth^j``),
     ``lam`` (None: bisected at every C step to meet the target), ``l_steps`` (SGD minibatches per
-    L step, 20), ``lr`` (0.01, momentum 0.9), ``keep_ratio``, ``target_kind``. BatchNorm statistics
-    are frozen during the L steps (eval mode); every other parameter trains.
+    L step, 20), ``lr`` (1e-3, ``momentum`` 0.9, gradient norm clipped at ``clip`` = 5; minibatches
+    with a non-finite loss are skipped; a trained ResNet-20 with frozen BatchNorm already drifts at
+    lr 3e-3), ``keep_ratio``, ``target_kind``. BatchNorm statistics are frozen during the L steps
+    (eval mode); every other parameter trains.
     """
 
     defaults = {**_LowRankBase.defaults, "steps": 5, "mu0": 1e-3, "mu_growth": 4.0, "lam": None, "l_steps": 20,
-                "lr": 0.01, "momentum": 0.9}
+                "lr": 1e-3, "momentum": 0.9, "clip": 5.0}
 
     def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
         t0 = time.perf_counter()
         self.check(ctx)
-        layers, graph = _eligible(model, ctx, self.name)
-        kind, goal = _goal(model, ctx, self.keep_ratio, self.target_kind, self.name)
-        base = float(graph.cost.base_flops if kind == "flops" else graph.cost.base_params)
+        layers, graph = _eligible(model, ctx, self.name, dense=True)  # training makes every weight non-zero
+        kind, goal, base = _goal(model, ctx, graph, self.keep_ratio, self.target_kind, self.name, dense=True)
         work = copy.deepcopy(model)
         work.eval()
         mods = {l.path: work.get_submodule(l.path) for l in layers}
@@ -387,6 +411,7 @@ class LRank(_LowRankBase):
         opt = torch.optim.SGD(params, lr=float(self.lr), momentum=float(self.momentum))
         data = _cycle(ctx)
         history = []
+        skipped = 0
         thetas: dict[str, torch.Tensor] = {}
         ranks: dict[str, int] = {}
         lam = self.lam
@@ -400,11 +425,17 @@ class LRank(_LowRankBase):
                     loss = ctx.loss(work(x), y)
                     pen = sum(((mods[p].weight - thetas[p]) ** 2).sum() for p in thetas)
                     total = loss + 0.5 * mu * pen
+                    if not torch.isfinite(total):
+                        skipped += 1  # a diverging minibatch (e.g. an untrained deep net): no update
+                        continue
                     total.backward()
+                    torch.nn.utils.clip_grad_norm_(params, float(self.clip))
                     opt.step()
                     loss_sum += float(loss)
                 history.append({"step": j, "mu": mu, "loss": loss_sum / max(1, int(self.l_steps))})
             # C step
+            if not all(torch.isfinite(m.weight).all() for m in mods.values()):
+                raise PruningError("method 'lrank': the L step diverged (non-finite weights); lower lr or mu0")
             sigmas = {p: torch.linalg.svdvals(_matrix(m)) for p, m in mods.items()}
             if self.lam is None:
                 lam, ranks = _lambda_for(layers, sigmas, mu, kind, base, goal)
@@ -432,7 +463,7 @@ class LRank(_LowRankBase):
                 lowrank[l.path] = _svd_factors(m, ranks[l.path], m.bias)
                 factored.update({f"{l.path}.weight", f"{l.path}.bias"})
         weights = {n: p.detach().clone() for n, p in work.named_parameters() if n not in factored}
-        meta = _plan_meta(layers, ranks, kind, base, goal, {"lam": lam, "history": history,
+        meta = _plan_meta(layers, ranks, kind, base, goal, {"lam": lam, "history": history, "skipped_steps": skipped,
                                                             "time_s": round(time.perf_counter() - t0, 3)})
         return Plan(method=self.name, lowrank=lowrank, weights=weights, meta=meta)
 
