@@ -16,6 +16,8 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Tests never write to the user's cache unless PRUNEKIT_CACHE is set by the CI."""
     if "PRUNEKIT_CACHE" not in os.environ:
         monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    if "PRUNEKIT_LATENCY_CACHE" not in os.environ:  # measured layer timings: one cache per test session
+        monkeypatch.setenv("PRUNEKIT_LATENCY_CACHE", str(tmp_path_factory.getbasetemp() / "latency"))
 
 
 @pytest.fixture(scope="session")

@@ -313,10 +313,15 @@ def test_latency_proxy_charges_partial_blocks_and_activations() -> None:
     def f(k: int) -> float:
         return cost.latency({key: k}, block=16, per_element=0)
 
-    # crossing a block boundary charges a whole block of output channels of the producer ...
-    assert f(17) - f(16) > 2 * (f(18) - f(17))
-    # ... inside a block only the consumer's input channels count (linear)
-    assert f(18) - f(17) == pytest.approx(f(19) - f(18)) and f(18) > f(17)
+    # group "0" is conv0's output and conv2's input: inside a block of 16 nothing changes ...
+    assert f(17) == pytest.approx(f(32)) and f(18) == pytest.approx(f(31))
+    # ... crossing a block boundary charges a whole block of conv0's outputs and of conv2's inputs
+    assert f(17) > f(16) and f(16) == pytest.approx(f(9))
+    # fewer input channels than one block: conv2 reads them in half blocks (8 costs half of 16)
+    conv2 = next(t for t in cost.latency_tensors() if t.path.startswith("2."))
+    half = cost.layer_latency(conv2, {**g.widths(), key: 8}, block=16, per_element=0)
+    whole = cost.layer_latency(conv2, {**g.widths(), key: 16}, block=16, per_element=0)
+    assert half == pytest.approx(whole / 2)
     assert f(32) == pytest.approx(cost.latency(block=16, per_element=0))
     # the memory-bound term grows with the activations
     assert cost.latency(per_element=64) > cost.latency(per_element=0)

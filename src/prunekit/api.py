@@ -28,6 +28,7 @@ from prunekit.errors import PruningError
 from prunekit.methods.base import BudgetOptions, Method, PruneContext, Target
 from prunekit.methods.registry import MethodInfo, get_method_info
 from prunekit.schedule import FineTuner, cumulative_fractions, target_fraction
+from prunekit.surgery.allocate import latency_mode as _latency_mode
 from prunekit.surgery.apply import apply_plan_
 from prunekit.surgery.graph import LAYER_TYPES, ChannelGraph, analyze, default_input_shape
 from prunekit.surgery.masks import remove_masks_
@@ -284,6 +285,7 @@ def prune(
     cap: float | None = None,
     normalize: str | None = None,
     nm: str | None = None,
+    latency_aware: bool | str | None = None,
     heads: bool = False,
     budget: BudgetOptions | None = None,
     rounds: int = 1,
@@ -312,8 +314,12 @@ def prune(
         scope: ``"global"`` (one ranking across layers, default) or ``"layerwise"``.
         round_to: channel multiple (default ``"auto"``: 32 from 64 channels, 16 for 32-63, 8 for 16-31,
             none below; ``1``: no rounding; or a callable ``width -> multiple``). With the default
-            ``budget.latency_aware`` the global ranking also weighs each channel by the CPU time its
+            ``latency_aware`` the global ranking also weighs each channel by the CPU time its
             removal saves (see :class:`BudgetOptions`).
+        latency_aware: ``True`` / ``"proxy"`` (default): the time a channel saves comes from an analytic
+            CPU cost model; ``"measured"``: from timing the model's layers on this machine
+            (:mod:`prunekit.surgery.latency`; a few seconds, cached per machine); ``False`` / ``"off"``:
+            channels are ranked by score alone.
         ignored: layer paths whose output channels (channel methods) / weights (weight methods) are not
             pruned; the classifier never is.
         floor / cap / normalize / nm: see :class:`BudgetOptions`; ``budget`` passes them all at once.
@@ -360,7 +366,9 @@ def prune(
         cap=cap,
         normalize=normalize,
         nm=nm,
+        latency_aware=latency_aware,
     )
+    _latency_mode(b.latency_aware)  # a clear error for a bad value, before any work
     if copy:
         model = _copy.deepcopy(model)
     model.to(dev)
@@ -529,6 +537,7 @@ def _report(
         else repr(b.round_to),
         "rounds": rounds,
         "schedule": schedule,
+        "latency_aware": _latency_mode(b.latency_aware),
         "base_flops": base["flops"],
         "base_effective_flops": base["effective_flops"],
         "base_params": base["params"],
@@ -555,6 +564,8 @@ def _report(
     alloc = ctx.extra.get("allocation")
     if alloc:
         report["allocation"] = {k: v for k, v in alloc.items() if k != "widths"}
+    if ctx.extra.get("latency_table"):
+        report["latency_table"] = dict(ctx.extra["latency_table"])
     return report
 
 

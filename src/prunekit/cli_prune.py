@@ -62,6 +62,15 @@ def _round_to(text: str | None) -> int | str | None:
         raise PrunekitError(f"--round-to must be an integer or 'auto', got {text!r}") from None
 
 
+def _latency_model(args: argparse.Namespace, device: Any) -> str:
+    """``--latency-model``, defaulting to timing layers on a CPU run and to the proxy on an accelerator."""
+    import torch
+
+    if getattr(args, "latency_model", None):
+        return str(args.latency_model)
+    return "measured" if torch.device(device).type == "cpu" else "proxy"
+
+
 def _latency_pair(base: Any, pruned: Any, shape: tuple[int, ...], repeats: int = 3) -> tuple[dict, dict]:
     """Latency of both models measured alternately (``repeats`` times each) to cancel machine drift;
     per batch size the fastest of the medians is kept."""
@@ -193,6 +202,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         scope=args.scope,
         round_to=_round_to(args.round_to),
         floor=args.floor,
+        latency_aware=_latency_model(args, device),
         rounds=args.rounds,
         schedule=args.schedule,
         heads=args.heads,
@@ -406,6 +416,14 @@ def add_commands(sub: Any) -> None:
                    help="iterative pruning rounds (with --epochs-per-round: prune-and-train rounds)")
     s.add_argument("--schedule", default="geometric", choices=["geometric", "linear", "gradflow"])
     s.add_argument("--heads", action="store_true", help="also prune whole attention heads (ViT)")
+    s.add_argument(
+        "--latency-model",
+        default=None,
+        choices=["measured", "proxy", "off"],
+        help="how the global channel ranking weighs the time a channel costs: 'measured' (default on CPU: "
+        "time the model's layers on this machine, cached per machine), 'proxy' (analytic cost model; the "
+        "default on GPU), 'off' (scores alone)",
+    )
     s.add_argument(
         "--option",
         action="append",

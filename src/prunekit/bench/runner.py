@@ -531,7 +531,7 @@ class Runner:
         p = self.exp.prune
         mode = p.mode or ("masked" if c.granularity == "weight" else "physical")
         wanted = {"mode": mode, "scope": p.scope, "round_to": p.round_to, "rounds": p.rounds, "floor": p.floor,
-                  "cap": p.cap, "device": device, "copy": False}
+                  "cap": p.cap, "latency_aware": p.latency_aware, "device": device, "copy": False}
         try:
             names = set(inspect.signature(prune_fn).parameters)
         except (TypeError, ValueError):

@@ -97,7 +97,11 @@ class BudgetOptions:
     normalize: str | None = None  # per-layer score normalisation before a global ranking: None, "l2", "max", "mean"
     tolerance: float = 0.05  # achieved/target may be off by this fraction
     nm: str | None = None  # weight methods: "N:M" structured sparsity (keep N of every M weights along a row)
-    latency_aware: bool = True  # global channel ranking: score / estimated CPU latency saved per channel
+    # global channel ranking: score / CPU latency saved per channel, estimated by the analytic proxy
+    # (True / "proxy"), by timing the model's layers on this machine ("measured"), or not at all (False / "off")
+    latency_aware: bool | str = True
+    latency_batch: int = 64  # "measured": batch size the layers are timed at
+    latency_threads: int | None = None  # "measured": threads while timing (None: torch's current setting)
 
 
 # --------------------------------------------------------------------------------------------- context

@@ -14,13 +14,19 @@ them are removed); kept counts are multiples of ``round_to``. The default roundi
 more, 16 for 32-63 and 8 for 16-31, and leaves tiny groups unrounded: CPU kernels process channels
 in blocks of 8 / 16 / 32, so unaligned widths cost as much as the next aligned one.
 
-Latency-aware ranking (``BudgetOptions.latency_aware``, the default): with ``scope="global"`` a
-channel's score (after the optional ``normalize``) is divided by the latency its removal
-saves according to the graph's CPU latency proxy (:meth:`~prunekit.surgery.graph.CostModel.latency`:
-multiply-adds in whole output-channel blocks plus memory-bound work per activation element). The
-target itself (``flops=`` / ``params=``) is unchanged; the ranking only decides where it is taken,
-preferring the channels that cost time (e.g. the residual stream of early, high-resolution stages,
-whose batch norm / ReLU / additions do not shrink when only inner convolutions are pruned).
+Latency-aware ranking (``BudgetOptions.latency_aware``, on by default): with ``scope="global"`` a
+channel's score (after the optional ``normalize``) is divided by its group's weight, the latency the
+removal of one of its channels saves relative to the other groups. ``"proxy"`` (``True``, the library
+default) takes it from the graph's analytic CPU latency proxy
+(:meth:`~prunekit.surgery.graph.CostModel.latency`: multiply-adds plus memory-bound work per
+activation element); ``"measured"`` (the ``prunekit prune`` default on CPU) times the layers touching
+each group on this machine at full width and one rounding step narrower
+(:mod:`prunekit.surgery.latency`), which also sees what the proxy cannot (small convolutions on large
+maps running at half the arithmetic rate, memory-bound strided 1x1 shortcuts); ``"off"`` ranks by
+score alone. The target itself (``flops=`` / ``params=``) is unchanged; the ranking only decides where
+it is taken, preferring the channels that cost time (e.g. the residual stream of early,
+high-resolution stages, whose batch norm / ReLU / additions do not shrink when only inner
+convolutions are pruned). If the weighted ranking cannot land on the target, the plain one is used.
 
 Weights (:func:`allocate_weights`): one score per weight; ``flops=`` / ``params=`` targets count
 non-zero (effective) multiply-adds / parameters; global or layer-wise; N:M masks with ``nm="2:4"``.
@@ -155,6 +161,7 @@ class _ChannelProblem:
                 f"(skipped layers: {graph.skipped or 'none'})"
             )
         self.normalized = [_normalize(s, b.normalize) for s in self.scores]
+        self.latency_weights: list[float] | None = None  # set by allocate_channels (latency-aware ranking)
 
     def widths(self, counts: list[int]) -> dict[str, int]:
         return dict(zip(self.keys, counts))
@@ -246,6 +253,8 @@ def allocate_channels(
         current[k] = full[k] - int(len(r))
     base = cost(current)
     budget = base / target.value
+    if ctx.budget.scope == "global" and latency_mode(ctx.budget.latency_aware) != "off":
+        prob.latency_weights = _latency_weights(prob, model, ctx)
     counts = _search(prob, ctx, cost, budget)
     keep = prob.keep(counts)
     predicted = cost({**current, **prob.widths(counts)})
@@ -312,9 +321,11 @@ def _search(prob: _ChannelProblem, ctx: PruneContext, cost: Any, budget: float) 
     if ctx.budget.scope == "layerwise":
         seqs = [_layerwise_configs(prob)]
     elif ctx.budget.scope == "global":
-        seqs = [_global_configs(prob, latency_aware=ctx.budget.latency_aware)]
-        if ctx.budget.latency_aware:  # fallback: the plain ranking, if the latency-aware one cannot land
-            seqs.append(_global_configs(prob))
+        seqs = []
+        if prob.latency_weights is not None:
+            seqs.append(_global_configs(prob, prob.latency_weights))
+        # without latency weights the plain ranking; with them, the fallback if that ranking cannot land
+        seqs.append(_global_configs(prob))
     else:
         raise PruningError(f"scope must be 'global' or 'layerwise', got {ctx.budget.scope!r}")
 
@@ -371,9 +382,36 @@ def _merge(parts: list[torch.Tensor], descending: bool) -> tuple[torch.Tensor, t
     return ids[order], order
 
 
-def _latency_weights(prob: _ChannelProblem) -> list[float]:
-    """Estimated latency (:meth:`CostModel.latency`) saved by removing one channel of each group, relative
-    to the average over groups (1 for every group when there is no cost model)."""
+LATENCY_MODES = ("proxy", "measured", "off")
+
+
+def latency_mode(value: Any) -> str:
+    """``BudgetOptions.latency_aware`` as one of :data:`LATENCY_MODES` (True: ``"proxy"``, False: ``"off"``)."""
+    if value is True or value is None:
+        return "proxy"
+    if value is False:
+        return "off"
+    v = str(value).strip().lower()
+    if v in ("proxy", "true", "on", "yes", "1"):
+        return "proxy"
+    if v in ("off", "false", "no", "0", "none"):
+        return "off"
+    if v == "measured":
+        return "measured"
+    raise PruningError(f"latency_aware must be one of {', '.join(LATENCY_MODES)} (or True / False), got {value!r}")
+
+
+def _latency_weights(
+    prob: _ChannelProblem, model: nn.Module | None = None, ctx: PruneContext | None = None
+) -> list[float]:
+    """Latency saved by removing a channel of each group, relative to the average over groups (1 for every
+    group when nothing can be estimated).
+
+    ``"proxy"`` (default): the graph's analytic CPU latency proxy (:meth:`CostModel.latency`) for one
+    channel less at full width. ``"measured"`` (``ctx.budget.latency_aware``): the layers touching each
+    group are timed on this machine at full width and with one rounding step (the group's multiple) less
+    (:func:`prunekit.surgery.latency.measured_channel_savings`); groups whose layers could not be timed
+    keep their proxy weight."""
     cost = prob.graph.cost
     if cost is None:
         return [1.0] * len(prob.keys)
@@ -382,17 +420,35 @@ def _latency_weights(prob: _ChannelProblem) -> list[float]:
     per = []
     for k, hi in zip(prob.keys, prob.hi):
         per.append(max(ref - cost.latency({**full, k: max(0, hi - 1)}, block=1), 0.0))
-    mean = sum(per) / max(1, len(per))
-    return [p / mean if mean > 0 and p > 0 else 1.0 for p in per]
+    per = _relative(per)
+    mode = latency_mode(ctx.budget.latency_aware) if ctx is not None else "proxy"
+    if mode == "measured" and model is not None:
+        from prunekit.surgery.latency import LatencyTable, measured_channel_savings
+
+        b = ctx.budget
+        table = LatencyTable(batch_size=b.latency_batch, threads=b.latency_threads)
+        widths = {k: g.size for k, g in prob.graph.groups.items()}
+        widths.update(full)
+        saved = measured_channel_savings(model, prob.graph, prob.keys, prob.mult, widths, table)
+        ctx.extra["latency_table"] = {"layers_timed": table.measured, "cache": str(table.cache_file or "")}
+        if any(v > 0 for v in saved):
+            measured = _relative(saved)
+            per = [m if v > 0 else p for m, v, p in zip(measured, saved, per)]
+    return per
 
 
-def _global_configs(prob: _ChannelProblem, latency_aware: bool = False) -> Any:
+def _relative(values: list[float]) -> list[float]:
+    mean = sum(values) / max(1, len(values))
+    return [v / mean if mean > 0 and v > 0 else 1.0 for v in values]
+
+
+def _global_configs(prob: _ChannelProblem, weights: list[float] | None = None) -> Any:
     """Configurations removing the globally lowest-ranked channels (fraction t of the removable ones).
 
-    ``latency_aware``: a channel's rank is its (group-normalised) score divided by the estimated
-    latency its removal saves, so that, for the same importance, channels of groups that cost more
-    time go first."""
-    weights = _latency_weights(prob) if latency_aware else [1.0] * len(prob.keys)
+    ``weights`` (latency-aware ranking): a channel's rank is its (group-normalised) score divided by its
+    group's weight, the relative latency its removal saves, so that, for the same importance, channels
+    of groups that cost more time go first."""
+    weights = weights or [1.0] * len(prob.keys)
     vals = []
     for s, alive, lo, hi, w in zip(prob.normalized, prob.alive, prob.lo, prob.hi, weights):
         s = s / w

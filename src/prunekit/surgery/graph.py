@@ -156,13 +156,37 @@ class LayerCost:
     in_groups: list[tuple[str, int]]  # (group key, input features per channel)
 
 
-# latency proxy (CostModel.latency): output channels are computed in SIMD blocks of this many channels,
-# and every activation element read or written by a conv / linear layer costs about this many
-# multiply-adds of memory-bound work (batch norm, ReLU, residual add, reorders). Measured on a 2-core
-# AVX-512 machine with oneDNN: a 16-channel 3x3 conv takes the same time for 1..16 output channels;
-# batch norm / ReLU / add take 20-25 multiply-add times per element each.
-LATENCY_BLOCK = 16
+# latency proxy (CostModel.latency): CPU convolution kernels (oneDNN) compute output channels in SIMD
+# blocks and read input channels in blocks of the same size (half a block when a layer has fewer input
+# channels than one block), so a partial block costs a whole one; every activation element read or
+# written by a conv / linear layer costs about LATENCY_PER_ELEMENT multiply-adds of memory-bound work
+# (batch norm, ReLU, residual add, layout reorders). Measured on a 2-core AVX-512 machine (batch 64,
+# 2 threads): a 3x3 conv costs the same for 9..16 output channels and for 17..32 input channels, 8 input
+# channels cost half of 16; batch norm + ReLU (+ add) cost 25-85 multiply-add times per element.
 LATENCY_PER_ELEMENT = 32.0
+
+
+def cpu_block() -> int:
+    """Channels per SIMD block of this CPU's float32 kernels: 16 with AVX-512, 8 otherwise (AVX2, NEON)."""
+    try:
+        cap = str(torch.backends.cpu.get_cpu_capability()).upper()
+    except Exception:  # pragma: no cover - very old torch
+        return 8
+    return 16 if "AVX512" in cap else 8
+
+
+LATENCY_BLOCK = cpu_block()
+
+
+def _align(n: float, block: int, partial: bool) -> float:
+    """``n`` channels rounded up to whole blocks; with ``partial``, fewer than one block round up to half
+    a block (kernels for few input channels use half-width blocks)."""
+    if block <= 1 or n <= 0:
+        return n
+    if partial and n < block and block >= 2:
+        half = block // 2
+        return -(-n // half) * half
+    return -(-n // block) * block
 
 
 class CostModel:
@@ -219,26 +243,37 @@ class CostModel:
         w = self._full(widths)
         return self._const_params + self._param_fixed + sum(t.numel(w) for t in self._param_tensors)
 
+    def layer_latency(
+        self, t: TensorCost, w: dict[str, int], block: int | None = None, per_element: float = LATENCY_PER_ELEMENT
+    ) -> float:
+        """The latency proxy of one conv / linear weight ``t`` (see :meth:`latency`) under full widths ``w``."""
+        block = LATENCY_BLOCK if block is None else int(block)
+        sizes = t.sizes(w)
+        out = sizes[0]
+        cin = sizes[1] if len(sizes) > 1 else 0
+        # input channels are blocked too, except for depthwise / grouped kernels with one input per group
+        cin_aligned = _align(cin, block, partial=True) if cin > 1 else cin
+        rest = math.prod(sizes[2:]) if len(sizes) > 2 else 1
+        return t.macs_per_entry * (_align(out, block, partial=False) * cin_aligned * rest + per_element * (out + cin))
+
     def latency(
-        self, widths: dict[str, int] | None = None, block: int = LATENCY_BLOCK, per_element: float = LATENCY_PER_ELEMENT
+        self, widths: dict[str, int] | None = None, block: int | None = None, per_element: float = LATENCY_PER_ELEMENT
     ) -> float:
         """A CPU latency proxy (per example, in multiply-add equivalents) of a width assignment.
 
         Per conv / linear layer: its multiply-adds with the output channels rounded up to a multiple of
-        ``block`` (CPU kernels compute output channels in SIMD blocks: 16 floats with AVX-512, 8 with
-        AVX2; a partial block costs a full one), plus ``per_element`` for every element of its input and
-        output activations (memory-bound work that does not shrink with multiply-adds: normalisation,
+        ``block`` (default :func:`cpu_block`: 16 floats per SIMD register with AVX-512, 8 with AVX2; a
+        partial block costs a full one) and the input channels rounded up likewise (to half a block when
+        there are fewer than ``block``), plus ``per_element`` for every element of its input and output
+        activations (memory-bound work that does not shrink with multiply-adds: normalisation,
         activation functions, residual additions, layout reorders). Only relative values matter.
         """
         w = self._full(widths)
-        total = 0.0
-        for t in self._mac_tensors:
-            sizes = t.sizes(w)
-            out = sizes[0]
-            aligned = -(-out // block) * block if block > 1 and out > 0 else out
-            rest = math.prod(sizes[1:])
-            total += t.macs_per_entry * (aligned * rest + per_element * (out + (sizes[1] if len(sizes) > 1 else 0)))
-        return total
+        return sum(self.layer_latency(t, w, block, per_element) for t in self._mac_tensors)
+
+    def latency_tensors(self) -> list[TensorCost]:
+        """The conv / linear weights the latency proxy sums over."""
+        return list(self._mac_tensors)
 
 
 # --------------------------------------------------------------------------------------------- the graph
