@@ -145,14 +145,18 @@ def test_latency_mode_values() -> None:
         prunekit.prune(model, "l1", "flops=2", latency_aware="fastest")
 
 
-def test_cli_latency_model_defaults() -> None:
-    import argparse
+def test_cli_latency_model_flag() -> None:
+    from prunekit.cli import _register_extra_commands, build_parser
 
+    _register_extra_commands()
+    parser = build_parser()
+    base = ["prune", "--checkpoint", "c.pt", "--method", "l1", "--out", "o"]
     from prunekit.cli_prune import _latency_model
 
-    assert _latency_model(argparse.Namespace(latency_model=None), "cpu") == "measured"
-    assert _latency_model(argparse.Namespace(latency_model=None), "cuda") == "proxy"
-    assert _latency_model(argparse.Namespace(latency_model="off"), "cpu") == "off"
+    assert _latency_model(parser.parse_args(base)) == "proxy"
+    assert _latency_model(parser.parse_args([*base, "--latency-model", "measured"])) == "measured"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--latency-model", "fastest"])
 
 
 def test_bench_passes_the_latency_model_to_the_engine(tmp_path) -> None:
@@ -175,3 +179,17 @@ def test_bench_passes_the_latency_model_to_the_engine(tmp_path) -> None:
     assert "latency_aware" not in plain._engine_kwargs(prunekit.prune, plan_cells(exp)[0], torch.device("cpu"))
     with pytest.raises(ConfigError, match="latency_aware"):
         load_experiment({**doc, "prune": {"latency_aware": "fastest"}})
+
+
+@pytest.mark.parametrize("name", sorted(prunekit.list_models()))
+def test_measured_allocation_on_every_zoo_model(name: str, recwarn) -> None:
+    """Depthwise convs (MobileNets), flatten -> linear (VGG, LeNet), attention (ViT): every layer can be
+    timed or falls back to the proxy, and the target is met."""
+    info = get_model_info(name)
+    torch.manual_seed(0)
+    model = create_model(name, in_channels=info.input_size[0], **info.tiny_kwargs).eval()
+    res = prunekit.prune(model, "l1", "flops=2", latency_aware="measured")
+    assert abs(res.report["flops_speedup"] / 2 - 1) <= 0.05
+    assert res.model(torch.randn(2, *info.input_size)).shape[0] == 2
+    assert "latency_table" in res.report  # the measured path ran
+    assert not [w for w in recwarn if "latency worker failed" in str(w.message)]

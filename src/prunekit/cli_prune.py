@@ -62,13 +62,9 @@ def _round_to(text: str | None) -> int | str | None:
         raise PrunekitError(f"--round-to must be an integer or 'auto', got {text!r}") from None
 
 
-def _latency_model(args: argparse.Namespace, device: Any) -> str:
-    """``--latency-model``, defaulting to timing layers on a CPU run and to the proxy on an accelerator."""
-    import torch
-
-    if getattr(args, "latency_model", None):
-        return str(args.latency_model)
-    return "measured" if torch.device(device).type == "cpu" else "proxy"
+def _latency_model(args: argparse.Namespace) -> str:
+    """``--latency-model`` (default ``proxy``, the engine's default)."""
+    return str(getattr(args, "latency_model", None) or "proxy")
 
 
 def _latency_pair(base: Any, pruned: Any, shape: tuple[int, ...], repeats: int = 3) -> tuple[dict, dict]:
@@ -202,7 +198,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         scope=args.scope,
         round_to=_round_to(args.round_to),
         floor=args.floor,
-        latency_aware=_latency_model(args, device),
+        latency_aware=_latency_model(args),
         rounds=args.rounds,
         schedule=args.schedule,
         heads=args.heads,
@@ -420,9 +416,9 @@ def add_commands(sub: Any) -> None:
         "--latency-model",
         default=None,
         choices=["measured", "proxy", "off"],
-        help="how the global channel ranking weighs the time a channel costs: 'measured' (default on CPU: "
-        "time the model's layers on this machine, cached per machine), 'proxy' (analytic cost model; the "
-        "default on GPU), 'off' (scores alone)",
+        help="how the global channel ranking weighs the time a channel costs: 'proxy' (default: an analytic "
+        "CPU cost model), 'measured' (time the model's layers on this CPU, a few seconds, cached per "
+        "machine), 'off' (scores alone)",
     )
     s.add_argument(
         "--option",

@@ -19,7 +19,7 @@ channel's score (after the optional ``normalize``) is divided by its group's wei
 removal of one of its channels saves relative to the other groups. ``"proxy"`` (``True``, the library
 default) takes it from the graph's analytic CPU latency proxy
 (:meth:`~prunekit.surgery.graph.CostModel.latency`: multiply-adds plus memory-bound work per
-activation element); ``"measured"`` (the ``prunekit prune`` default on CPU) times the layers touching
+activation element); ``"measured"`` (``prunekit prune --latency-model measured``) times the layers touching
 each group on this machine at full width and one rounding step narrower
 (:mod:`prunekit.surgery.latency`), which also sees what the proxy cannot (small convolutions on large
 maps running at half the arithmetic rate, memory-bound strided 1x1 shortcuts); ``"off"`` ranks by
