@@ -18,6 +18,8 @@ import argparse
 import copy
 import itertools
 import math
+import os
+import sys
 
 import torch
 
@@ -30,6 +32,10 @@ from prunekit.surgery.latency import LatencyTable, _model_layers, _spec
 
 
 def main() -> None:
+    # time the whole models with glibc's allocator kept warm (see BENCHMARKS.md, "allocator page faults")
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="benchmarks/checkpoints/resnet20-cifar10.pt")
     ap.add_argument("--target", type=float, default=2.0)
@@ -48,7 +54,7 @@ def main() -> None:
         choices.append([size - m, size] if 1 < m < size else [size])
     layers = _model_layers(base, g)
     tensors = [t for t in cost.latency_tensors() if t.path.rpartition(".")[0] in layers]
-    table = LatencyTable(batch_size=64)
+    table = LatencyTable(batch_size=64, cache_file=None)  # measured afresh, all in one worker run
 
     def specs(w):
         out = []
@@ -62,7 +68,6 @@ def main() -> None:
     f0 = cost.flops(full)
     keep = [w for w in configs if abs(f0 / cost.flops({**full, **w}) / args.target - 1) <= 0.05]
     table.prefetch([s for w in [full, *keep] for s in specs({**full, **w})])
-    table.save()
 
     def est(w):
         return sum(table.ms(s) for s in specs({**full, **w}))
