@@ -28,7 +28,7 @@ from prunekit.metrics import count_flops, measure_latency
 from prunekit.surgery import Plan, apply_plan
 from prunekit.surgery.allocate import resolve_round_to
 from prunekit.surgery.graph import analyze
-from prunekit.surgery.latency import LatencyTable, _model_layers, _spec
+from prunekit.surgery.latency import LatencyTable, layer_spec, model_layers
 
 
 def main() -> None:
@@ -52,16 +52,12 @@ def main() -> None:
         size = g.groups[k].size
         m = resolve_round_to(size, None)
         choices.append([size - m, size] if 1 < m < size else [size])
-    layers = _model_layers(base, g)
-    tensors = [t for t in cost.latency_tensors() if t.path.rpartition(".")[0] in layers]
+    layers = model_layers(base, g)
+    tensors = cost.latency_tensors()
     table = LatencyTable(batch_size=64, cache_file=None)  # measured afresh, all in one worker run
 
     def specs(w):
-        out = []
-        for t in tensors:
-            sizes = t.sizes(w)
-            out.append(_spec(layers[t.path.rpartition(".")[0]], int(sizes[0]), int(sizes[1])))
-        return out
+        return [s for s in (layer_spec(layers, t, w) for t in tensors) if s is not None]
 
     configs = [dict(zip(keys, c)) for c in itertools.product(*choices)]
     full = {k: g.groups[k].size for k in g.groups}
@@ -75,9 +71,7 @@ def main() -> None:
     l0 = est(full)
     ranked = sorted(keep, key=est)
     engine = prunekit.prune(copy.deepcopy(base), "l1", f"flops={args.target:g}")
-    engine_w = dict(engine.report.get("allocation", {}).get("widths") or {})
-    if not engine_w:
-        engine_w = {k: len(v) for k, v in engine.plan.channels.items()}
+    engine_w = {k: len(v) for k, v in engine.plan.channels.items()}
     print(f"{len(configs)} configurations, {len(keep)} within 5 % of {args.target:g}x fewer FLOPs; "
           f"dense estimate {l0:.2f} ms (sum of layer timings)")
     print("estimated speedup  FLOPs speedup  widths (" + ", ".join(keys) + ")")

@@ -18,11 +18,11 @@ from prunekit.surgery.graph import analyze
 from prunekit.surgery.latency import (
     LatencyTable,
     LayerSpec,
-    _model_layers,
     _spec,
     _time_in_worker,
     default_cache_file,
     measured_channel_savings,
+    model_layers,
     time_specs,
 )
 
@@ -48,7 +48,7 @@ class _Branchy(nn.Module):
 def test_specs_follow_the_layers_and_reduced_widths() -> None:
     model = _Branchy().eval()
     g = analyze(model, (3, 16, 16))
-    layers = _model_layers(model, g)
+    layers = model_layers(model, g)
     assert layers["stem"].in_shape == (16, 16) and layers["dw"].in_shape == (8, 8) and layers["fc"].in_shape == ()
     stem = _spec(layers["stem"], 8, 3)
     assert (stem.kind, stem.in_features, stem.out_features) == ("conv2d", 3, 8)

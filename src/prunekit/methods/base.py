@@ -205,15 +205,22 @@ class ChannelScorer(Method):
     def score(self, model: nn.Module, ctx: PruneContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
-        from prunekit.surgery.allocate import allocate_channels
-
-        scores = {k: v.detach().float().cpu() for k, v in self.score(model, ctx).items()}
+    def checked_scores(
+        self, model: nn.Module, ctx: PruneContext, dtype: torch.dtype = torch.float32
+    ) -> dict[str, torch.Tensor]:
+        """``score`` on the CPU in ``dtype``, negated if lower is better; non-finite scores are an error."""
+        scores = {k: v.detach().to(dtype).cpu() for k, v in self.score(model, ctx).items()}
         if self.lower_is_better:
             scores = {k: -v for k, v in scores.items()}
         for k, v in scores.items():
             if not torch.isfinite(v).all():
                 raise PruningError(f"method {self.name!r} produced non-finite scores for group {k!r}")
+        return scores
+
+    def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
+        from prunekit.surgery.allocate import allocate_channels
+
+        scores = self.checked_scores(model, ctx)
         keep = allocate_channels(model, ctx, scores)
         return Plan(method=self.name, channels=keep, meta={"scores": {k: v.tolist() for k, v in scores.items()}})
 

@@ -639,12 +639,7 @@ class GradFlowScorer(ChannelScorer):
         if not 0 <= p < 1:
             raise PruningError(f"prune_percent must be a fraction in [0, 1) (or a percentage < 100), got "
                                f"{self.prune_percent}")
-        scores = {k: v.detach().double().cpu() for k, v in self.score(model, ctx).items()}
-        if self.lower_is_better:
-            scores = {k: -v for k, v in scores.items()}
-        for k, v in scores.items():
-            if not torch.isfinite(v).all():
-                raise PruningError(f"method {self.name!r} produced non-finite scores for group {k!r}")
+        scores = self.checked_scores(model, ctx, torch.float64)
         if not scores:
             raise PruningError(f"method {self.name!r} scored no channel group: the model has nothing prunable")
         original = dict(ctx.extra.get("original_sizes") or {})

@@ -183,7 +183,7 @@ def _align(n: float, block: int, partial: bool) -> float:
     a block (kernels for few input channels use half-width blocks)."""
     if block <= 1 or n <= 0:
         return n
-    if partial and n < block and block >= 2:
+    if partial and n < block:
         half = block // 2
         return -(-n // half) * half
     return -(-n // block) * block

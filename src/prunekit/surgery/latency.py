@@ -97,7 +97,7 @@ def default_cache_file() -> Path | None:
 
 
 class LatencyTable:
-    """Median CPU wall time (ms) of single layers, measured on demand and memoised.
+    """CPU wall time (ms, fastest run) of single layers, measured on demand and memoised.
 
     Args:
         batch_size: examples per timed forward pass (the batch the pruned model is meant to run at).
@@ -142,22 +142,24 @@ class LatencyTable:
         self.prefetch([spec])
         return self._ms[self._key(spec)]
 
+    def _threads(self) -> int:
+        return int(self.threads or torch.get_num_threads())
+
     def _key(self, spec: LayerSpec) -> str:
-        return spec.key(self.batch_size, int(self.threads or torch.get_num_threads()))
+        return spec.key(self.batch_size, self._threads())
 
     def prefetch(self, specs: list[LayerSpec]) -> None:
         """Time every spec not yet known, all in one worker process (see :func:`time_specs`)."""
         todo: dict[str, LayerSpec] = {}
         for spec in specs:
-            key = self._key(spec)
-            if key not in self._ms:
-                todo.setdefault(key, spec)
+            todo.setdefault(self._key(spec), spec)
+        todo = {k: s for k, s in todo.items() if k not in self._ms}
         if not todo:
             return
-        threads = int(self.threads or torch.get_num_threads())
-        times = _time_in_worker(list(todo.values()), self.batch_size, threads, self.repeats, self.warmup, self.budget_s)
+        args = (list(todo.values()), self.batch_size, self._threads(), self.repeats, self.warmup, self.budget_s)
+        times = _time_in_worker(*args)
         if times is None:  # no worker (frozen interpreter, no fork...): time here
-            times = time_specs(list(todo.values()), self.batch_size, threads, self.repeats, self.warmup, self.budget_s)
+            times = time_specs(*args)
         for key, ms in zip(todo, times):
             self._ms[key] = float(ms)
         self._dirty = True
@@ -181,7 +183,6 @@ class LatencyTable:
             self._dirty = False
         except OSError:
             pass
-
 
 
 # --------------------------------------------------------------------------------------------- timing
@@ -266,7 +267,7 @@ def _worker_main() -> None:
 
 
 def _build(spec: LayerSpec, batch: int) -> tuple[Any, torch.Tensor]:
-    """A function running the layer (and its norm + ReLU) and a random input for it."""
+    """A function running the layer (and its norm + ReLU and residual addition) and a random input for it."""
     if spec.kind == "linear":
         layer: nn.Module = nn.Linear(spec.in_features, spec.out_features)
         x = torch.randn(batch, *spec.in_shape, spec.in_features)
@@ -304,7 +305,7 @@ class _Layer:
     add: bool
 
 
-def _model_layers(model: nn.Module, graph: ChannelGraph) -> dict[str, _Layer]:
+def model_layers(model: nn.Module, graph: ChannelGraph) -> dict[str, _Layer]:
     """Conv / linear modules by path, with their input sizes from one forward pass at batch 1."""
     from prunekit.metrics._common import eval_mode, example_input
 
@@ -349,6 +350,16 @@ def _spec(layer: _Layer, out: int, cin_per_group: int) -> LayerSpec:
     )
 
 
+def layer_spec(layers: dict[str, _Layer], t: TensorCost, widths: dict[str, int]) -> LayerSpec | None:
+    """The spec of the layer owning weight ``t`` (see :func:`model_layers`) under full group ``widths``;
+    None for a layer the forward pass did not reach or an empty shape."""
+    layer = layers.get(t.path.rpartition(".")[0])
+    sizes = t.sizes(widths)
+    if layer is None or len(sizes) < 2 or min(sizes[:2]) < 1:
+        return None
+    return _spec(layer, int(sizes[0]), int(sizes[1]))
+
+
 def measured_channel_savings(
     model: nn.Module,
     graph: ChannelGraph,
@@ -363,36 +374,26 @@ def measured_channel_savings(
     no saving (the caller falls back to the proxy for groups without any)."""
     cost = graph.cost
     tensors: list[TensorCost] = cost.latency_tensors() if cost is not None else []
-    layers = _model_layers(model, graph)
+    layers = model_layers(model, graph)
     index = {k: i for i, k in enumerate(keys)}
     touching: list[list[TensorCost]] = [[] for _ in keys]
     for t in tensors:
         for k in {k for _, terms in t.dims.values() for k, _ in terms if k in index}:
             touching[index[k]].append(t)
 
-    def spec_of(t: TensorCost, w: dict[str, int]) -> LayerSpec | None:
-        layer = layers.get(t.path.rpartition(".")[0])
-        sizes = t.sizes(w)
-        if layer is None or len(sizes) < 2 or min(sizes[:2]) < 1:
-            return None
-        return _spec(layer, int(sizes[0]), int(sizes[1]))
-
-    pairs: list[list[tuple[LayerSpec, LayerSpec]]] = []
+    full = {id(t): layer_spec(layers, t, widths) for t in tensors}
+    jobs: list[tuple[int, list[tuple[LayerSpec, LayerSpec]]]] = []  # (channels removed, (before, after) per layer)
     for i, (k, step) in enumerate(zip(keys, steps)):
         step = max(1, min(int(step), widths[k] - 1))
         reduced = {**widths, k: widths[k] - step}
         ps = []
         for t in touching[i] if widths[k] > 1 else []:
-            a, b = spec_of(t, widths), spec_of(t, reduced)
+            a, b = full[id(t)], layer_spec(layers, t, reduced)
             if a is not None and b is not None:
                 ps.append((a, b))
-        pairs.append(ps)
-    table.prefetch([sp for ps in pairs for pair in ps for sp in pair])
-    out: list[float] = []
-    for (k, step), ps in zip(zip(keys, steps), pairs):
-        step = max(1, min(int(step), widths[k] - 1))
-        saved = sum(table.ms(a) - table.ms(b) for a, b in ps)
-        out.append(max(saved, 0.0) / step if ps else 0.0)
+        jobs.append((step, ps))
+    table.prefetch([sp for _, ps in jobs for pair in ps for sp in pair])
+    out = [max(sum(table.ms(a) - table.ms(b) for a, b in ps), 0.0) / step if ps else 0.0 for step, ps in jobs]
     table.save()
     return out
 
