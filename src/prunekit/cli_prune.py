@@ -88,16 +88,45 @@ def _latency_pair(base: Any, pruned: Any, shape: tuple[int, ...], repeats: int =
 
 
 # --------------------------------------------------------------------------------------------- commands
-def cmd_methods(args: argparse.Namespace) -> int:
-    from prunekit.methods import get_method_info, list_methods
+def _method_row(name: str) -> dict[str, Any]:
+    from prunekit.methods import get_method_info
+    from prunekit.methods.options import option_specs
 
-    filters = {"granularity": args.granularity} if args.granularity else {}
-    rows = [
-        get_method_info(n).as_dict() | {"available": get_method_info(n).available()}
-        for n in list_methods(**filters)
-    ]
+    info = get_method_info(name)
+    return info.as_dict() | {"available": info.available(),
+                             "options": [o.as_dict() for o in option_specs(info.cls)]}
+
+
+def _print_method(r: dict[str, Any]) -> None:
+    needs = [k[len("needs_"):] for k in ("needs_data", "needs_labels", "needs_grad", "needs_second_order",
+                                         "needs_trajectory") if r.get(k)]
+    print(f"{r['name']}: {r['description']}")
+    print(f"  family {r['family']}, granularity {r['granularity']}, needs {', '.join(needs) or 'nothing'}"
+          + ("" if r["available"] else f" [needs the package {r['requires']}]"))
+    if r.get("paper"):
+        print(f"  paper: {r['paper']}")
+    if not r["options"]:
+        print("  options: none")
+        return
+    print("  options (--option NAME=VALUE):")
+    width = max(len(o["name"]) for o in r["options"])
+    for o in r["options"]:
+        print(f"    {o['name']:<{width}}  {o['type']:<26} default {o['default']!r:<8}  {o['help']}")
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from prunekit.methods import list_methods
+
+    if getattr(args, "name", None):
+        rows = [_method_row(args.name)]  # an unknown name raises UnknownNameError (exit 2)
+    else:
+        filters = {"granularity": args.granularity} if args.granularity else {}
+        rows = [_method_row(n) for n in list_methods(**filters)]
     if args.json:
-        print(json.dumps(rows, indent=2, default=str))
+        print(json.dumps(rows if not getattr(args, "name", None) else rows[0], indent=2, default=str))
+        return 0
+    if getattr(args, "name", None):
+        _print_method(rows[0])
         return 0
     for r in rows:
         needs = [
@@ -110,6 +139,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
             f"{r['name']:<24} {r['granularity']:<8} {r['family']:<14} {','.join(needs) or '-':<28} "
             f"{r['description']}{flag}"
         )
+    print("\n`prunekit methods NAME` shows a method's options with their types and defaults.")
     return 0
 
 
@@ -135,6 +165,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     device = _device(args.device)
     info = get_method_info(args.method)  # fail fast on an unknown method
     options = parse_options(args.option)
+    info.cls(**options)  # typed options checked before any work: an unknown or mistyped one exits 2
     if args.target is None and options.get("prune_percent") is not None:
         p = float(options["prune_percent"])
         args.target = f"ratio={p / 100 if p > 1 else p:g}"
@@ -385,7 +416,8 @@ def add_commands(sub: Any) -> None:
     """Add ``methods`` and ``prune`` to the CLI's sub-parsers."""
     from prunekit.cli import _add_data_args, _add_runtime_args
 
-    s = sub.add_parser("methods", help="list the pruning methods")
+    s = sub.add_parser("methods", help="list the pruning methods, or show one method's options")
+    s.add_argument("name", nargs="?", default=None, help="a method: show its metadata and typed options")
     s.add_argument("--json", action="store_true", help="metadata as JSON")
     s.add_argument("--granularity", choices=["weight", "channel", "lowrank"], default=None)
     s.set_defaults(fn=cmd_methods)

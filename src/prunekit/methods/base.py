@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from prunekit.errors import PruningError
+from prunekit.methods.options import validate_options
 from prunekit.surgery.plan import Plan
 
 # --------------------------------------------------------------------------------------------- targets
@@ -166,18 +167,18 @@ class PruneContext:
 
 # --------------------------------------------------------------------------------------------- methods
 class Method:
-    """Base class. Subclasses set ``defaults`` (option name -> default value)."""
+    """Base class. Subclasses set ``defaults`` (option name -> default value); an option's type is
+    its default's type unless ``option_types`` (name -> :class:`~prunekit.methods.options.OptionType`)
+    says otherwise, and ``option_help`` (name -> one line) documents it (see :mod:`prunekit.methods.options`)."""
 
     name: str = "?"
     info: Any = None
     defaults: dict[str, Any] = {}
+    option_types: dict[str, Any] = {}
+    option_help: dict[str, str] = {}
 
     def __init__(self, **options: Any):
-        unknown = set(options) - set(self.defaults)
-        if unknown:
-            valid = ", ".join(sorted(self.defaults)) or "none"
-            raise PruningError(f"method {self.name!r} has no option(s) {sorted(unknown)}; valid options: {valid}")
-        self.options = {**self.defaults, **options}
+        self.options = validate_options(type(self), self.name, options)
 
     def __getattr__(self, key: str) -> Any:  # options read as attributes: self.k
         opts = self.__dict__.get("options", {})
