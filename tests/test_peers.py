@@ -41,14 +41,13 @@ def test_peers_registered_with_metadata():
     assert set(TP_METHODS + ["torch_prune_l1"]) <= set(names)
     for n in TP_METHODS:
         info = get_method_info(n)
-        assert info.granularity == "channel" and info.requires == "torch_pruning"
+        assert info.granularity == "channel" and info.requires is None  # torch-pruning is a hard dependency
     assert get_method_info("tp_taylor").needs_grad and get_method_info("tp_hessian").needs_grad
     assert get_method_info("torch_prune_l1").granularity == "weight"
 
 
 @pytest.mark.parametrize("name", TP_METHODS)
 def test_tp_peer_plan_is_valid_and_meets_flops_target(name):
-    pytest.importorskip("torch_pruning")
     from prunekit.surgery.apply import apply_plan
     from prunekit.surgery.graph import analyze
 
@@ -73,7 +72,8 @@ def test_tp_peer_plan_is_valid_and_meets_flops_target(name):
 
 def test_tp_peer_matches_torch_pruning_itself():
     """Our plan, applied by prunekit, gives every layer the width Torch-Pruning's own pruning gives it."""
-    tp = pytest.importorskip("torch_pruning")
+    import torch_pruning as tp
+
     from prunekit.surgery.apply import apply_plan
 
     model = _tiny_resnet()
@@ -92,7 +92,6 @@ def test_tp_peer_matches_torch_pruning_itself():
 
 
 def test_tp_peer_params_target_and_lenet():
-    pytest.importorskip("torch_pruning")
     from prunekit.surgery.apply import apply_plan
 
     torch.manual_seed(0)
@@ -108,7 +107,6 @@ def test_tp_peer_params_target_and_lenet():
 
 
 def test_tp_unreachable_target_is_a_clear_error():
-    pytest.importorskip("torch_pruning")
     from prunekit.errors import PruningError
 
     with pytest.raises(PruningError, match="reaches the target"):

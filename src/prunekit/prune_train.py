@@ -38,43 +38,11 @@ import torch.nn as nn
 from prunekit.errors import PruningError
 from prunekit.methods.base import BudgetOptions, ChannelScorer, Method, PruneContext, Target
 from prunekit.methods.gradflow import GradFlowScorer, first_conv_path, schedule_ratios
+from prunekit.surgery.allocate import allocate_global_count  # noqa: F401  (re-exported)
 from prunekit.surgery.plan import Plan
 
 __all__ = ["add_prune_train_args", "allocate_global_count", "prune_and_train", "prune_train_kwargs",
            "run_prune_train", "wants_prune_train"]
-
-
-# --------------------------------------------------------------------------------------------- allocation
-def allocate_global_count(scores: dict[str, torch.Tensor], n_remove: int,
-                          floors: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
-    """Remove exactly ``n_remove`` channels: the globally lowest raw scores, every group keeping ``floors[key]``.
-
-    Ties are broken by group order, then channel index (deterministic). Returns ``{group key: sorted kept
-    indices}`` for the groups that lose channels. If the floors leave fewer than ``n_remove`` removable
-    channels, all removable ones go.
-    """
-    floors = floors or {}
-    vals, keys, idxs = [], [], []
-    for gi, (key, s) in enumerate(scores.items()):
-        s = torch.as_tensor(s, dtype=torch.float64).flatten().cpu()
-        lo = min(len(s), max(1, int(floors.get(key, 1))))
-        order = torch.argsort(s, stable=True)[: len(s) - lo]
-        vals.append(s[order])
-        keys.append(torch.full((len(order),), gi, dtype=torch.long))
-        idxs.append(order)
-    if not vals or n_remove <= 0:
-        return {}
-    v, gid, idx = torch.cat(vals), torch.cat(keys), torch.cat(idxs)
-    take = torch.argsort(v, stable=True)[: int(n_remove)]
-    names = list(scores)
-    out: dict[str, torch.Tensor] = {}
-    for gi in gid[take].unique().tolist():
-        key = names[gi]
-        removed = idx[take][gid[take] == gi]
-        keep = torch.ones(len(scores[key]), dtype=torch.bool)
-        keep[removed] = False
-        out[key] = keep.nonzero().flatten()
-    return out
 
 
 # --------------------------------------------------------------------------------------------- helpers

@@ -82,19 +82,7 @@ def target_fraction(target: Target) -> float:
     return 1.0 - 1.0 / float(target.value)
 
 
-def fraction_target(kind: str, fraction: float) -> Target:
-    """The target removing ``fraction`` (cumulative) of ``kind``."""
-    if kind == "ratio":
-        return Target("ratio", float(fraction))
-    return Target(kind, 1.0 / (1.0 - fraction))
-
-
 # --------------------------------------------------------------------------------------------- optimizer
-def kept_dims_for_plan(graph: Any, plan: Any) -> dict[str, dict[int, torch.Tensor]]:
-    """Per tensor, the kept positions of each changed dimension (for slicing optimizer state)."""
-    return graph.kept_dims(plan.channels) if plan.channels else {}
-
-
 def slice_optimizer_state_(
     optimizer: torch.optim.Optimizer,
     old_params: dict[str, nn.Parameter],
@@ -221,11 +209,6 @@ def _same_params(opt: torch.optim.Optimizer, model: nn.Module) -> bool:
     return ids == {id(p) for p in model.parameters()}
 
 
-def fine_tune(model: nn.Module, data: Any, epochs: float = 1.0, **kwargs: Any) -> list[dict[str, Any]]:
-    """Fine-tune ``model`` for ``epochs`` on ``data`` (one-off :class:`FineTuner`)."""
-    return FineTuner(data, epochs=epochs, **kwargs)(model)
-
-
 FineTuneFn = Callable[[nn.Module, float], Any]
 
 
@@ -233,8 +216,6 @@ __all__ = [
     "SCHEDULES",
     "FineTuner",
     "cumulative_fractions",
-    "fine_tune",
-    "fraction_target",
     "round_fractions",
     "slice_optimizer_state_",
     "target_fraction",

@@ -756,14 +756,9 @@ def train_config(spec: Any, seed: int) -> Any:
 
 def _trainer(model: nn.Module, cfg: Any, loader: Any, device: torch.device, quiet: bool) -> Any:
     """A :class:`prunekit.train.Trainer`; ``quiet`` turns off its progress bar and per-epoch lines."""
-    import inspect
-
     from prunekit.train import Trainer
 
-    kw: dict[str, Any] = {"device": device, "progress": not quiet}
-    if quiet and "log_epochs" in inspect.signature(Trainer).parameters:
-        kw["log_epochs"] = False
-    return Trainer(model, cfg, loader, **kw)
+    return Trainer(model, cfg, loader, device=device, progress=not quiet, log_epochs=not quiet)
 
 
 def _baked_copy(model: nn.Module, device: str | torch.device) -> nn.Module:

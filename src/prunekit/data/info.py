@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from prunekit.errors import PrunekitError, UnknownNameError
 
@@ -48,9 +48,6 @@ class DatasetInfo:
         """``(C, H, W)`` of one image."""
         return (self.in_channels, self.image_size, self.image_size)
 
-    def with_stats(self, mean: tuple[float, ...], std: tuple[float, ...]) -> DatasetInfo:
-        """A copy with other normalisation statistics."""
-        return replace(self, mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
 
 
 _CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

@@ -101,12 +101,6 @@ class BatchLoader:
         """The epoch the next iteration will produce."""
         return self._next_epoch
 
-    @property
-    def num_samples(self) -> int:
-        """Examples yielded per epoch (after ``drop_last``)."""
-        n = len(self.dataset)
-        return n - n % self.batch_size if self.drop_last else n
-
     def __len__(self) -> int:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)

@@ -21,148 +21,15 @@ Example -- a complete channel criterion::
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from prunekit.budget import BudgetOptions, PruneContext, Target  # noqa: F401  (re-exported)
 from prunekit.errors import PruningError
 from prunekit.methods.options import validate_options
 from prunekit.surgery.plan import Plan
-
-# --------------------------------------------------------------------------------------------- targets
-_TARGET_RE = re.compile(r"^\s*(flops|params|ratio|sparsity)\s*=\s*([0-9.eE+-]+)\s*$")
-
-
-@dataclass(frozen=True)
-class Target:
-    """A pruning budget.
-
-    ``flops=2``: 2x fewer multiply-adds; ``params=4``: 4x fewer (non-zero) parameters;
-    ``ratio=0.5``: remove that fraction of every prunable layer's units / weights
-    (per-layer overrides in ``per_layer``: layer or group key -> fraction removed);
-    ``sparsity=0.9``: same as ratio, for weight methods.
-    """
-
-    kind: str
-    value: float
-    per_layer: dict[str, float] = field(default_factory=dict)
-
-    @staticmethod
-    def parse(spec: str | Target | dict[str, Any]) -> Target:
-        if isinstance(spec, Target):
-            return spec
-        if isinstance(spec, dict):
-            per = dict(spec.get("per_layer", {}))
-            kind = spec.get("kind", "ratio")
-            return Target._checked(kind, float(spec.get("value", 0.0)), per)
-        m = _TARGET_RE.match(str(spec))
-        if not m:
-            raise PruningError(f"cannot parse target {spec!r}: use flops=X or params=X (X > 1, X-fold reduction), "
-                               "or ratio=F / sparsity=F (fraction removed, 0 < F < 1)")
-        return Target._checked(m.group(1), float(m.group(2)), {})
-
-    @staticmethod
-    def _checked(kind: str, value: float, per_layer: dict[str, float]) -> Target:
-        if kind == "sparsity":
-            kind = "ratio"
-        if kind not in ("flops", "params", "ratio"):
-            raise PruningError(f"unknown target kind {kind!r}; use flops, params, ratio or sparsity")
-        if kind in ("flops", "params") and not value > 1:
-            raise PruningError(f"target {kind}={value} must be > 1 (it is the reduction factor: {kind}=2 means 2x "
-                               "fewer)")
-        if kind == "ratio" and not 0 <= value < 1:
-            raise PruningError(f"target ratio={value} must be in [0, 1) (the fraction removed)")
-        for k, v in per_layer.items():
-            if not 0 <= v < 1:
-                raise PruningError(f"per-layer ratio for {k!r} is {v}; it must be in [0, 1)")
-        return Target(kind, value, dict(per_layer))
-
-    def __str__(self) -> str:
-        return f"{self.kind}={self.value:g}"
-
-
-@dataclass
-class BudgetOptions:
-    """How a target is distributed over layers."""
-
-    scope: str = "global"  # "global": one ranking across layers; "layerwise": same fraction per layer
-    floor: float = 0.05  # every layer keeps at least floor(floor * width) + 1 units (never zero)
-    cap: float = 1.0  # at most this fraction of a layer's units is removed
-    round_to: int | None = None  # keep channel counts at multiples of this (None: engine default, 8/16/32 by width)
-    ignored: tuple[str, ...] | None = None  # layer paths never pruned (None: the classifier)
-    normalize: str | None = None  # per-layer score normalisation before a global ranking: None, "l2", "max", "mean"
-    tolerance: float = 0.05  # achieved/target may be off by this fraction
-    nm: str | None = None  # weight methods: "N:M" structured sparsity (keep N of every M weights along a row)
-    # global channel ranking: score / CPU latency saved per channel, estimated by the analytic proxy
-    # (True / "proxy"), by timing the model's layers on this machine ("measured"), or not at all (False / "off")
-    latency_aware: bool | str = True
-    latency_batch: int = 64  # "measured": batch size the layers are timed at
-    latency_threads: int | None = None  # "measured": threads while timing (None: torch's current setting)
-
-
-# --------------------------------------------------------------------------------------------- context
-@dataclass
-class PruneContext:
-    """Everything a method may use besides the model itself."""
-
-    target: Target
-    input_shape: tuple[int, int, int]
-    budget: BudgetOptions = field(default_factory=BudgetOptions)
-    data: Any = None  # iterable of (x, y) batches: the prune set (training split or a held-out part of it)
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    trajectory: Any = None  # prunekit.train.callbacks.Trajectory for the Koopman methods
-    num_classes: int | None = None
-    graph: Any = None  # prunekit.surgery.ChannelGraph, built lazily by the engine
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. initial weights for gf use_init
-
-    # -- data --------------------------------------------------------------------------------------
-    def require_data(self, method: str) -> None:
-        if self.data is None:
-            raise PruningError(f"method {method!r} needs data (a prune set): pass data=... to prunekit.prune or "
-                               "--dataset to `prunekit prune`")
-
-    def batches(self, max_samples: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of the prune set moved to the device, at most ``max_samples`` examples."""
-        if self.data is None:
-            raise PruningError("this method needs data but none was given")
-        seen = 0
-        for x, y in self.data:
-            if max_samples is not None and seen >= max_samples:
-                break
-            if max_samples is not None and seen + len(x) > max_samples:
-                x, y = x[: max_samples - seen], y[: max_samples - seen]
-            seen += len(x)
-            yield x.to(self.device), y.to(self.device)
-
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, y)
-
-    # -- channel groups ------------------------------------------------------------------------------
-    def groups(self) -> list[Any]:
-        """The prunable coupled channel groups (see :class:`prunekit.surgery.ChannelGroup`)."""
-        if self.graph is None:
-            raise PruningError("no channel graph was built for this context")
-        return [g for g in self.graph.groups.values() if g.prunable]
-
-    def producer_rows(self, model: nn.Module, group: Any, reduce: str = "concat") -> torch.Tensor:
-        """Weights of the group's producers with one row per channel: ``(size, n)``.
-
-        Rows of all producer layers (conv / linear output channels) of a coupled group are
-        concatenated along the second axis, so that a group-wide norm is a row norm.
-        """
-        rows = []
-        for path in group.producers:
-            if hasattr(group, "rows"):  # follows the group's channel -> row mapping (e.g. attention heads)
-                rows.append(group.rows(model, path))
-            else:
-                w = model.get_submodule(path).weight.detach()
-                rows.append(w.reshape(w.shape[0], -1))
-        return torch.cat(rows, 1)
 
 
 # --------------------------------------------------------------------------------------------- methods
@@ -245,9 +112,4 @@ class WeightScorer(Method):
         return Plan(method=self.name, masks=masks)
 
 
-def geometric_keep(total_keep: float, rounds: int) -> float:
-    """Per-round keep fraction so that ``rounds`` rounds leave ``total_keep``."""
-    return total_keep ** (1.0 / rounds) if rounds > 0 else 1.0
-
-
-__all__ = ["Target", "BudgetOptions", "PruneContext", "Method", "ChannelScorer", "WeightScorer", "geometric_keep"]
+__all__ = ["Target", "BudgetOptions", "PruneContext", "Method", "ChannelScorer", "WeightScorer"]

@@ -631,7 +631,7 @@ class GradFlowScorer(ChannelScorer):
         ``floor(min_width * original width) + 1`` channels. The context's target is ignored (the engine's
         ``ratio=F`` removes F of *every* layer; this is the global count). Channels already masked (masked mode)
         count as removed."""
-        from prunekit.prune_train import allocate_global_count
+        from prunekit.surgery.allocate import allocate_global_count
 
         p = float(self.prune_percent)
         if p > 1:

@@ -286,7 +286,7 @@ def _magnitude_defaults(p: int) -> dict[str, Any]:
     return {**_TorchPruningPeer.defaults, "p": p, "group_reduction": "mean", "normalizer": "mean"}
 
 
-@register_method("tp_l1", granularity="channel", family="peer", requires="torch_pruning",
+@register_method("tp_l1", granularity="channel", family="peer",
                  description="Torch-Pruning's MetaPruner with group L1 magnitude importance.",
                  paper="Fang et al. 2023, DepGraph")
 class TPGroupL1(_TorchPruningPeer):
@@ -301,7 +301,7 @@ class TPGroupL1(_TorchPruningPeer):
                                                       normalizer=self.normalizer)
 
 
-@register_method("tp_l2", granularity="channel", family="peer", requires="torch_pruning",
+@register_method("tp_l2", granularity="channel", family="peer",
                  description="Torch-Pruning's MetaPruner with group L2 magnitude importance.",
                  paper="Fang et al. 2023, DepGraph")
 class TPGroupL2(TPGroupL1):
@@ -310,7 +310,7 @@ class TPGroupL2(TPGroupL1):
     defaults = _magnitude_defaults(2)
 
 
-@register_method("tp_taylor", granularity="channel", needs_grad=True, family="peer", requires="torch_pruning",
+@register_method("tp_taylor", granularity="channel", needs_grad=True, family="peer",
                  description="Torch-Pruning's MetaPruner with group first-order Taylor importance.",
                  paper="Molchanov et al. 2019")
 class TPTaylor(_TorchPruningPeer):
@@ -326,7 +326,6 @@ class TPTaylor(_TorchPruningPeer):
 
 
 @register_method("tp_hessian", granularity="channel", needs_grad=True, needs_second_order=True, family="peer",
-                 requires="torch_pruning",
                  description="Torch-Pruning's MetaPruner with group OBD (diagonal Hessian) importance.",
                  paper="LeCun et al. 1989 (OBD), Torch-Pruning's GroupHessianImportance")
 class TPHessian(_TorchPruningPeer):
@@ -343,7 +342,7 @@ class TPHessian(_TorchPruningPeer):
         return tp.importance.GroupHessianImportance(group_reduction=self.group_reduction, normalizer=self.normalizer)
 
 
-@register_method("tp_lamp", granularity="channel", family="peer", requires="torch_pruning",
+@register_method("tp_lamp", granularity="channel", family="peer",
                  description="Torch-Pruning's MetaPruner with LAMP importance.", paper="Lee et al. 2021, LAMP")
 class TPLamp(_TorchPruningPeer):
     """Torch-Pruning, layer-adaptive magnitude (LAMP) importance."""

@@ -44,8 +44,8 @@ import torch.nn as nn
 from prunekit.errors import PruningError
 from prunekit.surgery.graph import LAYER_TYPES, ChannelGraph, PruningWarning, _matches, analyze
 
-if TYPE_CHECKING:  # methods.base imports surgery.plan: avoid the import cycle at runtime
-    from prunekit.methods.base import PruneContext
+if TYPE_CHECKING:
+    from prunekit.budget import PruneContext
 
 EPS = 1e-12
 
@@ -508,10 +508,7 @@ def _measure(model: nn.Module, graph: ChannelGraph, keep: dict[str, torch.Tensor
 
     if not keep:
         return None
-    try:
-        pruned = apply_plan(model, Plan(channels=keep), None, "physical", graph.input_shape)
-    except PruningError:
-        raise
+    pruned = apply_plan(model, Plan(channels=keep), None, "physical", graph.input_shape)
     if kind == "flops":
         return float(count_flops(pruned, graph.input_shape))
     return float(count_params(pruned)["params"])
@@ -804,6 +801,7 @@ def _nm_masks(
 
 
 __all__ = [
+    "allocate_global_count",
     "allocate_channels",
     "allocate_weights",
     "default_round_to",
@@ -811,3 +809,36 @@ __all__ = [
     "prunable_weights",
     "resolve_round_to",
 ]
+
+
+# --------------------------------------------------------------------------------------------- global count
+def allocate_global_count(scores: dict[str, torch.Tensor], n_remove: int,
+                          floors: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """Remove exactly ``n_remove`` channels: the globally lowest raw scores, every group keeping ``floors[key]``.
+
+    Ties are broken by group order, then channel index (deterministic). Returns ``{group key: sorted kept
+    indices}`` for the groups that lose channels. If the floors leave fewer than ``n_remove`` removable
+    channels, all removable ones go.
+    """
+    floors = floors or {}
+    vals, keys, idxs = [], [], []
+    for gi, (key, s) in enumerate(scores.items()):
+        s = torch.as_tensor(s, dtype=torch.float64).flatten().cpu()
+        lo = min(len(s), max(1, int(floors.get(key, 1))))
+        order = torch.argsort(s, stable=True)[: len(s) - lo]
+        vals.append(s[order])
+        keys.append(torch.full((len(order),), gi, dtype=torch.long))
+        idxs.append(order)
+    if not vals or n_remove <= 0:
+        return {}
+    v, gid, idx = torch.cat(vals), torch.cat(keys), torch.cat(idxs)
+    take = torch.argsort(v, stable=True)[: int(n_remove)]
+    names = list(scores)
+    out: dict[str, torch.Tensor] = {}
+    for gi in gid[take].unique().tolist():
+        key = names[gi]
+        removed = idx[take][gid[take] == gi]
+        keep = torch.ones(len(scores[key]), dtype=torch.bool)
+        keep[removed] = False
+        out[key] = keep.nonzero().flatten()
+    return out

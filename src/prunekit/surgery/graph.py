@@ -145,17 +145,6 @@ class TensorCost:
         return float(math.prod(self.sizes(widths)))
 
 
-@dataclass
-class LayerCost:
-    """Dense cost of one conv / linear layer and the groups governing its dimensions."""
-
-    path: str
-    macs: int  # dense multiply-adds per example at full width
-    params: int
-    out_group: str | None
-    in_groups: list[tuple[str, int]]  # (group key, input features per channel)
-
-
 # latency proxy (CostModel.latency): CPU convolution kernels (oneDNN) compute output channels in SIMD
 # blocks and read input channels in blocks of the same size (half a block when a layer has fewer input
 # channels than one block), so a partial block costs a whole one; every activation element read or
@@ -302,10 +291,6 @@ class ChannelGraph:
                 return g
         return None
 
-    def input_groups(self, layer: str) -> list[ChannelGroup]:
-        """Groups read by the input dimension of ``layer``."""
-        return [g for g in self.groups.values() if layer in g.consumers or layer in g.depthwise]
-
     def widths(self, channels: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
         """``{group key: width}`` at full size, or after keeping ``channels``."""
         w = {k: g.size for k, g in self.groups.items()}
@@ -317,28 +302,6 @@ class ChannelGraph:
         """Predicted ``{"flops", "params"}`` after keeping ``channels`` (index tensors or counts)."""
         widths = {k: (int(v) if isinstance(v, int) else int(len(v))) for k, v in (channels or {}).items()}
         return {"flops": self.cost.flops(widths), "params": self.cost.params(widths)}
-
-    def layer_costs(self) -> dict[str, LayerCost]:
-        """Dense multiply-adds / parameters of every conv / linear layer and the groups that govern it."""
-        out: dict[str, LayerCost] = {}
-        prunable = {g.key for g in self.prunable_groups()}
-        for t in self.cost.tensors:
-            if not t.macs_per_entry:
-                continue
-            path = t.path.rpartition(".")[0]
-            out_group = None
-            in_groups: list[tuple[str, int]] = []
-            for d, (_, terms) in t.dims.items():
-                for k, e in terms:
-                    if k not in prunable:
-                        continue
-                    if d == 0:
-                        out_group = k
-                    else:
-                        in_groups.append((k, e))
-            n = t.numel(self.cost.sizes)
-            out[path] = LayerCost(path, int(round(t.macs_per_entry * n)), int(n), out_group, in_groups)
-        return out
 
     def kept_dims(self, channels: dict[str, torch.Tensor]) -> dict[str, dict[int, torch.Tensor]]:
         """For every tensor a plan changes: ``{dim: sorted kept positions}``."""
@@ -935,7 +898,6 @@ __all__ = [
     "ChannelGraph",
     "ChannelGroup",
     "CostModel",
-    "LayerCost",
     "Member",
     "PruningWarning",
     "TensorCost",

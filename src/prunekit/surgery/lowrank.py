@@ -3,7 +3,7 @@
 :class:`LowRankConv2d` and :class:`LowRankLinear` are ``nn.Sequential`` chains
 ``pre -> core -> post`` built from :class:`~prunekit.surgery.plan.LowRankFactors`. Their input and
 output sizes equal those of the layer they replace, so neighbours need no edit. Both are
-registered with :func:`prunekit.io.register_module_spec`, so checkpoints of factorised models
+registered with :func:`prunekit.specs.register_module_spec`, so checkpoints of factorised models
 load without pickled classes.
 """
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from prunekit.errors import PruningError
-from prunekit.io import conv_geometry, register_module_spec
+from prunekit.specs import conv_geometry, register_module_spec
 from prunekit.surgery.plan import LowRankFactors
 
 

@@ -78,9 +78,6 @@ class Plan:
     lowrank: dict[str, LowRankFactors] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def is_empty(self) -> bool:
-        return not (self.masks or self.channels or self.weights or self.lowrank)
-
     def describe(self) -> dict[str, Any]:
         """A JSON-friendly summary (sizes, not tensors)."""
         return {

@@ -199,19 +199,6 @@ class Trainer:
     def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits / self.cfg.temperature, y, label_smoothing=self.cfg.label_smoothing)
 
-    def reset_optimizer(self, keep_state: bool = False) -> None:
-        """Rebuild the optimiser after the model's parameters changed (e.g. pruning)."""
-        old = self.optimizer
-        self.optimizer = make_optimizer(self.model.parameters(), self.cfg)
-        for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
-            g["initial_lr"] = lr
-        if keep_state:
-            for p in self.model.parameters():
-                if p in old.state:
-                    st = old.state[p]
-                    if all(not torch.is_tensor(v) or v.shape in (p.shape, torch.Size([])) for v in st.values()):
-                        self.optimizer.state[p] = st
-
     # -- checkpointing -----------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
         return {
