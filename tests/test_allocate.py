@@ -104,7 +104,7 @@ def test_channel_targets_are_met(name: str, target: str) -> None:
     base = count_flops(model, shape) if t.kind == "flops" else count_params(model)["params"]
     achieved = base / (flops if t.kind == "flops" else params)
     assert abs(achieved / t.value - 1) <= 0.05
-    assert ctx.extra["allocation"]["measured"] == pytest.approx(achieved)  # verified on a pruned copy
+    assert ctx.allocation["measured"] == pytest.approx(achieved)  # verified on a pruned copy
 
 
 def test_layerwise_removes_the_same_fraction_everywhere() -> None:
@@ -290,7 +290,7 @@ def test_allocation_corrects_a_wrong_cost_model(monkeypatch) -> None:
     with pytest.warns(PruningWarning, match="cost model is off"):
         keep = allocate_channels(model, ctx, l1(model, ctx))
     achieved = count_flops(model, shape) / (1.15 * measured(model, shape, keep)[0])
-    assert abs(achieved / 2 - 1) <= 0.05 and ctx.extra["allocation"]["measured"] == pytest.approx(achieved)
+    assert abs(achieved / 2 - 1) <= 0.05 and ctx.allocation["measured"] == pytest.approx(achieved)
 
 
 # --------------------------------------------------------------------------------------------- latency proxy

@@ -176,7 +176,7 @@ def test_use_l2_and_use_init() -> None:
     method = create_method("gf_biased_loss", use_init=True, keep_stem=False)
     with pytest.raises(PruningError, match="initial"):
         method.check(ctx)
-    ctx.extra["initial_state"] = w0
+    ctx.initial_state = w0
     s = _score("gf_biased_loss", model, ctx, use_init=True)
     for key in ("conv1", "conv2"):
         p = f"{key}.weight"
@@ -187,7 +187,7 @@ def test_use_l2_and_use_init() -> None:
     s = _score("gf_tfo", model, ctx, use_l2=True)
     _close(s["conv2"], _rows(lambda r: abs(sum(t * d * abs(t) for t, d in r)), model.conv2.weight,
                              g["conv2.weight"]))
-    ctx.extra["initial_state"] = {k: v[:1] for k, v in w0.items()}  # wrong shapes: a clear error
+    ctx.initial_state = {k: v[:1] for k, v in w0.items()}  # wrong shapes: a clear error
     with pytest.raises(PruningError, match="shape"):
         _score("gf_loss", model, ctx, use_init=True)
 

@@ -382,7 +382,7 @@ def prune(
         trajectory=trajectory,
         num_classes=num_classes,
     )
-    ctx.extra["verify"] = verify
+    ctx.verify = verify
     meth.check(ctx)
     tuner = _finetuner(finetune, loader, dev)
     cum = cumulative_fractions(target_fraction(tgt), rounds, schedule, thresholds)
@@ -403,14 +403,14 @@ def prune(
                 originals = {key: g.size for key, g in graph.groups.items()}
                 base = _measure(model, shape, graph)
             ctx.graph = graph
-            ctx.extra["original_sizes"] = originals
-            ctx.extra.pop("removed_channels", None)
+            ctx.original_sizes = originals
+            ctx.removed_channels = None
             removed = {}
             if mode == "masked" and granularity == "channel":
                 from prunekit.surgery.allocate import masked_channels
 
                 rem = masked_channels(model, graph)
-                ctx.extra["removed_channels"] = rem
+                ctx.removed_channels = rem
                 removed = {key: int(len(v)) for key, v in rem.items()}
             current = 0.0
             if tgt.kind != "ratio":
@@ -561,11 +561,11 @@ def _report(
     }
     if getattr(mem, "cuda_mb", None) is not None:
         report["peak_cuda_memory_mb"] = mem.cuda_mb
-    alloc = ctx.extra.get("allocation")
+    alloc = ctx.allocation
     if alloc:
         report["allocation"] = {k: v for k, v in alloc.items() if k != "widths"}
-    if ctx.extra.get("latency_table"):
-        report["latency_table"] = dict(ctx.extra["latency_table"])
+    if ctx.latency_table:
+        report["latency_table"] = dict(ctx.latency_table)
     return report
 
 

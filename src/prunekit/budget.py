@@ -101,7 +101,15 @@ class PruneContext:
     trajectory: Any = None  # prunekit.train.callbacks.Trajectory for the Koopman methods
     num_classes: int | None = None
     graph: Any = None  # prunekit.surgery.ChannelGraph, built lazily by the engine
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. initial weights for gf use_init
+    # -- set by the pipeline for the allocators (read by methods, never written by them) ------------
+    verify: bool = True  # check the achieved cost on a physically pruned copy
+    original_sizes: dict[str, int] = field(default_factory=dict)  # group key -> width before any round
+    removed_channels: dict[str, Any] | None = None  # channels removed by earlier (masked) rounds
+    initial_state: dict[str, torch.Tensor] | None = None  # the weights at initialisation (gf use_init)
+    # -- written by the allocator: what it decided ------------------------------------------------
+    allocation: dict[str, Any] | None = None  # widths, predicted and measured cost of the chosen plan
+    latency_table: dict[str, Any] | None = None  # the measured per-layer table used, if any
+    output_layers: list[str] | None = None  # layers left unpruned as network outputs
 
     # -- data --------------------------------------------------------------------------------------
     def require_data(self, method: str) -> None:

@@ -254,12 +254,10 @@ def prune_and_train(
     ignored = (first_conv_path(model),) if keep_stem and first_conv_path(model) else None
 
     def context(graph: Any) -> PruneContext:
-        extra: dict[str, Any] = {"original_sizes": original}
-        if init_model is not None:
-            extra["initial_state"] = init_model.state_dict()
         return PruneContext(target=Target("ratio", 0.0), input_shape=input_shape,
                             budget=BudgetOptions(scope="global", floor=min_width, ignored=ignored),
-                            data=train_loader, device=device, graph=graph, extra=extra)
+                            data=train_loader, device=device, graph=graph, original_sizes=dict(original),
+                            initial_state=init_model.state_dict() if init_model is not None else None)
 
     from prunekit.metrics import count_params
 

@@ -29,7 +29,7 @@ Options shared by the family (every method's ``defaults``):
 * ``use_l2``: multiply the element-wise measure by ``|theta|`` before the row reduction (bias towards small
   magnitude; on by default for ``gf_biased_loss*``, which are ``gf_loss`` with this bias); ``use_init``: multiply
   by ``|theta - theta0|`` instead (it replaces the ``|theta|`` bias; towards small distance from the initial
-  weights ``ctx.extra["initial_state"]``, a state dict of the model's shapes -- a clear error if absent).
+  weights ``ctx.initial_state``, a state dict of the model's shapes -- a clear error if absent).
 * ``normalize``: per-group score normalisation (``None``, ``"l2"``, ``"max"``, ``"mean"``) before the global
   ranking; default off, as in the seed (raw cross-layer ranking is scale-sensitive).
 * ``keep_stem``: never prune the group fed by the first convolution (the seed never pruned the stem); the
@@ -66,6 +66,7 @@ reported in the plan's ``meta["grasp_memory"]``; every data-driven measure repor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import resource
@@ -377,12 +378,13 @@ class GradFlowScorer(ChannelScorer):
     # -- validation --------------------------------------------------------------------------------
     def check(self, ctx: PruneContext) -> None:
         super().check(ctx)
-        if self.use_init and ctx.extra.get("initial_state") is None:
+        if self.use_init and ctx.initial_state is None:
             raise PruningError(f"method {self.name!r} with use_init=True needs the initial weights: pass "
-                               "extra={'initial_state': state_dict} in the context (Trainer(keep_initial_weights="
-                               "True).initial_state, or prune_and_train, which keeps them)")
+                               "PruneContext(initial_state=state_dict) (Trainer(keep_initial_weights=True)"
+                               ".initial_state, or prune_and_train, which keeps them)")
         if float(self.min_width) != COMMON_DEFAULTS["min_width"]:  # a non-default floor overrides the context's
-            ctx.budget.floor = float(self.min_width)
+            ctx.budget = dataclasses.replace(ctx.budget, floor=float(self.min_width))  # (a copy: the caller's
+            # BudgetOptions stay as given)
 
     # -- which parameters score a group ------------------------------------------------------------
     def group_terms(self, model: nn.Module, group: Any) -> list[str]:
@@ -535,9 +537,10 @@ class GradFlowScorer(ChannelScorer):
     # -- scores ------------------------------------------------------------------------------------
     def _bias(self, path: str, theta: torch.Tensor, ctx: PruneContext) -> torch.Tensor | None:
         if self.use_init:
-            init = ctx.extra.get("initial_state")
+            init = ctx.initial_state
             if init is None:
-                raise PruningError(f"method {self.name!r}: use_init needs ctx.extra['initial_state']")
+                raise PruningError(f"method {self.name!r}: use_init needs the initial weights "
+                                   "(PruneContext.initial_state)")
             if path not in init:
                 raise PruningError(f"initial weights have no entry {path!r}")
             t0 = init[path].to(theta.device, theta.dtype)
@@ -642,8 +645,8 @@ class GradFlowScorer(ChannelScorer):
         scores = self.checked_scores(model, ctx, torch.float64)
         if not scores:
             raise PruningError(f"method {self.name!r} scored no channel group: the model has nothing prunable")
-        original = dict(ctx.extra.get("original_sizes") or {})
-        removed = dict(ctx.extra.get("removed_channels") or {})
+        original = dict(ctx.original_sizes)
+        removed = dict(ctx.removed_channels or {})
         masked = 0
         for k, idx in removed.items():
             if k in scores and len(idx):
@@ -663,7 +666,7 @@ class GradFlowScorer(ChannelScorer):
         info = {"global_filter_fraction": p, "filters_original": n0, "filters_kept": kept,
                 "filters_target": target_keep, "already_masked": masked}
         self.meta["global_fraction"] = info
-        ctx.extra["allocation"] = {**info, "widths": {k: len(v) for k, v in keep.items()}}
+        ctx.allocation = {**info, "widths": {k: len(v) for k, v in keep.items()}}
         return Plan(method=self.name, channels=keep, meta={"scores": {k: v.tolist() for k, v in scores.items()}})
 
 

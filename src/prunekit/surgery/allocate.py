@@ -117,7 +117,7 @@ class _ChannelProblem:
             raise PruningError(f"floor must be in [0, 1), got {b.floor}")
         if not 0 < b.cap <= 1:
             raise PruningError(f"cap must be in (0, 1], got {b.cap}")
-        originals = ctx.extra.get("original_sizes", {})
+        originals = ctx.original_sizes
         ignored = list(b.ignored or ())
         self.graph = graph
         self.keys: list[str] = []
@@ -237,13 +237,13 @@ def allocate_channels(
     graph = ctx.graph
     if graph is None:
         graph = ctx.graph = analyze(model, ctx.input_shape, ignored=ctx.budget.ignored)
-    removed = dict(ctx.extra.get("removed_channels") or masked_channels(model, graph))
+    removed = dict(ctx.removed_channels or masked_channels(model, graph))
     prob = _ChannelProblem(graph, ctx, scores, removed)
     target = ctx.target
     if target.kind == "ratio":
         counts = _ratio_counts(prob, target)
         keep = prob.keep(counts)
-        ctx.extra["allocation"] = {"widths": prob.widths(counts)}
+        ctx.allocation = {"widths": prob.widths(counts)}
         return keep
     kind = target.kind
     cost = _cost_fn(graph, kind)
@@ -259,7 +259,7 @@ def allocate_channels(
     keep = prob.keep(counts)
     predicted = cost({**current, **prob.widths(counts)})
     info: dict[str, Any] = {"predicted": base / max(predicted, EPS), "target": target.value}
-    if ctx.extra.get("verify", True) and not removed:
+    if ctx.verify and not removed:
         measured = _measure(model, graph, keep, kind)
         if measured is not None and abs(measured / max(predicted, EPS) - 1) > 0.002:
             counts, keep, measured = _correct(model, prob, ctx, cost, budget, measured, predicted, kind)
@@ -274,7 +274,7 @@ def allocate_channels(
                     stacklevel=2,
                 )
     info["widths"] = prob.widths(counts)
-    ctx.extra["allocation"] = info
+    ctx.allocation = info
     return keep
 
 
@@ -430,7 +430,7 @@ def _latency_weights(
         widths = {k: g.size for k, g in prob.graph.groups.items()}
         widths.update(full)
         saved = measured_channel_savings(model, prob.graph, prob.keys, prob.mult, widths, table)
-        ctx.extra["latency_table"] = {"layers_timed": table.measured, "cache": str(table.cache_file or "")}
+        ctx.latency_table = {"layers_timed": table.measured, "cache": str(table.cache_file or "")}
         if any(v > 0 for v in saved):
             measured = _relative(saved)
             per = [m if v > 0 else p for m, v, p in zip(measured, saved, per)]
@@ -585,7 +585,7 @@ def prunable_weights(model: nn.Module, ctx: PruneContext) -> dict[str, torch.Ten
             ignored = tuple(ctx.graph.output_layers)
         else:
             ignored = tuple(_output_layers(model, tuple(ctx.input_shape)))
-            ctx.extra.setdefault("output_layers", list(ignored))
+            ctx.output_layers = ctx.output_layers or list(ignored)
     out: dict[str, torch.Tensor] = {}
     for path, m in model.named_modules():
         if isinstance(m, LAYER_TYPES) and not _matches(path, ignored):
@@ -662,7 +662,7 @@ def allocate_weights(
             raise PruningError(f"scores for {p!r} are not all finite")
         a = existing[p].cpu().bool() if p in existing else torch.ones(s.shape, dtype=torch.bool)
         sc[p], alive[p] = s, a
-    nm = getattr(ctx.budget, "nm", None) or ctx.extra.get("nm")
+    nm = ctx.budget.nm
     if nm:
         return _nm_masks(sc, alive, *_parse_nm(nm))
     b = ctx.budget
