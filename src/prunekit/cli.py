@@ -124,6 +124,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
+    from prunekit import distributed
     from prunekit.data import BatchLoader
     from prunekit.io import load, save
     from prunekit.models import create_model_for_dataset, get_model_info
@@ -161,7 +162,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         model.to(memory_format=torch.contiguous_format)
     metrics = summarize(model, test_ds, args, "cpu")
     metrics.update({"model": args.model, "dataset": args.dataset, "seed": args.seed, "epochs": args.epochs,
-                    "train_seconds": round(seconds, 1)})
+                    "train_seconds": round(seconds, 1), "world_size": distributed.world_size(),
+                    "global_batch_size": args.batch_size * distributed.world_size()})
+    if not distributed.is_main():  # under torchrun only rank 0 writes
+        return 0
     save(model, out / "model.pt", meta={"dataset": args.dataset, "train_config": config_dict(cfg),
                                          "init_from": args.init_from,
                                          "history": history, "metrics": metrics})
@@ -270,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        from prunekit import distributed
+
+        distributed.init_from_env(getattr(args, "device", None))  # under torchrun: join the process group
         return int(args.fn(args) or 0)
     except PrunekitError as e:
         print(f"prunekit: error: {e}", file=sys.stderr)

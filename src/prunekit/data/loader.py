@@ -44,6 +44,10 @@ class BatchLoader:
         device: where batches are produced; on a non-CPU device the ``uint8`` images are copied there
             once and cropping/normalisation run there.
         padding: zero padding of the random crop (pixels).
+        rank, world_size: data-parallel sharding (see :mod:`prunekit.distributed`): each global batch is
+            ``batch_size * world_size`` examples of one shared order and this loader yields the ``rank``-th
+            slice of it, so ``world_size`` loaders together yield what one loader at the global batch
+            size yields. A last global batch with fewer examples than ranks is dropped.
 
     Call :meth:`set_epoch` before iterating to pick the epoch; iterating without it advances an
     internal epoch counter (0, 1, 2, ...).
@@ -61,6 +65,8 @@ class BatchLoader:
         device: str | torch.device = "cpu",
         *,
         padding: int = 4,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -86,6 +92,7 @@ class BatchLoader:
         self.drop_last = bool(drop_last)
         self.channels_last = bool(channels_last)
         self.padding = padding
+        self.shard(rank, world_size)
         self._next_epoch = 0
         self._images: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
@@ -101,9 +108,28 @@ class BatchLoader:
         """The epoch the next iteration will produce."""
         return self._next_epoch
 
+    def shard(self, rank: int, world_size: int) -> BatchLoader:
+        """Yield only rank ``rank``'s slice of every global batch of ``world_size`` ranks (in place)."""
+        for name, v in (("rank", rank), ("world_size", world_size)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"{name} must be an int, got {v!r}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.rank, self.world_size = rank, world_size
+        return self
+
     def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        n, g = len(self.dataset), self.batch_size * self.world_size
+        if self.drop_last or 0 < n % g < self.world_size:
+            return n // g
+        return -(-n // g)
+
+    def _slice(self, b: int, n: int) -> tuple[int, int]:
+        """This rank's examples ``lo:hi`` of global batch ``b``."""
+        g = self.batch_size * self.world_size
+        glo, ghi = b * g, min(n, (b + 1) * g)
+        m = ghi - glo
+        return glo + m * self.rank // self.world_size, glo + m * (self.rank + 1) // self.world_size
 
     def __repr__(self) -> str:
         return (
@@ -148,7 +174,7 @@ class BatchLoader:
         shift = (mean / std).to(torch.float32).reshape(1, -1, 1, 1).to(self.device)
         on_cpu = self.device.type == "cpu"
         for b in range(len(self)):
-            lo, hi = b * self.batch_size, min(n, (b + 1) * self.batch_size)
+            lo, hi = self._slice(b, n)
             if order is None:
                 xb, yb = images[lo:hi], labels[lo:hi]
             else:

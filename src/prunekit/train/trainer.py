@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from prunekit import distributed
 from prunekit.errors import PrunekitError
 
 
@@ -116,6 +117,10 @@ class Trainer:
     ``checkpoint_dir``: a ``last.pt`` is written after every epoch and training resumes
     from it when ``resume=True``. ``optimizer``: pass one to keep its state across
     prune-and-train rounds. ``log_dir``: TensorBoard scalars when tensorboard is installed.
+
+    Under ``torchrun`` (see :mod:`prunekit.distributed`) the model is trained in
+    ``DistributedDataParallel``, a :class:`~prunekit.data.BatchLoader` is sharded over the ranks, epoch
+    metrics are summed over ranks, and only rank 0 shows progress, prints and writes checkpoints.
     """
 
     def __init__(
@@ -150,6 +155,12 @@ class Trainer:
         self.model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.main = distributed.is_main()
+        if distributed.active() and getattr(train_loader, "world_size", None) == 1:
+            train_loader.shard(distributed.rank(), distributed.world_size())
+        self.net = distributed.wrap(model, self.device)  # what the training step calls (DDP under torchrun)
+        self.progress = progress and self.main
+        self.log_epochs = log_epochs and self.main
         self.initial_state = ({k: v.detach().clone() for k, v in model.state_dict().items()}
                               if keep_initial_weights else None)
         seed_everything(cfg.seed)
@@ -212,10 +223,13 @@ class Trainer:
         }
 
     def save_state(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(self._state(), tmp)
-        os.replace(tmp, path)
+        """Write the resumable state atomically (rank 0 only under torchrun)."""
+        if self.main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(self._state(), tmp)
+            os.replace(tmp, path)
+        distributed.barrier()
 
     def _load_state(self, path: Path) -> None:
         st = torch.load(path, map_location=self.device, weights_only=True)
@@ -229,7 +243,7 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, Any]:
-        model, dev = self.model, self.device
+        model, dev = self.net, self.device
         model.train()
         if hasattr(self.train_loader, "set_epoch"):
             self.train_loader.set_epoch(self.epoch)
@@ -280,6 +294,7 @@ class Trainer:
                 self._tb.add_scalar("train/loss", self.last_loss, self.step)
         if bar is not None:
             bar.close()
+        tot_loss, tot_correct, tot_n = distributed.all_reduce_sum([tot_loss, tot_correct, tot_n])
         return {"train_loss": tot_loss / max(1, tot_n), "train_top1": tot_correct / max(1, tot_n),
                 "seconds": time.time() - t0, "lr": self.optimizer.param_groups[0]["lr"]}
 

@@ -1,0 +1,92 @@
+"""Data-parallel training under torchrun (gloo, CPU): sharded batches and identical weights.
+
+2 ranks at batch b must train exactly like 1 process at batch 2b: the loader gives each rank its
+half of every global batch and DistributedDataParallel averages the gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from prunekit.data import BatchLoader, get_dataset
+from prunekit.errors import ConfigError
+from prunekit.models import create_model
+
+
+def _ds(n: int = 100):
+    return get_dataset("synthetic", "train", in_channels=1, image_size=8, n=n)
+
+
+@pytest.mark.parametrize("n, world, drop_last", [(100, 2, True), (100, 2, False), (101, 3, False), (96, 4, False)])
+def test_sharded_loaders_together_yield_the_global_batches(n, world, drop_last) -> None:
+    ds = _ds(n)
+    full = BatchLoader(ds, batch_size=8 * world, shuffle=True, augment="cifar", seed=3, drop_last=drop_last)
+    shards = [BatchLoader(ds, batch_size=8, shuffle=True, augment="cifar", seed=3, drop_last=drop_last,
+                          rank=r, world_size=world) for r in range(world)]
+    assert all(len(s) == len(shards[0]) for s in shards)
+    expect = list(full)
+    got = list(zip(*shards))
+    assert len(got) == len(expect) or (len(got) == len(expect) - 1 and n % (8 * world) < world)
+    for (x, y), parts in zip(expect, got):
+        assert torch.equal(torch.cat([p[0] for p in parts]), x)
+        assert torch.equal(torch.cat([p[1] for p in parts]), y)
+
+
+def test_bad_shards_are_refused() -> None:
+    for rank, world in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ConfigError, match="rank"):
+            BatchLoader(_ds(), batch_size=4, rank=rank, world_size=world)
+
+
+_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from prunekit import distributed
+    from prunekit.data import BatchLoader, get_dataset
+    from prunekit.models import create_model
+    from prunekit.train import TrainConfig, Trainer
+
+    batch, out = int(sys.argv[1]), sys.argv[2]
+    distributed.init_from_env("cpu")
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = create_model("lenet_300_100", width=0.1, in_channels=1, image_size=8)
+    ds = get_dataset("synthetic", "train", in_channels=1, image_size=8, n=128)
+    loader = BatchLoader(ds, batch_size=batch, shuffle=True, seed=1, drop_last=True)
+    cfg = TrainConfig(epochs=2, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine")
+    hist = Trainer(model, cfg, loader, progress=False, log_epochs=False).fit()
+    if distributed.is_main():
+        torch.save(model.state_dict(), out + ".pt")
+        json.dump({"world": distributed.world_size(), "history": hist}, open(out + ".json", "w"))
+""")
+
+
+def test_two_ranks_train_like_one_process_at_twice_the_batch(tmp_path) -> None:
+    script = tmp_path / "train_ddp.py"
+    script.write_text(_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    one = subprocess.run([sys.executable, str(script), "16", str(tmp_path / "one")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", "29533", str(script), "8", str(tmp_path / "two")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    info = json.loads((tmp_path / "two.json").read_text())
+    assert info["world"] == 2
+    a = torch.load(tmp_path / "one.pt", weights_only=True)
+    b = torch.load(tmp_path / "two.pt", weights_only=True)
+    torch.manual_seed(0)
+    init = create_model("lenet_300_100", width=0.1, in_channels=1, image_size=8).state_dict()
+    assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-3  # training really moved the weights
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff < 1e-5, diff
+    h1 = json.loads((tmp_path / "one.json").read_text())["history"]
+    # the epoch loss is summed over ranks: the same figure as the single process
+    assert abs(h1[-1]["train_loss"] - info["history"][-1]["train_loss"]) < 1e-5
