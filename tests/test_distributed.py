@@ -90,3 +90,24 @@ def test_two_ranks_train_like_one_process_at_twice_the_batch(tmp_path) -> None:
     h1 = json.loads((tmp_path / "one.json").read_text())["history"]
     # the epoch loss is summed over ranks: the same figure as the single process
     assert abs(h1[-1]["train_loss"] - info["history"][-1]["train_loss"]) < 1e-5
+
+
+def test_torchrun_prune_with_fine_tuning_writes_once(tmp_path) -> None:
+    import prunekit
+
+    base = tmp_path / "base.pt"
+    torch.manual_seed(0)
+    prunekit.save(create_model("lenet5", width=0.5, in_channels=3, image_size=32), base,
+                  meta={"dataset": "synthetic"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        "29534", "-m", "prunekit", "prune", "--checkpoint", str(base), "--method", "l1", "--target",
+                        "flops=2", "--finetune-epochs", "0.25", "--prune-samples", "64", "--batch-size", "32",
+                        "--no-latency", "--quiet", "--device", "cpu", "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 2 and abs(m["flops_speedup"] / 2 - 1) <= 0.05
+    assert r.stdout.count("wrote ") == 1  # rank 0 alone writes and reports
+    assert prunekit.load(out / "model.pt")(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -240,7 +240,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         **options,
     )
     model = result.model.eval()
-    metrics: dict[str, Any] = {}
+    from prunekit import distributed
+
+    # under torchrun every rank plans from the same prune set and seed: the plans must agree
+    distributed.check_same(json.loads(json.dumps(result.plan.describe(), default=str)), "the pruning plan")
+    metrics: dict[str, Any] = {"world_size": distributed.world_size()}
     if tuner is not None:
         after = evaluate(model, _test_loader(test_ds, args, device), reference=base, device=device)
         metrics["top1_after_prune"] = after["top1"]
@@ -300,10 +304,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def _write_outputs(model: Any, out: Path, args: argparse.Namespace, metrics: dict[str, Any],
                    meta: dict[str, Any]) -> int:
-    """Write ``OUT/model.pt`` (with ``meta`` and the metrics) and ``OUT/metrics.json``; print the metrics."""
+    """Write ``OUT/model.pt`` (with ``meta`` and the metrics) and ``OUT/metrics.json``; print the metrics
+    (rank 0 only under torchrun)."""
+    from prunekit import distributed
     from prunekit.cli import print_metrics, write_json
     from prunekit.io import save
 
+    if not distributed.is_main():
+        return 0
     meta = {**meta, "metrics": json.loads(json.dumps(metrics, default=str))}
     save(model.to("cpu"), out / "model.pt", meta=meta)
     metrics["file_size"] = (out / "model.pt").stat().st_size
