@@ -111,3 +111,43 @@ def test_torchrun_prune_with_fine_tuning_writes_once(tmp_path) -> None:
     assert m["world_size"] == 2 and abs(m["flops_speedup"] / 2 - 1) <= 0.05
     assert r.stdout.count("wrote ") == 1  # rank 0 alone writes and reports
     assert prunekit.load(out / "model.pt")(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+_TSQR_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from prunekit import distributed
+    from prunekit.linalg import TSQR
+
+    distributed.init_from_env("cpu")
+    torch.manual_seed(0)
+    z = torch.randn(300, 12, dtype=torch.float64) @ torch.randn(12, 12, dtype=torch.float64)
+    mine = z[distributed.rank()::distributed.world_size()]  # every rank its own rows
+    out = {}
+    for block in ("qr", "gram"):
+        acc = TSQR(block=block)
+        for chunk in mine.split(37):
+            acc.update(chunk)
+        out[block] = acc.all_reduce_().r()
+        out[block + "_rows"] = torch.tensor(acc.rows)
+    torch.save(out, sys.argv[1] + f".{distributed.rank()}.pt")
+""")
+
+
+def test_tsqr_r_over_two_ranks_equals_the_single_process_r(tmp_path) -> None:
+    from prunekit.linalg import tsqr_r
+
+    script = tmp_path / "tsqr_ddp.py"
+    script.write_text(_TSQR_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        "29535", str(script), str(tmp_path / "r")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    torch.manual_seed(0)
+    z = torch.randn(300, 12, dtype=torch.float64) @ torch.randn(12, 12, dtype=torch.float64)
+    ref = tsqr_r([z])  # one process, all rows (non-negative diagonal: R is unique)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"r.{rank}.pt", weights_only=True)
+        for block in ("qr", "gram"):
+            assert int(got[block + "_rows"]) == 300
+            assert torch.allclose(got[block], ref, rtol=1e-8, atol=1e-8 * float(ref.abs().max())), block

@@ -214,6 +214,35 @@ class TSQR:
         self.rows = rows + other.rows
         return self
 
+    def all_reduce_(self) -> TSQR:
+        """Under torchrun: combine every rank's rows into this accumulator (in place, on every rank).
+
+        ``"gram"``: the Gram matrices are summed; ``"qr"``: the ranks' ``R`` factors are gathered, stacked
+        and factored once more (TSQR's reduction tree with one level). Afterwards :meth:`r` is the
+        factor of all ranks' rows, equal on every rank (up to rounding; row signs normalised).
+        """
+        from prunekit import distributed
+
+        if not distributed.active():
+            return self
+        import torch.distributed as dist
+
+        cols = distributed.all_reduce_sum([float(self._c or 0)])[0] / distributed.world_size()
+        if self._c is None or cols != self._c:
+            raise ValueError("TSQR.all_reduce_: every rank must have seen blocks with the same number of columns")
+        self.rows = int(distributed.all_reduce_sum([float(self.rows)])[0])
+        if self.block == "gram":
+            g = self._g if self._g is not None else torch.zeros(self._c, self._c, dtype=self.dtype)
+            g = g.to(torch.float64).contiguous()
+            dist.all_reduce(g)
+            self._g = g.to(self.dtype)
+            return self
+        r = self.r().to(torch.float64).contiguous()
+        parts = [torch.empty_like(r) for _ in range(distributed.world_size())]
+        dist.all_gather(parts, r)
+        self._r = qr_r(torch.cat(parts)).to(self.dtype)
+        return self
+
     def r(self) -> torch.Tensor:
         """The accumulated factor, ``C x C`` upper triangular with a non-negative diagonal.
 
