@@ -7,7 +7,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from prunekit.errors import UnknownNameError
+from prunekit.errors import PrunekitError, UnknownNameError
 from prunekit.models import create_model, get_model_info, list_models, register_model
 
 ALL_MODELS = list_models()
@@ -95,9 +95,14 @@ def test_duplicate_registration_raises() -> None:
     assert get_model_info("resnet20").factory is factory
 
 
-def test_bad_option_raises_type_error() -> None:
-    with pytest.raises(TypeError, match="vgg11"):
+def test_bad_option_raises_config_error() -> None:
+    from prunekit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="vgg11"):
         create_model("vgg11", no_such_option=1)
+    for bad in ({"width": -1}, {"width": float("nan")}, {"width": 1e6}, {"num_classes": 0}, {"width": True}):
+        with pytest.raises(ConfigError, match="must be"):
+            create_model("lenet5", **bad)
 
 
 @pytest.mark.parametrize(
@@ -145,9 +150,9 @@ def test_vgg_mlp_classifier_and_image_size() -> None:
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
     model = create_model("vgg11", num_classes=5, width=0.25, image_size=64)
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 5)
-    with pytest.raises(ValueError):
+    with pytest.raises(PrunekitError):  # user errors, not tracebacks
         create_model("vgg11", classifier="nope")
-    with pytest.raises(ValueError):
+    with pytest.raises(PrunekitError):
         create_model("vgg11", image_size=28)
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prunekit import cli_types as T
 from prunekit.errors import PrunekitError
 
 # OpenMP's wait policy is left to the user: the default (threads spin briefly between parallel regions)
@@ -32,9 +33,10 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--eval-batch-size", type=int, default=512)
+    p.add_argument("--threads", type=T.THREADS, default=None, help="torch CPU threads")
+    p.add_argument("--batch-size", type=T.POSITIVE_INT, default=128,
+                   help="examples per batch (per rank under torchrun)")
+    p.add_argument("--eval-batch-size", type=T.POSITIVE_INT, default=512)
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -44,6 +46,17 @@ def _device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise PrunekitError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PrunekitError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}, "
+                            f"built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise PrunekitError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise PrunekitError(f"--device {name!r}: prunekit runs on cpu, cuda or mps")
     return name
 
 
@@ -75,6 +88,24 @@ def summarize(model: Any, test_ds: Any, args: argparse.Namespace, device: str, r
     return model_summary(model, (info.in_channels, info.image_size, info.image_size),
                          loader=_test_loader(test_ds, args, device), reference=reference,
                          latency=not args.no_latency)
+
+
+def prepare_out(out: str) -> Path:
+    """``--out``: checked and created before any work (not an existing file, writable), else exit 2."""
+    import tempfile
+
+    try:
+        path = Path(out)
+        if path.exists() and not path.is_dir():
+            raise PrunekitError(f"--out {out!r} is an existing file; give a directory")
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".prunekit-write-test-"):
+            pass
+    except PrunekitError:
+        raise
+    except (OSError, ValueError) as e:
+        raise PrunekitError(f"--out {out!r} cannot be written: {e}") from None
+    return path
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -133,8 +164,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     _setup_runtime(args)
     device = _device(args.device)
     get_model_info(args.model)  # fail fast on an unknown model, before loading data
+    prepare_out(args.out)
     train_ds, test_ds = load_data(args)
-    model_kw = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    model_kw = dict(args.model_kwargs or {})
     torch.manual_seed(args.seed)
     model = create_model_for_dataset(args.model, train_ds.info, **model_kw)
     if args.init_from:
@@ -212,17 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train a zoo model; writes OUT/model.pt and OUT/metrics.json")
     s.add_argument("--model", required=True)
     _add_data_args(s)
-    s.add_argument("--epochs", type=float, default=1)
+    s.add_argument("--epochs", type=T.POSITIVE, default=1)
     s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--lr", type=float, default=0.1)
+    s.add_argument("--seed", type=T.SEED, default=0)
+    s.add_argument("--lr", type=T.POSITIVE, default=0.1)
     s.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
-    s.add_argument("--momentum", type=float, default=0.9)
-    s.add_argument("--weight-decay", type=float, default=5e-4)
+    s.add_argument("--momentum", type=T.FRACTION, default=0.9)
+    s.add_argument("--weight-decay", type=T.NON_NEGATIVE, default=5e-4)
     s.add_argument("--schedule", default="cosine", choices=["cosine", "step", "onecycle", "constant"])
-    s.add_argument("--warmup-epochs", type=float, default=0.0)
-    s.add_argument("--label-smoothing", type=float, default=0.0)
-    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--warmup-epochs", type=T.NON_NEGATIVE, default=0.0)
+    s.add_argument("--label-smoothing", type=T.FRACTION, default=0.0)
+    s.add_argument("--temperature", type=T.POSITIVE, default=1.0)
     s.add_argument("--channels-last", action="store_true")
     s.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     s.add_argument("--no-augment", action="store_true")
@@ -231,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to OUT/tb")
     s.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from the weights of this prunekit checkpoint (same model) instead of a random init")
-    s.add_argument("--model-kwargs", default=None, help='JSON options for the model, e.g. \'{"width": 2}\'')
-    s.add_argument("--swa-start", type=float, default=None, metavar="EPOCH",
+    s.add_argument("--model-kwargs", type=T.json_object, default=None,
+                   help='JSON options for the model, e.g. \'{"width": 2}\'')
+    s.add_argument("--swa-start", type=T.NON_NEGATIVE, default=None, metavar="EPOCH",
                    help="stochastic weight averaging: average the weights of every epoch end after EPOCH, then "
                         "recompute BatchNorm statistics (pair with --schedule constant and a small --lr)")
     _add_runtime_args(s)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prunekit import cli_types as T
 from prunekit.errors import PrunekitError
 
 
@@ -166,6 +167,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     info = get_method_info(args.method)  # fail fast on an unknown method
     options = parse_options(args.option)
     info.cls(**options)  # typed options checked before any work: an unknown or mistyped one exits 2
+    from prunekit.cli import prepare_out
+
+    prepare_out(args.out)
     if args.target is None and options.get("prune_percent") is not None:
         p = float(options["prune_percent"])
         args.target = f"ratio={p / 100 if p > 1 else p:g}"
@@ -362,7 +366,7 @@ def cmd_prune_train(args: argparse.Namespace, options: dict[str, Any], device: s
     if base is not None:
         model = copy.deepcopy(base)
     else:
-        kw = json.loads(args.model_kwargs) if args.model_kwargs else {}
+        kw = dict(args.model_kwargs or {})
         model = create_model_for_dataset(args.model, train_ds.info, **kw)
     dense = {**count_params(model), "flops": count_flops(model, shape)}
     train_loader = BatchLoader(train_ds, batch_size=args.batch_size, shuffle=True, augment=True, seed=args.seed,
@@ -404,7 +408,7 @@ def cmd_prune_train(args: argparse.Namespace, options: dict[str, Any], device: s
         metrics["note"] = "random init: no base accuracy or agreement; base_params / base_flops are the dense init's"
     if not no_latency:
         ref = base if base is not None else create_model_for_dataset(
-            args.model, train_ds.info, **(json.loads(args.model_kwargs) if args.model_kwargs else {}))
+            args.model, train_ds.info, **dict(args.model_kwargs or {}))
         model.to("cpu")
         ref.to("cpu").eval()
         lb, lp = _latency_pair(ref, model, shape, repeats=max(1, args.latency_repeats))
@@ -435,7 +439,8 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--checkpoint", default=None,
                    help="a prunekit checkpoint (from `prunekit train`); required unless prune-and-train from --model")
     s.add_argument("--model", default=None, help="prune-and-train from a random init of this zoo model")
-    s.add_argument("--model-kwargs", default=None, help="JSON keyword arguments of --model, e.g. '{\"width\": 0.5}'")
+    s.add_argument("--model-kwargs", type=T.json_object, default=None,
+                   help="JSON keyword arguments of --model, e.g. '{\"width\": 0.5}'")
     s.add_argument("--method", required=True, help="a method name (see `prunekit methods`)")
     s.add_argument("--target", default=None,
                    help="flops=X, params=X (X-fold reduction) or ratio=F; prune-and-train: ratio=P, the fraction "
@@ -447,8 +452,8 @@ def add_commands(sub: Any) -> None:
     s.add_argument(
         "--round-to", default=None, help="channel multiple (integer, 1 = none) or 'auto' (default)"
     )
-    s.add_argument("--floor", type=float, default=None, help="every layer keeps floor(floor*width)+1 units")
-    s.add_argument("--rounds", type=int, default=1,
+    s.add_argument("--floor", type=T.FRACTION, default=None, help="every layer keeps floor(floor*width)+1 units")
+    s.add_argument("--rounds", type=T.POSITIVE_INT, default=1,
                    help="iterative pruning rounds (with --epochs-per-round: prune-and-train rounds)")
     s.add_argument("--schedule", default="geometric", choices=["geometric", "linear", "gradflow"])
     s.add_argument("--heads", action="store_true", help="also prune whole attention heads (ViT)")
@@ -469,21 +474,21 @@ def add_commands(sub: Any) -> None:
     )
     s.add_argument(
         "--prune-samples",
-        type=int,
+        type=T.POSITIVE_INT,
         default=5000,
         help="size of the prune set, drawn from the training split (default 5000)",
     )
     s.add_argument(
-        "--finetune-epochs", type=float, default=0.0, help="fine-tuning epochs per round (0: none)"
+        "--finetune-epochs", type=T.NON_NEGATIVE, default=0.0, help="fine-tuning epochs per round (0: none)"
     )
-    s.add_argument("--finetune-lr", type=float, default=0.01)
-    s.add_argument("--momentum", type=float, default=0.9)
-    s.add_argument("--weight-decay", type=float, default=None,
+    s.add_argument("--finetune-lr", type=T.POSITIVE, default=0.01)
+    s.add_argument("--momentum", type=T.FRACTION, default=0.9)
+    s.add_argument("--weight-decay", type=T.NON_NEGATIVE, default=None,
                    help="SGD weight decay (default 5e-4 for fine-tuning, 1e-4 for prune-and-train)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=T.SEED, default=0)
     s.add_argument(
         "--latency-repeats",
-        type=int,
+        type=T.POSITIVE_INT,
         default=3,
         help="base and pruned latency are measured alternately this many times (fastest kept)",
     )

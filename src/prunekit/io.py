@@ -25,6 +25,7 @@ A checkpoint is a plain dictionary of tensors, numbers and strings that
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from prunekit._version import __version__
-from prunekit.errors import CheckpointError
+from prunekit.errors import CheckpointError, PrunekitError
 from prunekit.specs import _SPECS, conv_geometry, module_spec, register_module_spec  # noqa: F401  (re-exported)
 
 FORMAT = "prunekit-checkpoint"
@@ -113,7 +114,34 @@ def _build_base(cfg: dict[str, Any]) -> nn.Module:
                         **cfg.get("kwargs", {}))
 
 
+# a recorded layer may not ask for more than this many weights (a crafted checkpoint must not make loading
+# allocate without bound): 2^28 floats = 1 GiB, far beyond any layer prunekit writes
+MAX_LAYER_ELEMENTS = 2**28
+
+
+def _check_spec_size(spec: dict[str, Any], path: str) -> None:
+    args = spec.get("args", {})
+    if not isinstance(args, dict):
+        raise CheckpointError(f"checkpoint layer {path!r}: its recorded arguments are not a mapping")
+    dims = []
+    for k, v in args.items():
+        vals = v if isinstance(v, (list, tuple)) else [v]
+        for x in vals:
+            if isinstance(x, int) and not isinstance(x, bool):
+                if x < 0 or x > MAX_LAYER_ELEMENTS:
+                    raise CheckpointError(f"checkpoint layer {path!r}: {k}={v!r} is out of range")
+                if k in ("in_channels", "out_channels", "in_features", "out_features", "num_features",
+                         "num_channels", "kernel_size", "normalized_shape"):
+                    dims.append(max(1, x))
+    if math.prod(dims) > MAX_LAYER_ELEMENTS * max(1, int(args.get("groups", 1) or 1)):
+        raise CheckpointError(f"checkpoint layer {path!r} asks for a layer of {math.prod(dims):,} weights "
+                              f"(limit {MAX_LAYER_ELEMENTS:,}): the file is corrupt or crafted")
+
+
 def _build_module(spec: dict[str, Any], path: str) -> nn.Module:
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"checkpoint layer {path!r}: its spec is not a mapping")
+    _check_spec_size(spec, path)
     entry = _SPECS.get(spec.get("type", ""))
     if entry is None:
         raise CheckpointError(f"checkpoint layer {path!r} has type {spec.get('type')!r}, which this version "
@@ -126,7 +154,10 @@ def _build_module(spec: dict[str, Any], path: str) -> nn.Module:
         args["padding"] = tuple(args["padding"])
     if spec["type"] == "LayerNorm" and not args.get("bias", True) and torch.__version__ < "2.1":
         args.pop("bias")
-    return entry[0](**args)
+    try:
+        return entry[0](**args)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint layer {path!r}: cannot build {spec['type']}({args}): {e}") from None
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -163,9 +194,13 @@ def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -
     import prunekit.surgery  # noqa: F401  (registers the specs of prunekit's own layers, e.g. low-rank chains)
     from prunekit.errors import UnknownNameError
 
+    missing = [k for k in ("arch", "state_dict") if k not in payload]
+    if missing:
+        raise CheckpointError(f"{source}: the checkpoint has no {' or '.join(missing)} entry (truncated or not "
+                              "written by prunekit.save)")
     try:
         model = _build_base(payload["arch"])
-    except (UnknownNameError, KeyError, TypeError) as e:
+    except (UnknownNameError, KeyError, TypeError, AttributeError, PrunekitError) as e:
         raise CheckpointError(f"{source}: cannot rebuild its architecture {payload.get('arch')!r}: {e}") from None
     # replay parents before children so that replaced containers get their children afterwards
     for path, spec in sorted(payload.get("modules", {}).items(), key=lambda kv: kv[0].count(".")):
@@ -182,7 +217,7 @@ def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -
     masks = payload.get("masks", {})
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{source}: weights do not match the recorded architecture: "
                               f"{str(e).splitlines()[0]}") from None
     if masks:
@@ -197,6 +232,9 @@ def _resize_tensors(model: nn.Module, shapes: dict[str, list[int]]) -> None:
     """Give parameters / buffers that pruning reshaped outside any recorded module (e.g. a ViT's
     ``cls_token``) their saved shape, so that the state dict loads."""
     for name, shape in shapes.items():
+        if (not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and 0 <= d for d in shape)
+                or math.prod(shape) > MAX_LAYER_ELEMENTS):
+            raise CheckpointError(f"checkpoint tensor {name!r}: recorded shape {shape!r} is invalid or too large")
         mod_path, _, attr = name.rpartition(".")
         try:
             mod = model.get_submodule(mod_path) if mod_path else model

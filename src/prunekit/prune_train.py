@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from prunekit import cli_types as T
 from prunekit.errors import PruningError
 from prunekit.methods.base import BudgetOptions, ChannelScorer, Method, PruneContext, Target
 from prunekit.methods.gradflow import GradFlowScorer, first_conv_path, schedule_ratios
@@ -346,18 +347,18 @@ def add_prune_train_args(parser: argparse.ArgumentParser) -> None:
         if flag not in have:
             group.add_argument(flag, **kw)
 
-    add("--rounds", type=int, default=1, help="pruning rounds")
-    add("--epochs-per-round", type=float, default=None,
+    add("--rounds", type=T.POSITIVE_INT, default=1, help="pruning rounds")
+    add("--epochs-per-round", type=T.NON_NEGATIVE, default=None,
         help="train E epochs before each pruning round (enables prune-and-train)")
-    add("--final-epochs", type=float, default=0.0, help="training epochs after the last round")
-    add("--warmup-epochs", type=float, default=None, help="training epochs before the first round")
+    add("--final-epochs", type=T.NON_NEGATIVE, default=0.0, help="training epochs after the last round")
+    add("--warmup-epochs", type=T.NON_NEGATIVE, default=None, help="training epochs before the first round")
     add("--thresholds", default=None,
         help="manual cumulative fractions (or percentages) removed after each round, e.g. '10,50,80'")
     add("--preserve-moment", action="store_true", default=None,
         help="keep SGD momentum across rounds (sliced to the kept channels)")
-    add("--lr", type=float, default=0.1, help="SGD learning rate")
-    add("--momentum", type=float, default=0.9, help="SGD momentum")
-    add("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    add("--lr", type=T.POSITIVE, default=0.1, help="SGD learning rate")
+    add("--momentum", type=T.FRACTION, default=0.9, help="SGD momentum")
+    add("--weight-decay", type=T.NON_NEGATIVE, default=1e-4, help="SGD weight decay")
     add("--train-temperature", type=float, default=1.0, help="training loss uses logits / T")
 
 

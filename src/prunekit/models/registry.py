@@ -8,13 +8,14 @@ pickling classes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.nn as nn
 
-from prunekit.errors import UnknownNameError
+from prunekit.errors import ConfigError, UnknownNameError
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,26 @@ def get_model_info(name: str) -> ModelInfo:
         raise UnknownNameError("model", name, list(_MODELS)) from None
 
 
+# size-like constructor options: must be positive, and bounded so that a typo or a crafted checkpoint cannot
+# make a constructor allocate without limit (width=1e6)
+_SIZE_LIMITS = {"num_classes": 1_000_000, "in_channels": 4096, "image_size": 8192, "width": 64.0, "depth": 1000,
+                "patch_size": 1024, "dim": 65536, "embed_dim": 65536, "heads": 1024, "num_heads": 1024,
+                "mlp_ratio": 64.0}
+
+
+def _check_sizes(name: str, options: dict[str, Any]) -> None:
+    for key, limit in _SIZE_LIMITS.items():
+        if key not in options:
+            continue
+        v = options[key]
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= limit
+        if isinstance(limit, int) and ok and v != int(v):
+            ok = False
+        if not ok:
+            kind = "an integer" if isinstance(limit, int) else "a number"
+            raise ConfigError(f"model {name!r}: option {key}={v!r} must be {kind} in (0, {limit:g}]")
+
+
 def create_model(name: str, num_classes: int = 10, in_channels: int | None = None, **kwargs: Any) -> nn.Module:
     """Build registered model ``name``.
 
@@ -73,10 +94,11 @@ def create_model(name: str, num_classes: int = 10, in_channels: int | None = Non
     info = get_model_info(name)
     if in_channels is None:  # the model's natural input (1 for LeNets, 3 for the CIFAR models)
         in_channels = info.input_size[0]
+    _check_sizes(name, {"num_classes": num_classes, "in_channels": in_channels, **kwargs})
     try:
         model = info.factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
-    except TypeError as e:
-        raise TypeError(f"bad options for model {name!r}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad options for model {name!r}: {e}") from None
     model.prunekit_config = {
         "name": name,
         "num_classes": int(num_classes),
