@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -183,8 +184,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                          seed=args.seed, drop_last=True, device=device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    callbacks = _train_callbacks(args, train_ds, out, device)
     trainer = Trainer(model, cfg, loader, val_loader=_test_loader(test_ds, args, device) if args.eval_every else None,
-                      device=device, checkpoint_dir=out / "train_state", resume=args.resume,
+                      callbacks=callbacks, device=device, checkpoint_dir=out / "train_state", resume=args.resume,
                       log_dir=out / "tb" if args.tensorboard else None, progress=not args.quiet)
     t0 = time.time()
     history = trainer.fit()
@@ -196,16 +198,70 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics.update({"model": args.model, "dataset": args.dataset, "seed": args.seed, "epochs": args.epochs,
                     "train_seconds": round(seconds, 1), "world_size": distributed.world_size(),
                     "global_batch_size": args.batch_size * distributed.world_size()})
+    extra = _callback_metrics(callbacks)
+    metrics.update(extra)
     if not distributed.is_main():  # under torchrun only rank 0 writes
         return 0
     save(model, out / "model.pt", meta={"dataset": args.dataset, "train_config": config_dict(cfg),
-                                         "init_from": args.init_from,
+                                         "init_from": args.init_from, **extra,
                                          "history": history, "metrics": metrics})
     metrics["file_size"] = (out / "model.pt").stat().st_size
     write_json(out / "metrics.json", metrics)
     print_metrics(metrics, False)
     print(f"wrote {out / 'model.pt'} and {out / 'metrics.json'}")
     return 0
+
+
+def _train_callbacks(args: argparse.Namespace, train_ds: Any, out: Path, device: Any) -> list[Any]:
+    """``--record-trajectory`` and ``--prune-at-epoch``: a trajectory recorder and/or an early-pruning callback."""
+    from prunekit.train.trajectory import TrajectoryRecorder
+
+    if args.prune_at_epoch is None:
+        if args.prune_method or args.prune_target:
+            raise PrunekitError("--prune-method / --prune-target need --prune-at-epoch K (the epoch to prune at)")
+        if not args.record_trajectory:
+            return []
+        return [TrajectoryRecorder(out / "trajectory", window=args.trajectory_window)]
+    if not (args.prune_method and args.prune_target):
+        raise PrunekitError("--prune-at-epoch needs --prune-method and --prune-target")
+    if args.prune_at_epoch > math.ceil(args.epochs):
+        raise PrunekitError(f"--prune-at-epoch {args.prune_at_epoch} is after the last epoch ({args.epochs:g})")
+    from prunekit.cli_prune import parse_options
+    from prunekit.data import BatchLoader, train_holdout_split
+    from prunekit.early import early_pruning_callbacks
+    from prunekit.methods import get_method_info
+    from prunekit.methods.base import Target
+
+    info = get_method_info(args.prune_method)
+    options = parse_options(args.prune_option)
+    info.cls(**options)  # options checked before training starts
+    Target.parse(args.prune_target)
+    data = None
+    if info.needs_data:
+        _, prune_ds = train_holdout_split(train_ds, min(args.prune_samples, len(train_ds) - 1), seed=args.seed)
+        data = BatchLoader(prune_ds, batch_size=args.batch_size, shuffle=False, augment=False, seed=args.seed,
+                           device=device)
+    cbs = early_pruning_callbacks(args.prune_method, args.prune_target, args.prune_at_epoch, data=data,
+                                  trajectory_dir=out / "trajectory", trajectory_window=args.trajectory_window,
+                                  **options)
+    if args.record_trajectory and not info.needs_trajectory:  # also record the last epoch, for later pruning
+        cbs.insert(0, TrajectoryRecorder(out / "trajectory", window=args.trajectory_window))
+    return cbs
+
+
+def _callback_metrics(callbacks: list[Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for cb in callbacks:
+        traj = getattr(cb, "trajectory", None)
+        if traj is not None and hasattr(cb, "seconds"):
+            out["trajectory"] = {"path": str(traj.path), "snapshots": traj.t, "parameters": traj.n,
+                                 "record_seconds": round(cb.seconds, 2), "epoch": traj.meta.get("epoch")}
+        res = getattr(cb, "result", None)
+        if res is not None:
+            rep = res.report
+            out["pruned_at_epoch"] = {"epoch": cb.epoch, "method": cb.method, "target": cb.target,
+                                      "compression": rep.get("compression"), "flops_speedup": rep.get("flops_speedup")}
+    return out
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -265,6 +321,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from the weights of this prunekit checkpoint (same model) instead of a random init")
     s.add_argument("--model-kwargs", type=T.json_object, default=None,
                    help='JSON options for the model, e.g. \'{"width": 2}\'')
+    s.add_argument("--record-trajectory", action="store_true",
+                   help="record the conv/linear parameters after every step of the last epoch to OUT/trajectory "
+                        "(the input of the Koopman methods kmp / kgp / kmp_channel)")
+    s.add_argument("--trajectory-window", type=T.POSITIVE_INT, default=None, metavar="T",
+                   help="record the last T steps instead of one epoch (at least 3)")
+    s.add_argument("--prune-at-epoch", type=T.POSITIVE_INT, default=None, metavar="K",
+                   help="prune at the end of epoch K (masked in place), then keep training; a channel plan is "
+                        "made physical at the end")
+    s.add_argument("--prune-method", default=None, help="with --prune-at-epoch: the method")
+    s.add_argument("--prune-target", default=None, help="with --prune-at-epoch: the target (params=4, flops=2 ...)")
+    s.add_argument("--prune-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --prune-at-epoch: a method option (repeatable)")
+    s.add_argument("--prune-samples", type=T.POSITIVE_INT, default=512,
+                   help="with --prune-at-epoch: prune-set size for data-driven methods")
     s.add_argument("--swa-start", type=T.NON_NEGATIVE, default=None, metavar="EPOCH",
                    help="stochastic weight averaging: average the weights of every epoch end after EPOCH, then "
                         "recompute BatchNorm statistics (pair with --schedule constant and a small --lr)")

@@ -144,6 +144,26 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trajectory_arg(args: argparse.Namespace, info: Any) -> Any:
+    """``--trajectory PATH``, else the trajectory recorded beside the checkpoint (methods that need one)."""
+    from prunekit.train.trajectory import Trajectory, TrajectoryError, find_trajectory
+
+    path = getattr(args, "trajectory", None)
+    if path is None and info.needs_trajectory:
+        path = find_trajectory(args.checkpoint)
+        if path is None:
+            raise PrunekitError(
+                f"method {info.name!r} needs the parameter trajectory recorded while training {args.checkpoint}; "
+                "none was found beside it (trajectory/ or <name>.trajectory/). Record one with `prunekit train ... "
+                "--record-trajectory` (or --init-from this checkpoint for a short run), or pass --trajectory PATH")
+    if path is None:
+        return None
+    try:
+        return Trajectory.load(path)
+    except TrajectoryError as e:
+        raise PrunekitError(str(e)) from None
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     import torch
 
@@ -223,12 +243,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
             weight_decay=args.weight_decay,
             seed=args.seed,
         )
+    trajectory = _trajectory_arg(args, info)
     torch.manual_seed(args.seed)
     result = prune(
         base,
         args.method,
         args.target,
         prune_loader,
+        trajectory=trajectory,
         mode=args.mode,
         scope=args.scope,
         round_to=_round_to(args.round_to),
@@ -442,6 +464,8 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--model-kwargs", type=T.json_object, default=None,
                    help="JSON keyword arguments of --model, e.g. '{\"width\": 0.5}'")
     s.add_argument("--method", required=True, help="a method name (see `prunekit methods`)")
+    s.add_argument("--trajectory", default=None, metavar="DIR",
+                   help="Koopman methods: the recorded parameter trajectory (default: the one beside --checkpoint)")
     s.add_argument("--target", default=None,
                    help="flops=X, params=X (X-fold reduction) or ratio=F; prune-and-train: ratio=P, the fraction "
                         "of all filters removed")

@@ -9,5 +9,7 @@ from prunekit.train.trainer import (
     seed_everything,
     train,
 )
+from prunekit.train.trajectory import Trajectory, TrajectoryError, TrajectoryRecorder, find_trajectory
 
-__all__ = ["Callback", "Trainer", "TrainConfig", "config_dict", "lr_factor", "seed_everything", "train"]
+__all__ = ["Trajectory", "TrajectoryError", "TrajectoryRecorder", "find_trajectory",
+           "Callback", "Trainer", "TrainConfig", "config_dict", "lr_factor", "seed_everything", "train"]
