@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -69,17 +70,31 @@ def _data(shape: tuple[int, ...], classes: int = 10) -> list[tuple[torch.Tensor,
     return [(torch.randn(16, *shape, generator=g), torch.arange(16) % classes) for _ in range(2)]
 
 
-def _prune(method: str, model: nn.Module, shape: tuple[int, ...]) -> tuple[prunekit.PruneResult, str]:
+def _trajectory(model: nn.Module, shape: tuple[int, ...], where) -> Any:
+    """A short recorded trajectory of ``model`` (4 SGD steps on random data) for the Koopman methods."""
+    from prunekit.train import TrainConfig, Trainer, TrajectoryRecorder
+
+    rec = TrajectoryRecorder(where / "trajectory")
+    cfg = TrainConfig(epochs=1, lr=0.01, schedule="constant", seed=0)
+    batches = [(torch.randn(8, *shape), torch.arange(8) % 10) for _ in range(4)]
+    trainer = Trainer(model, cfg, batches, callbacks=[rec], progress=False, log_epochs=False)
+    trainer.fit()
+    model.eval()
+    return rec.trajectory
+
+
+def _prune(method: str, model: nn.Module, shape: tuple[int, ...], tmp_path=None) -> tuple[prunekit.PruneResult, str]:
     info = get_method_info(method)
     data = _data(shape) if info.needs_data else None
+    kw = {"trajectory": _trajectory(model, shape, tmp_path)} if info.needs_trajectory else {}
     if info.granularity == "weight":
-        return prunekit.prune(model, method, "params=4", data), "params=4"
+        return prunekit.prune(model, method, "params=4", data, **kw), "params=4"
     kind = "flops" if info.granularity == "channel" else "params"
     last: Exception | None = None
     for value in CHANNEL_TARGETS:
         target = f"{kind}={value}"
         try:
-            return prunekit.prune(model, method, target, data), target
+            return prunekit.prune(model, method, target, data, **kw), target
         except PruningError as e:
             if not re.search(r"cannot (be )?reach", str(e)):
                 raise
@@ -108,8 +123,6 @@ def check(method: str, name: str, tmp_path) -> None:
 
 def _check(method: str, name: str, tmp_path) -> None:
     info = get_method_info(method)
-    if info.needs_trajectory:
-        pytest.skip("needs a recorded training trajectory")
     if not info.available():
         pytest.skip(f"needs the optional package {info.requires}")
     minfo = get_model_info(name)
@@ -119,7 +132,7 @@ def _check(method: str, name: str, tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            res, target = _prune(method, model, shape)
+            res, target = _prune(method, model, shape, tmp_path)
         except PruningError as e:
             if "BatchNorm" in str(e) and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
                 pytest.skip(f"{method} scores BatchNorm parameters; {name} has none")

@@ -79,12 +79,20 @@ class BaseSpec(_Strict):
     """Where the base (dense) model comes from.
 
     ``checkpoint`` is used when the file exists; otherwise the model is trained with ``train``
-    (once: it is cached by configuration hash in ``cache_dir``, default ``OUT/base``).
+    (once: it is cached by configuration hash in ``cache_dir``, default ``OUT/base``). Methods that need a
+    parameter trajectory (Koopman) use ``trajectory``, else the one recorded beside the checkpoint; a base
+    trained here records its last epoch when the experiment has such a method. A short ``train`` from
+    initialisation (``epochs: 2``) followed by the shared fine-tuning is *early pruning*: every cell prunes
+    the network after epoch 2 and training continues for the fine-tuning budget.
     """
 
     checkpoint: str | None = None
     train: TrainSpec | None = None
     cache_dir: str | None = None
+    # Koopman methods: the parameter trajectory of the base model (a folder written by
+    # `prunekit train --record-trajectory`); default: the one beside the checkpoint, or, for a base
+    # trained here, recorded over its last epoch
+    trajectory: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> BaseSpec:

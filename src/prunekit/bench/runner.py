@@ -176,6 +176,7 @@ class _Env:
     base: dict[str, Any]
     base_preds: torch.Tensor
     prune_loaders: dict[int, Any] = field(default_factory=dict)
+    trajectory: Any = None  # the base model's recorded trajectory (Koopman methods), if any
 
 
 class Runner:
@@ -309,15 +310,37 @@ class Runner:
         R.append_row(self.out, row)
         R.write_csv(self.out)
 
-    @staticmethod
-    def _skip_reason(info: Any) -> str | None:
+    def _skip_reason(self, info: Any) -> str | None:
         if not info.available():
             return (f"skipped: optional package {info.requires!r} is not installed "
                     f"(pip install {info.requires.replace('_', '-')})")
-        if getattr(info, "needs_trajectory", False):
-            return ("skipped: the method needs a parameter trajectory recorded while training the base model; "
-                    "the benchmark runner does not record one")
+        if getattr(info, "needs_trajectory", False) and self._trajectory_source() is None:
+            return ("skipped: the method needs the parameter trajectory of the base model and none was found: "
+                    "record one with `prunekit train ... --record-trajectory` (saved beside model.pt), give "
+                    "base.trajectory, or let the benchmark train the base (base.train) to record it")
         return None
+
+    def _needs_trajectory(self) -> bool:
+        from prunekit.methods import get_method_info
+
+        return any(get_method_info(m.name).needs_trajectory for m in self.exp.methods)
+
+    def _trajectory_source(self) -> Path | str | None:
+        """Where the base model's trajectory comes from: a folder, ``"record"`` (base trained here), or None."""
+        from prunekit.train.trajectory import find_trajectory
+
+        spec = self.exp.base
+        if spec.trajectory:
+            p = Path(spec.trajectory).expanduser()
+            if not p.is_absolute() and self.source and not self.source.startswith("preset:") \
+                    and not p.exists():
+                p = Path(self.source).parent / p
+            return p
+        if spec.checkpoint:
+            path = self._resolve_checkpoint(spec.checkpoint)
+            if path is not None:
+                return find_trajectory(path)
+        return "record" if spec.train is not None else None
 
     def _bar(self, total: int) -> Any:
         if not self.progress:
@@ -392,7 +415,26 @@ class Runner:
         torch.save(preds, self.out / PREDICTIONS_FILE)
         (self.out / "base_metrics.json").write_text(json.dumps(base, indent=2, default=str) + "\n")
         self.log(f"bench: base model top1={base['top1']:.4f} params={base['params']:,} flops={base['flops']:,}")
-        return _Env(device, info, input_shape, train_ds, eval_loader, base_model, base, preds)
+        env = _Env(device, info, input_shape, train_ds, eval_loader, base_model, base, preds)
+        env.trajectory = self._load_trajectory()
+        return env
+
+    def _load_trajectory(self) -> Any:
+        if not self._needs_trajectory():
+            return None
+        from prunekit.train.trajectory import Trajectory, TrajectoryError, find_trajectory
+
+        src = self._trajectory_source()
+        if src == "record":  # the base was trained (or found in the cache) here
+            src = find_trajectory(self._cached_base_path())
+        if src is None:
+            return None
+        try:
+            traj = Trajectory.load(src)
+        except TrajectoryError as e:
+            raise ConfigError(f"base.trajectory: {e}") from None
+        self.log(f"bench: parameter trajectory from {traj.path} ({traj.t} snapshots)")
+        return traj
 
     def _epoch_seconds(self, base_model: nn.Module, train_ds: Any, device: torch.device) -> float:
         """Wall time of one training epoch of a copy of the base model (the fine-tuning spec, or the default
@@ -442,10 +484,8 @@ class Runner:
                 raise ConfigError(f"base.checkpoint {spec.checkpoint!r} does not exist and no base.train spec is given")
             self.log(f"bench: {spec.checkpoint} not found; training the base model instead")
         assert spec.train is not None
-        key = stable_hash({"model": exp.model, "model_kwargs": exp.model_kwargs, "dataset": exp.dataset,
-                           "dataset_kwargs": exp.dataset_kwargs, "train": spec.train.model_dump(mode="json")})
-        cache = Path(spec.cache_dir).expanduser() if spec.cache_dir else self.out / "base"
-        path = cache / f"{exp.model}-{exp.dataset}-{key}.pt"
+        path = self._cached_base_path()
+        key = path.stem.rpartition("-")[2]
         if path.is_file():
             self.log(f"bench: base model from cache {path}")
             model = load(path)
@@ -456,8 +496,14 @@ class Runner:
         model = create_model_for_dataset(exp.model, train_ds.info, **exp.model_kwargs)
         t0 = time.time()
         cfg = train_config(spec.train, seed=spec.train.seed)
+        callbacks = []
+        if self._needs_trajectory() and not spec.trajectory:
+            from prunekit.train.trajectory import TrajectoryRecorder
+
+            callbacks.append(TrajectoryRecorder(path.with_name(path.stem + ".trajectory")))
+            self.log("bench: recording the parameter trajectory of the last epoch (Koopman methods)")
         _trainer(model, cfg, self._train_loader(train_ds, spec.train, spec.train.seed, device), device,
-                 quiet=not self.progress).fit()
+                 quiet=not self.progress, callbacks=callbacks).fit()
         model.to("cpu").eval()
         if cfg.channels_last:
             model.to(memory_format=torch.contiguous_format)
@@ -465,6 +511,17 @@ class Runner:
                                 "train_seconds": round(time.time() - t0, 1), "bench_key": key})
         self.log(f"bench: base model trained in {time.time() - t0:.0f} s, cached at {path}")
         return model
+
+    def _cached_base_path(self) -> Path:
+        """Where a base model trained by the benchmark is cached (by the hash of its configuration)."""
+        exp, spec = self.exp, self.exp.base
+        found = self._resolve_checkpoint(spec.checkpoint) if spec.checkpoint else None
+        if found is not None or spec.train is None:
+            return found or Path(str(spec.checkpoint))
+        key = stable_hash({"model": exp.model, "model_kwargs": exp.model_kwargs, "dataset": exp.dataset,
+                           "dataset_kwargs": exp.dataset_kwargs, "train": spec.train.model_dump(mode="json")})
+        cache = Path(spec.cache_dir).expanduser() if spec.cache_dir else self.out / "base"
+        return cache / f"{exp.model}-{exp.dataset}-{key}.pt"
 
     def _resolve_checkpoint(self, ckpt: str) -> Path | None:
         p = Path(ckpt).expanduser()
@@ -541,6 +598,7 @@ class Runner:
     # -- one cell ------------------------------------------------------------------------------------
     def run_cell(self, c: Cell, env: _Env, prune_fn: PruneFn) -> dict[str, Any]:
         """Prune, measure, fine-tune and measure one cell; never raises for a failing method."""
+        from prunekit.methods import get_method_info
         from prunekit.metrics import count_flops, count_params, effective_flops, evaluate
         from prunekit.train import seed_everything
 
@@ -562,6 +620,8 @@ class Runner:
                 result = self._prune_train(c, env, model)
                 row.update(result.columns)
             else:
+                if env.trajectory is not None and get_method_info(c.method).needs_trajectory:
+                    engine_kw["trajectory"] = env.trajectory
                 result = prune_fn(model, c.method, c.target, data=data, input_shape=env.input_shape, **engine_kw,
                                   **c.options)
                 if c.then:
@@ -754,11 +814,13 @@ def train_config(spec: Any, seed: int) -> Any:
                        seed=seed)
 
 
-def _trainer(model: nn.Module, cfg: Any, loader: Any, device: torch.device, quiet: bool) -> Any:
+def _trainer(model: nn.Module, cfg: Any, loader: Any, device: torch.device, quiet: bool,
+             callbacks: Sequence[Any] = ()) -> Any:
     """A :class:`prunekit.train.Trainer`; ``quiet`` turns off its progress bar and per-epoch lines."""
     from prunekit.train import Trainer
 
-    return Trainer(model, cfg, loader, device=device, progress=not quiet, log_epochs=not quiet)
+    return Trainer(model, cfg, loader, device=device, progress=not quiet, log_epochs=not quiet,
+                   callbacks=callbacks)
 
 
 def _baked_copy(model: nn.Module, device: str | torch.device) -> nn.Module:
