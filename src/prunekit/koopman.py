@@ -58,7 +58,7 @@ def _check_snapshots(t: int) -> None:
         raise PrunekitError(f"DMD needs at least 3 snapshots, the trajectory has {t}")
 
 
-def gram(traj: Any, max_bytes: int = 16 << 20) -> np.ndarray:
+def gram(traj: Any, max_bytes: int = 4 << 20) -> np.ndarray:
     """``W^T W`` (float64, ``T x T``) of a :class:`~prunekit.train.trajectory.Trajectory`, one block pass."""
     g = np.zeros((traj.t, traj.t), dtype=np.float64)
     for _, _, block in traj.blocks(max_bytes):
@@ -119,7 +119,7 @@ def modes_dense(w: np.ndarray, sol: DMD) -> np.ndarray:
     return np.asarray(w, dtype=np.float64)[:, 1:] @ sol.coeffs
 
 
-def _combine(traj: Any, coeff: np.ndarray, max_bytes: int = 16 << 20) -> np.ndarray:
+def _combine(traj: Any, coeff: np.ndarray, max_bytes: int = 4 << 20) -> np.ndarray:
     """``Y @ coeff`` (``N`` complex128) for one coefficient vector of length ``T - 1``, streamed by blocks."""
     out = np.empty(traj.n, dtype=np.complex128)
     for a, b, block in traj.blocks(max_bytes):

@@ -119,7 +119,7 @@ class Trajectory:
             f.seek(i * self.n * 4)
             return np.frombuffer(f.read(self.n * 4), dtype=np.float32).copy()
 
-    def blocks(self, max_bytes: int = 16 << 20) -> Iterator[tuple[int, int, np.ndarray]]:
+    def blocks(self, max_bytes: int = 4 << 20) -> Iterator[tuple[int, int, np.ndarray]]:
         """``(a, b, block)`` with ``block`` the ``T x (b - a)`` float32 columns ``a:b`` of the snapshot matrix."""
         width = max(1, min(self.n, max_bytes // (4 * max(1, self.t))))
         with open(self.path / DATA, "rb") as f:
@@ -237,9 +237,12 @@ class TrajectoryRecorder:
         if self._file is None:
             self._file = open(self._tmp / DATA, "wb")
         params = trajectory_parameters(trainer.model) if self._structure_changed(trainer.model) else self._params
-        with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in params.values()])
-        self._file.write(flat.numpy().tobytes())
+        with torch.no_grad():  # each tensor's buffer written as it is (a copy only if not contiguous float32 CPU)
+            for p in params.values():
+                t = p.detach()
+                if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+                    t = t.float().cpu().contiguous()
+                self._file.write(memoryview(t.numpy()).cast("B"))
         self.count += 1
         self.seconds += time.perf_counter() - t0
         if trainer.step == self.stop:
