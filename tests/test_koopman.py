@@ -347,3 +347,15 @@ def test_bench_records_the_base_trajectory_and_runs_koopman_cells(tmp_path):
     doc = _bench_doc(base={"checkpoint": str(bare), "trajectory": str(traj)}, methods=["kmp"])
     Runner(load_experiment(doc), tmp_path / "d", progress=False, log=lambda m: None).run()
     assert R.load_rows(tmp_path / "d")[0]["status"] == "ok"
+
+
+def test_prune_and_train_records_a_trajectory_every_round():
+    from prunekit.prune_train import prune_and_train
+
+    torch.manual_seed(0)
+    model, hist = prune_and_train(_Tiny(), "kmp_channel", 0.25, 2, _data(), epochs_per_round=1, final_epochs=1,
+                                  lr=0.05, input_shape=(1, 8, 8))
+    assert hist["channels"]["final"] < hist["channels"]["original"] and len(hist["rounds"]) == 2
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 4)
+    with pytest.raises(PruningError, match="epochs_per_round > 0"):
+        prune_and_train(_Tiny(), "kmp_channel", 0.25, 1, _data(), epochs_per_round=0, input_shape=(1, 8, 8))

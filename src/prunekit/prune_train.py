@@ -118,6 +118,45 @@ def _as_loader(data: Any, batch_size: int, train: bool, seed: int) -> Any:
     return data
 
 
+class _RoundTrajectories:
+    """For methods that need a parameter trajectory (Koopman): a recorder over the last epoch of every round's
+    training (a fresh one after each physical pruning step), in a temporary folder removed at the end."""
+
+    def __init__(self, method: Method, epochs_per_round: float):
+        info = getattr(method, "info", None)
+        self.active = bool(info is not None and info.needs_trajectory)
+        if self.active and epochs_per_round <= 0:
+            raise PruningError(f"method {method.name!r} prunes from the trajectory recorded while training: "
+                               "prune-and-train needs epochs_per_round > 0")
+        self.recorder: Any = None
+        self._dir: Any = None
+
+    def placeholder(self, ctx: PruneContext) -> PruneContext:
+        import dataclasses
+
+        return dataclasses.replace(ctx, trajectory="recorded in each round") if self.active else ctx
+
+    def callbacks(self, k: int) -> list[Any]:
+        if not self.active:
+            return []
+        import tempfile
+
+        from prunekit.train.trajectory import TrajectoryRecorder
+
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="prunekit-trajectory-")
+        self.recorder = TrajectoryRecorder(f"{self._dir.name}/round{k}")
+        return [self.recorder]
+
+    def trajectory(self) -> Any:
+        return self.recorder.trajectory if self.active and self.recorder is not None else None
+
+    def close(self) -> None:
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+
 def _scored_channels(scores: dict[str, torch.Tensor]) -> int:
     return sum(len(s) for s in scores.values())
 
@@ -264,7 +303,8 @@ def prune_and_train(
 
     graph = analyze(model, input_shape, ignored=ignored)
     original = {k: g.size for k, g in graph.groups.items()}
-    method.check(context(graph))  # fail fast (missing data, bad options) before any training
+    koop = _RoundTrajectories(method, epochs_per_round)  # Koopman methods: one trajectory recorded per round
+    method.check(koop.placeholder(context(graph)))  # fail fast (missing data, bad options) before any training
     history["base"] = {"params": count_params(model)["params"], "flops": graph.cost.base_flops}
     history["warmup"] = train(warmup_epochs, "constant")
     n0: int | None = None
@@ -275,7 +315,8 @@ def prune_and_train(
         loader = _PhaseLoader(train_loader, state["epoch"])
         if tracking:
             tracker = _Tracker(method, model, ctx, loader)
-        records = train(epochs_per_round, "constant", [tracker] if tracker else [], loader)
+        records = train(epochs_per_round, "constant", [tracker] if tracker else koop.callbacks(k), loader)
+        ctx.trajectory = koop.trajectory()
         t0 = time.time()
         if tracker is not None and tracker.ema is not None:
             scores = tracker.ema
@@ -323,6 +364,7 @@ def prune_and_train(
             "fraction_left": kept_now / max(1, n0), "widths": {key: g.size for key, g in graph.groups.items()},
             "top1_after_pruning": evaluate(), "plan_meta": dict(getattr(method, "meta", {})),
         })
+    koop.close()
     history["final"] = train(final_epochs, final_schedule)
     history["channels"] = {"original": n0, "final": history["rounds"][-1]["channels_kept"] if ratios else n0,
                            "widths": {key: g.size for key, g in graph.groups.items()},
