@@ -271,6 +271,11 @@ def test_report_and_plots(tmp_path):
     assert len(pngs) >= 4 and all(p.stat().st_size > 1000 for p in pngs)
     r = next(r for r in rows if r["status"] == "ok")
     assert r["top1_finetuned"] is not None and r["latency_speedup_b64"] > 0 and r["finetune_epochs"] == 0.5
+    if "ort_latency_skipped" not in r:  # onnxruntime installed (the dev extra): deployed latency in every row
+        assert r["ort_latency_b64_pruned_ms"] > 0 and r["ort_latency_speedup_b1"] > 0 and "ORT × b64" in report
+        fastest_base = min(r["latency_b64_base_ms"], r["ort_latency_b64_base_ms"])
+        fastest_pruned = min(r["latency_b64_pruned_ms"], r["ort_latency_b64_pruned_ms"])
+        assert r["latency_speedup"] == pytest.approx(fastest_base / fastest_pruned)
     aggs = aggregate(rows)
     assert all(a["n"] == 2 for a in aggs)
     front = pareto_front(aggs)

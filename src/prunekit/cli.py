@@ -39,6 +39,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="examples per batch (per rank under torchrun)")
     p.add_argument("--eval-batch-size", type=T.POSITIVE_INT, default=512)
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    p.add_argument("--runtimes", type=T.RUNTIMES, default=("eager", "onnxruntime"),
+                   help="runtimes to time: comma list of eager, onnxruntime, torchscript (default eager,onnxruntime; "
+                        "onnxruntime is skipped with a note when not installed: pip install 'prunekit[deploy]')")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -129,6 +132,16 @@ def print_metrics(m: dict[str, Any], as_json: bool) -> None:
         lat = ", ".join(f"batch {k}: {v:.2f} ms" for k, v in m["latency_ms"].items()
                         if k not in ("threads", "device") and isinstance(v, (int, float)))
         print(f"{'latency':>16}: {lat} ({m['latency_ms'].get('threads')} threads)")
+    runs = (m.get("latency") or {}).get("runtimes") or {rt: {"model": v} for rt, v in
+                                                           (m.get("latency_by_runtime") or {}).items()}
+    for rt, res in runs.items():
+        if rt == "eager" and "latency_ms" in m:
+            continue
+        parts = [f"{who} b{bs} {ms:.2f} ms" for who, per in res.items() for bs, ms in per.items()]
+        print(f"{rt:>16}: {', '.join(parts)}")
+    sp = m.get("latency_speedup_runtimes")
+    if sp:
+        print(f"{'':>16}  (latency_speedup: pruned in {sp['pruned']} vs base in {sp['base']}, batch {sp['batch']})")
 
 
 # -------------------------------------------------------------------------------------------- commands
@@ -278,7 +291,52 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = summarize(model.eval(), test_ds, args, _device(args.device))
     metrics.update({"checkpoint": str(args.checkpoint), "dataset": dataset,
                     "file_size": Path(args.checkpoint).stat().st_size})
+    deployed = [r for r in args.runtimes if r != "eager"]
+    if not args.no_latency and deployed:
+        from prunekit.deploy import measure_runtimes
+
+        info = test_ds.info
+        lat = measure_runtimes({"model": model}, (info.in_channels, info.image_size, info.image_size),
+                               runtimes=deployed, threads=args.threads)
+        metrics["latency_by_runtime"] = {rt: res["model"] for rt, res in lat["runtimes"].items()}
+        if lat["skipped"]:
+            metrics["latency_skipped"] = lat["skipped"]
     print_metrics(metrics, args.json)
+    return 0
+
+
+def _input_shape(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[int, ...]:
+    """``--input-shape C,H,W``, else the shape of the dataset the checkpoint records."""
+    from prunekit.data.datasets import dataset_info
+
+    if args.input_shape:
+        return args.input_shape
+    name = args.dataset or meta.get("dataset")
+    if not name:
+        raise PrunekitError("the checkpoint does not record its dataset: pass --input-shape C,H,W "
+                            "(e.g. 3,32,32) or --dataset NAME")
+    info = dataset_info(name)
+    return (info.in_channels, info.image_size, info.image_size)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from prunekit.deploy import export
+    from prunekit.io import load
+
+    model = load(args.checkpoint)
+    shape = _input_shape(args, getattr(model, "prunekit_meta", {}) or {})
+    out = args.out or str(Path(args.checkpoint).with_suffix(".onnx" if args.format == "onnx" else ".ts"))
+    report = export(model, out, shape, format=args.format, fold_bn=not args.no_fold_bn,
+                    merge_lowrank=args.merge_lowrank, atol=args.atol)
+    report["input_shape"] = list(shape)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(f"wrote {report['file']} ({report['format']}, {report['bytes']:,} bytes); outputs match eager "
+              f"PyTorch to {report['max_abs_diff']:.2g}; {report['bn_folded']} BatchNorm folded, "
+              f"{len(report['lowrank_merged'])} low-rank chains merged")
+        for note in report["notes"]:
+            print(f"note: {note}")
     return 0
 
 
@@ -347,6 +405,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     _add_runtime_args(s)
     s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (BatchNorm folded, checked "
+                                      "against eager PyTorch)")
+    s.add_argument("checkpoint", help="a prunekit checkpoint (model.pt)")
+    s.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    s.add_argument("--out", default=None, help="the file to write (default: beside the checkpoint, .onnx / .ts)")
+    s.add_argument("--input-shape", type=T.SHAPE, default=None,
+                   help="shape of one example, e.g. 3,32,32 (default: the checkpoint's dataset)")
+    s.add_argument("--dataset", default=None, help="take the input shape from this dataset")
+    s.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm layers as they are")
+    s.add_argument("--merge-lowrank", choices=("auto", "always", "never"), default="auto",
+                   help="merge low-rank chains back into one layer: where they are not much cheaper (auto), "
+                        "always or never")
+    s.add_argument("--atol", type=T.POSITIVE, default=1e-4,
+                   help="largest allowed difference between the file's outputs and eager PyTorch")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_export)
 
     for extra in _EXTRA_COMMANDS:
         extra(sub)

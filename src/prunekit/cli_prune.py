@@ -68,24 +68,29 @@ def _latency_model(args: argparse.Namespace) -> str:
     return str(getattr(args, "latency_model", None) or "proxy")
 
 
-def _latency_pair(base: Any, pruned: Any, shape: tuple[int, ...], repeats: int = 3) -> tuple[dict, dict]:
-    """Latency of both models measured alternately (``repeats`` times each) to cancel machine drift;
-    per batch size the fastest of the medians is kept."""
-    from prunekit.metrics import measure_latency
+def _latency_metrics(base: Any, pruned: Any, shape: tuple[int, ...], args: argparse.Namespace) -> dict[str, Any]:
+    """Latency of both models in every runtime of ``--runtimes``, measured alternately (``--latency-repeats``
+    rounds, the fastest kept) to cancel machine drift. ``latency_speedup`` (batch 64) / ``_b1`` compare the
+    pruned model in its fastest runtime with the base model in its fastest; per-runtime ratios beside it."""
+    from prunekit.deploy import measure_runtimes, speedups
 
-    runs: dict[str, list[dict[str, Any]]] = {"base": [], "pruned": []}
-    for _ in range(repeats):
-        runs["base"].append(measure_latency(base, shape))
-        runs["pruned"].append(measure_latency(pruned, shape))
-
-    def best(rs: list[dict[str, Any]]) -> dict[str, Any]:
-        out = dict(rs[0])
-        for k, v in rs[0].items():
-            if isinstance(v, float):
-                out[k] = min(r[k] for r in rs)
-        return out
-
-    return best(runs["base"]), best(runs["pruned"])
+    lat = measure_runtimes({"base": base, "pruned": pruned}, shape, runtimes=tuple(args.runtimes),
+                           threads=args.threads, rounds=max(1, args.latency_repeats))
+    sp = speedups(lat)
+    out: dict[str, Any] = {"latency": lat, "latency_repeats": max(1, args.latency_repeats)}
+    eager = lat["runtimes"].get("eager")
+    if eager:
+        extra = {"threads": lat["threads"], "device": "cpu"}
+        out["base_latency_ms"], out["latency_ms"] = eager["base"] | extra, eager["pruned"] | extra
+    for rt, per in sp["per_runtime"].items():
+        if "64" in per:
+            out[f"latency_speedup_{rt}"] = per["64"]
+    for k in ("latency_speedup", "latency_speedup_b1"):
+        if k in sp:
+            out[k], out[k + "_runtimes"] = sp[k], sp[k + "_runtimes"]
+    if lat["skipped"]:
+        out["latency_skipped"] = lat["skipped"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -310,12 +315,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not no_latency:
         model.to("cpu")
         base.to("cpu")
-        lb, lp = _latency_pair(base, model, shape, repeats=max(1, args.latency_repeats))
-        metrics["base_latency_ms"], metrics["latency_ms"] = lb, lp
-        metrics["latency_repeats"] = max(1, args.latency_repeats)
-        for bs, key in (("64", "latency_speedup"), ("1", "latency_speedup_b1")):
-            if isinstance(lb.get(bs), float) and isinstance(lp.get(bs), float):
-                metrics[key] = lb[bs] / lp[bs]
+        metrics.update(_latency_metrics(base, model, shape, args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {k: v for k, v in rep.items() if k != "layers"}
@@ -433,11 +433,7 @@ def cmd_prune_train(args: argparse.Namespace, options: dict[str, Any], device: s
             args.model, train_ds.info, **dict(args.model_kwargs or {}))
         model.to("cpu")
         ref.to("cpu").eval()
-        lb, lp = _latency_pair(ref, model, shape, repeats=max(1, args.latency_repeats))
-        metrics["base_latency_ms"], metrics["latency_ms"] = lb, lp
-        for bs, key in (("64", "latency_speedup"), ("1", "latency_speedup_b1")):
-            if isinstance(lb.get(bs), float) and isinstance(lp.get(bs), float):
-                metrics[key] = lb[bs] / lp[bs]
+        metrics.update(_latency_metrics(ref, model, shape, args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     return _write_outputs(model, out, args, metrics, {

@@ -64,3 +64,31 @@ SEED = number("int", 0, 2**32 - 1)  # numpy's seed range
 
 __all__ = ["FRACTION", "NON_NEGATIVE", "NON_NEGATIVE_INT", "POSITIVE", "POSITIVE_INT", "SEED", "THREADS",
            "json_object", "number"]
+
+
+def runtimes(text: str) -> tuple[str, ...]:
+    """``--runtimes eager,onnxruntime``: a comma list of known runtimes (no repeats)."""
+    names = tuple(dict.fromkeys(t.strip() for t in str(text).split(",") if t.strip()))
+    known = ("eager", "onnxruntime", "torchscript")
+    bad = [n for n in names if n not in known]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown runtime(s) {', '.join(bad) or repr(text)}: give a comma list of {', '.join(known)}")
+    return names
+
+
+RUNTIMES = runtimes
+
+
+def shape(text: str) -> tuple[int, ...]:
+    """``--input-shape 3,32,32``: positive ints separated by commas."""
+    try:
+        dims = tuple(int(t) for t in str(text).split(","))
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape: give positive ints such as 3,32,32")
+    return dims
+
+
+SHAPE = shape

@@ -206,6 +206,8 @@ class MeasureSpec(_Strict):
     latency_budget_s: float = Field(10.0, gt=0)  # per batch size
     threads: int | None = Field(None, ge=1)  # torch threads for the latency measurement
     gpu_latency: bool = True  # also time on the GPU when the run device is CUDA
+    # deployment runtimes timed besides eager PyTorch (skipped, with the reason, when not installed)
+    runtimes: list[Literal["onnxruntime", "torchscript"]] = Field(default_factory=lambda: ["onnxruntime"])
     rebase_latency: bool = True  # time the base model again in every cell, right before the pruned one
     epoch_time: bool = False  # time one training epoch of the base model (finetune spec) in the run, for ratios
 

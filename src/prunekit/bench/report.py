@@ -20,6 +20,8 @@ TABLE_COLUMNS: tuple[tuple[str, str, bool, str], ...] = (
     ("flops_speedup", "FLOPs ×", True, "x"),
     ("latency_speedup_b1", "latency × b1", True, "x"),
     ("latency_speedup_b64", "latency × b64", True, "x"),
+    ("ort_latency_speedup_b64", "ORT × b64", True, "x"),
+    ("latency_speedup", "deployed ×", True, "x"),
     ("compression", "compression ×", True, "x"),
     ("prune_seconds", "prune s", False, "s"),
 )
@@ -185,6 +187,9 @@ def render_report(rows: Sequence[dict[str, Any]]) -> str:
         b = ok[0]
         lat = ", ".join(f"b{k[len('latency_b'):-len('_base_ms')]} {b[k]:.3f} ms" for k in sorted(b)
                         if k.startswith("latency_b") and k.endswith("_base_ms") and _num(b[k]) is not None)
+        ort = ", ".join(f"b{k[len('ort_latency_b'):-len('_base_ms')]} {b[k]:.3f} ms" for k in sorted(b)
+                        if k.startswith("ort_latency_b") and k.endswith("_base_ms") and _num(b[k]) is not None)
+        lat = lat + (f"; ONNX Runtime {ort}" if ort else "")
         lines.append(f"- base model: top-1 {100 * b['top1_base']:.2f} %, "
                      f"top-5 {100 * (b.get('top5_base') or 0):.2f} %, "
                      f"{b.get('params_base', 0):,} parameters, {b.get('flops_base', 0):,} MACs"
@@ -192,7 +197,9 @@ def render_report(rows: Sequence[dict[str, Any]]) -> str:
     lines += [
         "",
         "FLOPs are multiply-adds (MACs) for one example; `FLOPs ×` = base / pruned with zero weights skipped "
-        "(theoretical for unstructured methods); latency × = measured median CPU latency, base / pruned; "
+        "(theoretical for unstructured methods); latency × = measured median CPU latency in eager PyTorch, "
+        "base / pruned; ORT × = the same in ONNX Runtime; deployed × = the pruned model in its fastest runtime "
+        "against the base model in its fastest (batch 64); "
         "compression = base parameters / non-zero parameters; agreement = share of test examples whose top-1 "
         "prediction equals the base model's (after fine-tuning when there is one). "
         "Mean ± std over seeds; best per column in bold.",

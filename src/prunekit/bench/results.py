@@ -37,6 +37,11 @@ COLUMNS: tuple[str, ...] = (
     "latency_b1_base_ms", "latency_b1_pruned_ms", "latency_speedup_b1",
     "latency_b64_base_ms", "latency_b64_pruned_ms", "latency_speedup_b64",
     "latency_threads",
+    # deployed latency: ONNX Runtime (and TorchScript when asked), and the headline speed-up -- the pruned
+    # model in its fastest runtime against the base model in its fastest
+    "ort_latency_b1_base_ms", "ort_latency_b1_pruned_ms", "ort_latency_speedup_b1",
+    "ort_latency_b64_base_ms", "ort_latency_b64_pruned_ms", "ort_latency_speedup_b64",
+    "latency_speedup", "latency_runtime_base", "latency_runtime_pruned", "latency_speedup_batch",
     # GPU latency when the run device is CUDA
     "gpu_latency_b1_base_ms", "gpu_latency_b1_pruned_ms", "gpu_latency_speedup_b1",
     "gpu_latency_b64_base_ms", "gpu_latency_b64_pruned_ms", "gpu_latency_speedup_b64",

@@ -577,6 +577,18 @@ class Runner:
             out["gpu"] = measure_latency(plain.to(device), input_shape, **kw)
         return out
 
+    def _runtime_columns(self, base: nn.Module, pruned: nn.Module, input_shape: tuple[int, ...],
+                         row: dict[str, Any]) -> dict[str, Any]:
+        """Latency in the deployment runtimes (base and pruned alternately) and the headline speed-up:
+        the pruned model in its fastest runtime against the base in its fastest (eager included)."""
+        from prunekit.deploy import measure_runtimes
+
+        m = self.exp.measure
+        lat = measure_runtimes({"base": base, "pruned": pruned}, input_shape, runtimes=list(m.runtimes),
+                               batch_sizes=m.latency_batch_sizes, threads=m.threads, rounds=1,
+                               warmup=m.latency_warmup, repeats=m.latency_repeats, time_budget_s=m.latency_budget_s)
+        return _runtime_row(lat, row, m.latency_batch_sizes)
+
     def _engine_kwargs(self, prune_fn: PruneFn, c: Cell, device: torch.device) -> dict[str, Any]:
         """Engine options for one cell, limited to those ``prune_fn`` names in its signature.
 
@@ -672,6 +684,7 @@ class Runner:
                 base_lat = (self._latency(env.base_model, env.input_shape, env.device)
                             if exp.measure.rebase_latency else base["latency"])
                 row.update(_latency_columns(base_lat, self._latency(pruned, env.input_shape, env.device)))
+                row.update(self._runtime_columns(env.base_model, pruned, env.input_shape, row))
             for k in _REPORT_KEYS:  # the engine's own view, for reference
                 v = report.get(k)
                 if isinstance(v, (int, float, str, bool)):
@@ -875,6 +888,36 @@ def _latency_columns(base: dict[str, Any], pruned: dict[str, Any]) -> dict[str, 
                 out[f"{prefix}latency_speedup_b{k}"] = b[k] / v if v > 0 else None
         if dev == "cpu" and "threads" in p:
             out["latency_threads"] = p["threads"]
+    return out
+
+
+_RUNTIME_PREFIX = {"onnxruntime": "ort_", "torchscript": "ts_"}
+
+
+def _runtime_row(lat: dict[str, Any], row: dict[str, Any], batch_sizes: list[int]) -> dict[str, Any]:
+    """Columns ``ort_latency_b64_pruned_ms`` ... from :func:`prunekit.deploy.measure_runtimes`, and the headline
+    ``latency_speedup`` (largest batch) with ``latency_runtime_base`` / ``latency_runtime_pruned``."""
+    out: dict[str, Any] = {}
+    times: dict[str, dict[str, tuple[float, float]]] = {}  # batch -> runtime -> (base, pruned)
+    for bs in map(str, batch_sizes):
+        b, p = row.get(f"latency_b{bs}_base_ms"), row.get(f"latency_b{bs}_pruned_ms")
+        if isinstance(b, (int, float)) and isinstance(p, (int, float)):
+            times.setdefault(bs, {})["eager"] = (b, p)
+    for rt, res in lat.get("runtimes", {}).items():
+        pre = _RUNTIME_PREFIX[rt]
+        for bs, p in res["pruned"].items():
+            b = res["base"][bs]
+            out.update({f"{pre}latency_b{bs}_base_ms": b, f"{pre}latency_b{bs}_pruned_ms": p,
+                        f"{pre}latency_speedup_b{bs}": b / p if p > 0 else None})
+            times.setdefault(bs, {})[rt] = (b, p)
+    for rt, why in lat.get("skipped", {}).items():
+        out[f"{_RUNTIME_PREFIX[rt]}latency_skipped"] = why
+    if times:
+        bs = str(max(int(k) for k in times))
+        fb = min(times[bs], key=lambda r: times[bs][r][0])
+        fp = min(times[bs], key=lambda r: times[bs][r][1])
+        out.update({"latency_speedup": times[bs][fb][0] / times[bs][fp][1], "latency_runtime_base": fb,
+                    "latency_runtime_pruned": fp, "latency_speedup_batch": int(bs)})
     return out
 
 
