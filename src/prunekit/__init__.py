@@ -22,6 +22,7 @@ from prunekit.errors import PrunekitError, PruningError
 _LAZY = {
     "PruneResult": "prunekit.api",
     "prune": "prunekit.api",
+    "export": "prunekit.deploy",
     "load": "prunekit.io",
     "save": "prunekit.io",
     "Target": "prunekit.methods",
@@ -37,6 +38,7 @@ _LAZY = {
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from prunekit.api import PruneResult, prune  # noqa: F401
+    from prunekit.deploy import export  # noqa: F401
     from prunekit.io import load, save  # noqa: F401
     from prunekit.methods import Target, create_method, list_methods  # noqa: F401
     from prunekit.models import create_model, list_models  # noqa: F401
