@@ -239,7 +239,7 @@ def _train_callbacks(args: argparse.Namespace, train_ds: Any, out: Path, device:
         raise PrunekitError("--prune-at-epoch needs --prune-method and --prune-target")
     if args.prune_at_epoch > math.ceil(args.epochs):
         raise PrunekitError(f"--prune-at-epoch {args.prune_at_epoch} is after the last epoch ({args.epochs:g})")
-    from prunekit.cli_prune import parse_options
+    from prunekit.cli_types import parse_options
     from prunekit.data import BatchLoader, train_holdout_split
     from prunekit.early import early_pruning_callbacks
     from prunekit.methods import get_method_info

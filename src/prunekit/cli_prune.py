@@ -25,35 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from prunekit import cli_types as T
+from prunekit.cli_types import parse_options
 from prunekit.errors import PrunekitError
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _parse_value(text: str) -> Any:
-    low = text.strip().lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if low in ("none", "null"):
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def parse_options(items: list[str] | None) -> dict[str, Any]:
-    """``["samples=512", "use_init=true"]`` -> ``{"samples": 512, "use_init": True}``."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise PrunekitError(f"--option expects key=value, got {item!r}")
-        out[key.strip().replace("-", "_")] = _parse_value(value)
-    return out
-
-
 def _round_to(text: str | None) -> int | str | None:
     if text is None or text == "auto":
         return None
@@ -522,4 +498,4 @@ def add_commands(sub: Any) -> None:
     s.set_defaults(fn=cmd_prune)
 
 
-__all__ = ["add_commands", "cmd_methods", "cmd_prune", "cmd_prune_train", "parse_options"]
+__all__ = ["add_commands", "cmd_methods", "cmd_prune", "cmd_prune_train", "parse_options"]  # parse_options: re-exported

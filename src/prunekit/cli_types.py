@@ -12,6 +12,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from prunekit.errors import PrunekitError
+
 
 def number(kind: str = "float", low: float | None = None, high: float | None = None, *,
            low_open: bool = False, high_open: bool = False) -> Callable[[str], float | int]:
@@ -92,3 +94,28 @@ def shape(text: str) -> tuple[int, ...]:
 
 
 SHAPE = shape
+
+
+def _parse_value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_options(items: list[str] | None) -> dict[str, Any]:
+    """``["samples=512", "use_init=true"]`` -> ``{"samples": 512, "use_init": True}``."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise PrunekitError(f"--option expects key=value, got {item!r}")
+        out[key.strip().replace("-", "_")] = _parse_value(value)
+    return out
