@@ -346,6 +346,61 @@ def prune(
         PruningError: unknown method option, missing data, unreachable target, ...
     """
     t_start = time.perf_counter()
+    run = _prepare(model, method, target, data, method_options, mode=mode, rounds=rounds, schedule=schedule,
+                   thresholds=thresholds, finetune=finetune, finetune_last=finetune_last, input_shape=input_shape,
+                   device=device, copy=copy, trajectory=trajectory, num_classes=num_classes, verify=verify,
+                   heads=heads, budget=_budget(budget, scope=scope, round_to=round_to, ignored=ignored, floor=floor,
+                                               cap=cap, normalize=normalize, nm=nm, latency_aware=latency_aware))
+    model = run.model
+    with warnings.catch_warnings(record=True) as caught, _PeakMemory(run.ctx.device) as mem:
+        warnings.simplefilter("always")
+        widths_before = _layer_widths(model)
+        _run_rounds(run)
+        if mode == "physical":
+            remove_masks_(model)  # weight masks are baked into the weights
+        pruned = _measure(model, run.ctx.input_shape)
+    for w in caught:  # show them to the caller too
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    prune_s = time.perf_counter() - t_start - run.finetune_s
+    report = _report(run.method, run.target, mode, run.ctx.budget, run.rounds, schedule, run.base, pruned,
+                     widths_before, model, run.graph, run.ctx, run.plans, prune_s, run.finetune_s, mem, caught)
+    model.prunekit_report = report
+    return PruneResult(model=model, plan=run.plans[-1] if run.plans else Plan(method=run.method.name),
+                       report=report, plans=run.plans, graph=run.graph)
+
+
+@dataclass
+class _Run:
+    """What one call of :func:`prune` works with (checked inputs) and collects (plans, costs, time)."""
+
+    model: nn.Module
+    method: Method
+    granularity: str
+    target: Target
+    mode: str
+    ctx: PruneContext
+    tuner: Any
+    cum: list[float]
+    schedule: str
+    thresholds: Any
+    finetune_last: bool
+    heads: bool
+    plans: list[Plan] = field(default_factory=list)
+    graph: ChannelGraph | None = None
+    base: dict[str, int] = field(default_factory=dict)
+    originals: dict[str, int] = field(default_factory=dict)
+    finetune_s: float = 0.0
+
+    @property
+    def rounds(self) -> int:
+        return len(self.cum)
+
+
+def _prepare(model: nn.Module, method: str | Method, target: Any, data: Any, method_options: dict[str, Any], *,
+             mode: str, rounds: int, schedule: str, thresholds: Any, finetune: Any, finetune_last: bool,
+             input_shape: Any, device: Any, copy: bool, trajectory: Any, num_classes: int | None, verify: bool,
+             heads: bool, budget: BudgetOptions) -> _Run:
+    """Check every input (before any work), copy and move the model, build the context."""
     meth, info = _resolve_method(method, method_options)
     tgt = Target.parse(target)
     if mode not in ("physical", "masked"):
@@ -354,130 +409,71 @@ def prune(
         raise PruningError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if rounds < 1:
         raise PruningError(f"rounds must be >= 1, got {rounds}")
-    granularity = info.granularity if info is not None else "channel"
     dev = torch.device(device)
     loader = _as_batches(data)
-    b = _budget(
-        budget,
-        scope=scope,
-        round_to=round_to,
-        ignored=ignored,
-        floor=floor,
-        cap=cap,
-        normalize=normalize,
-        nm=nm,
-        latency_aware=latency_aware,
-    )
-    _latency_mode(b.latency_aware)  # a clear error for a bad value, before any work
+    _latency_mode(budget.latency_aware)  # a clear error for a bad value, before any work
     if copy:
         model = _copy.deepcopy(model)
     model.to(dev)
     shape = _input_shape(model, input_shape, loader)
-    ctx = PruneContext(
-        target=tgt,
-        input_shape=shape,
-        budget=b,
-        data=loader,
-        device=dev,
-        trajectory=trajectory,
-        num_classes=num_classes,
-    )
+    ctx = PruneContext(target=tgt, input_shape=shape, budget=budget, data=loader, device=dev,
+                       trajectory=trajectory, num_classes=num_classes)
     ctx.verify = verify
     meth.check(ctx)
     tuner = _finetuner(finetune, loader, dev)
     cum = cumulative_fractions(target_fraction(tgt), rounds, schedule, thresholds)
-    rounds = len(cum)
+    return _Run(model=model, method=meth, granularity=info.granularity if info is not None else "channel",
+                target=tgt, mode=mode, ctx=ctx, tuner=tuner, cum=cum, schedule=schedule, thresholds=thresholds,
+                finetune_last=finetune_last, heads=heads)
 
-    plans: list[Plan] = []
-    finetune_s = 0.0
-    graph: ChannelGraph | None = None
-    with warnings.catch_warnings(record=True) as caught, _PeakMemory(dev) as mem:
-        warnings.simplefilter("always")
-        widths_before = _layer_widths(model)
-        cost_key = "effective_flops" if tgt.kind == "flops" else "nonzero_params"
-        originals: dict[str, int] = {}
-        base: dict[str, int] = {}
-        for k in range(rounds):
-            graph = analyze(model, shape, ignored=b.ignored, heads=heads)
-            if not originals:
-                originals = {key: g.size for key, g in graph.groups.items()}
-                base = _measure(model, shape, graph)
-            ctx.graph = graph
-            ctx.original_sizes = originals
-            ctx.removed_channels = None
-            removed = {}
-            if mode == "masked" and granularity == "channel":
-                from prunekit.surgery.allocate import masked_channels
 
-                rem = masked_channels(model, graph)
-                ctx.removed_channels = rem
-                removed = {key: int(len(v)) for key, v in rem.items()}
-            current = 0.0
-            if tgt.kind != "ratio":
-                current = base[cost_key] if k == 0 else _measure(model, shape, graph)[cost_key]
-            rt = _round_target(
-                tgt,
-                granularity,
-                k,
-                cum,
-                graph,
-                originals,
-                removed,
-                current,
-                base["flops" if tgt.kind == "flops" else "params"],
-                rounds,
-                schedule,
-                thresholds,
-            )
-            if rt is None:
-                continue
-            ctx.target = rt
-            plan = meth.plan(model, ctx)
-            plans.append(plan)
-            old_params = dict(model.named_parameters())
-            weight_only = bool(plan.masks) and not plan.channels and not plan.lowrank and not plan.weights
-            apply_plan_(model, plan, graph, "masked" if weight_only else mode, shape)
-            if tuner is not None and mode == "physical" and plan.channels and hasattr(tuner, "pruned"):
-                tuner.pruned(old_params, model, graph.kept_dims(plan.channels))
-            if tuner is not None and (k < rounds - 1 or finetune_last):
-                t_ft = time.perf_counter()
-                epochs = getattr(tuner, "epochs", 1.0)
-                tuner(model, epochs)
-                model.to(dev)
-                finetune_s += time.perf_counter() - t_ft
-        if mode == "physical":
-            remove_masks_(model)  # weight masks are baked into the weights
-        pruned = _measure(model, shape)
-    for w in caught:  # show them to the caller too
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    prune_s = time.perf_counter() - t_start - finetune_s
-    report = _report(
-        meth,
-        tgt,
-        mode,
-        b,
-        rounds,
-        schedule,
-        base,
-        pruned,
-        widths_before,
-        model,
-        graph,
-        ctx,
-        plans,
-        prune_s,
-        finetune_s,
-        mem,
-        caught,
-    )
-    model.prunekit_report = report
-    return PruneResult(
-        model=model,
-        plan=plans[-1] if plans else Plan(method=meth.name),
-        report=report,
-        plans=plans,
-        graph=graph,
-    )
+def _run_rounds(run: _Run) -> None:
+    """The rounds: analyse, set the round's target, plan, apply, fine-tune (between rounds / after the last)."""
+    model, ctx, tgt = run.model, run.ctx, run.target
+    shape = ctx.input_shape
+    cost_key = "effective_flops" if tgt.kind == "flops" else "nonzero_params"
+    for k in range(run.rounds):
+        graph = analyze(model, shape, ignored=ctx.budget.ignored, heads=run.heads)
+        run.graph = graph
+        if not run.originals:
+            run.originals = {key: g.size for key, g in graph.groups.items()}
+            run.base = _measure(model, shape, graph)
+        ctx.graph = graph
+        ctx.original_sizes = run.originals
+        ctx.removed_channels = None
+        removed = {}
+        if run.mode == "masked" and run.granularity == "channel":
+            from prunekit.surgery.allocate import masked_channels
+
+            rem = masked_channels(model, graph)
+            ctx.removed_channels = rem
+            removed = {key: int(len(v)) for key, v in rem.items()}
+        current = 0.0
+        if tgt.kind != "ratio":
+            current = run.base[cost_key] if k == 0 else _measure(model, shape, graph)[cost_key]
+        rt = _round_target(tgt, run.granularity, k, run.cum, graph, run.originals, removed, current,
+                           run.base["flops" if tgt.kind == "flops" else "params"], run.rounds, run.schedule,
+                           run.thresholds)
+        if rt is None:
+            continue
+        ctx.target = rt
+        plan = run.method.plan(model, ctx)
+        run.plans.append(plan)
+        _apply_and_finetune(run, plan, graph, last=k == run.rounds - 1)
+
+
+def _apply_and_finetune(run: _Run, plan: Plan, graph: ChannelGraph, last: bool) -> None:
+    model, tuner = run.model, run.tuner
+    old_params = dict(model.named_parameters())
+    weight_only = bool(plan.masks) and not plan.channels and not plan.lowrank and not plan.weights
+    apply_plan_(model, plan, graph, "masked" if weight_only else run.mode, run.ctx.input_shape)
+    if tuner is not None and run.mode == "physical" and plan.channels and hasattr(tuner, "pruned"):
+        tuner.pruned(old_params, model, graph.kept_dims(plan.channels))
+    if tuner is not None and (not last or run.finetune_last):
+        t_ft = time.perf_counter()
+        tuner(model, getattr(tuner, "epochs", 1.0))
+        model.to(run.ctx.device)
+        run.finetune_s += time.perf_counter() - t_ft
 
 
 def _finetuner(finetune: Any, loader: Any, dev: torch.device) -> Any:

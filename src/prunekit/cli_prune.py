@@ -145,31 +145,14 @@ def _trajectory_arg(args: argparse.Namespace, info: Any) -> Any:
         raise PrunekitError(str(e)) from None
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
-    import torch
-
-    from prunekit.api import prune
-    from prunekit.cli import (
-        _device,
-        _setup_runtime,
-        _test_loader,
-        load_data,
-        summarize,
-    )
-    from prunekit.data import BatchLoader, train_holdout_split
-    from prunekit.io import load
+def _checked_method(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The method's info and typed options, and ``--target``, checked before any work (exit 2 on a bad one)."""
+    from prunekit.cli import prepare_out
     from prunekit.methods import get_method_info
-    from prunekit.metrics import evaluate
-    from prunekit.prune_train import wants_prune_train
-    from prunekit.schedule import FineTuner
 
-    _setup_runtime(args)
-    device = _device(args.device)
     info = get_method_info(args.method)  # fail fast on an unknown method
     options = parse_options(args.option)
     info.cls(**options)  # typed options checked before any work: an unknown or mistyped one exits 2
-    from prunekit.cli import prepare_out
-
     prepare_out(args.out)
     if args.target is None and options.get("prune_percent") is not None:
         p = float(options["prune_percent"])
@@ -177,6 +160,53 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.target is None:
         raise PrunekitError("--target is required (flops=X, params=X or ratio=F; gradient-flow methods also take "
                             "--option prune_percent=P, the fraction of all filters removed)")
+    return info, options
+
+
+def _base_and_data(args: argparse.Namespace, device: str) -> tuple[Any, Any, Any, Any, int]:
+    """The checkpoint, its train / test splits and the prune loader (``--prune-samples`` held out)."""
+    from prunekit.cli import load_data
+    from prunekit.data import BatchLoader, train_holdout_split
+    from prunekit.io import load
+
+    base = load(args.checkpoint).eval()
+    meta = getattr(base, "prunekit_meta", {}) or {}
+    args.dataset = args.dataset or meta.get("dataset")
+    if not args.dataset:
+        raise PrunekitError("the checkpoint does not record its dataset: pass --dataset")
+    train_ds, test_ds = load_data(args)
+    n_prune = min(int(args.prune_samples), len(train_ds) - 1)
+    if n_prune < 1:
+        raise PrunekitError(f"--prune-samples must be >= 1, got {args.prune_samples}")
+    _, prune_ds = train_holdout_split(train_ds, n_prune, seed=args.seed)
+    prune_loader = BatchLoader(prune_ds, batch_size=args.batch_size, shuffle=False, augment=False, seed=args.seed,
+                               device=device)
+    return base.to(device), train_ds, test_ds, prune_loader, n_prune
+
+
+def _cli_finetuner(args: argparse.Namespace, train_ds: Any, device: str) -> Any:
+    """``--finetune-epochs`` > 0: the fine-tuner every round (and the final fine-tune) uses."""
+    from prunekit.data import BatchLoader
+    from prunekit.schedule import FineTuner
+
+    if args.finetune_epochs <= 0:
+        return None
+    train_loader = BatchLoader(train_ds, batch_size=args.batch_size, shuffle=True, augment=True, seed=args.seed,
+                               drop_last=True, device=device)
+    return FineTuner(train_loader, epochs=args.finetune_epochs, lr=args.finetune_lr, device=device,
+                     progress=not args.quiet, momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import torch
+
+    from prunekit.api import prune
+    from prunekit.cli import _device, _setup_runtime, summarize
+    from prunekit.prune_train import wants_prune_train
+
+    _setup_runtime(args)
+    device = _device(args.device)
+    info, options = _checked_method(args)
     if wants_prune_train(args):
         return cmd_prune_train(args, options, device)
     if args.checkpoint is None:
@@ -184,71 +214,45 @@ def cmd_prune(args: argparse.Namespace) -> int:
                             "from a random init give --model and --epochs-per-round")
     if args.weight_decay is None:
         args.weight_decay = 5e-4
-    base = load(args.checkpoint).eval()
-    meta = getattr(base, "prunekit_meta", {}) or {}
-    dataset = args.dataset or meta.get("dataset")
-    if not dataset:
-        raise PrunekitError("the checkpoint does not record its dataset: pass --dataset")
-    args.dataset = dataset
-    train_ds, test_ds = load_data(args)
-    n_prune = min(int(args.prune_samples), len(train_ds) - 1)
-    if n_prune < 1:
-        raise PrunekitError(f"--prune-samples must be >= 1, got {args.prune_samples}")
-    _, prune_ds = train_holdout_split(train_ds, n_prune, seed=args.seed)
-    prune_loader = BatchLoader(
-        prune_ds, batch_size=args.batch_size, shuffle=False, augment=False, seed=args.seed, device=device
-    )
+    base, train_ds, test_ds, prune_loader, n_prune = _base_and_data(args, device)
     shape = (test_ds.info.in_channels, test_ds.info.image_size, test_ds.info.image_size)
-    base.to(device)
     no_latency = args.no_latency
     args.no_latency = True  # latency is measured below, base and pruned alternately
     base_metrics = summarize(base, test_ds, args, device)
-    tuner = None
-    if args.finetune_epochs > 0:
-        train_loader = BatchLoader(
-            train_ds,
-            batch_size=args.batch_size,
-            shuffle=True,
-            augment=True,
-            seed=args.seed,
-            drop_last=True,
-            device=device,
-        )
-        tuner = FineTuner(
-            train_loader,
-            epochs=args.finetune_epochs,
-            lr=args.finetune_lr,
-            device=device,
-            progress=not args.quiet,
-            momentum=args.momentum,
-            weight_decay=args.weight_decay,
-            seed=args.seed,
-        )
+    tuner = _cli_finetuner(args, train_ds, device)
     trajectory = _trajectory_arg(args, info)
     torch.manual_seed(args.seed)
-    result = prune(
-        base,
-        args.method,
-        args.target,
-        prune_loader,
-        trajectory=trajectory,
-        mode=args.mode,
-        scope=args.scope,
-        round_to=_round_to(args.round_to),
-        floor=args.floor,
-        latency_aware=_latency_model(args),
-        rounds=args.rounds,
-        schedule=args.schedule,
-        heads=args.heads,
-        finetune=tuner,
-        finetune_last=False,
-        input_shape=shape,
-        device=device,
-        **options,
-    )
-    model = result.model.eval()
-    from prunekit import distributed
+    result = prune(base, args.method, args.target, prune_loader, trajectory=trajectory, mode=args.mode,
+                   scope=args.scope, round_to=_round_to(args.round_to), floor=args.floor,
+                   latency_aware=_latency_model(args), rounds=args.rounds, schedule=args.schedule, heads=args.heads,
+                   finetune=tuner, finetune_last=False, input_shape=shape, device=device, **options)
+    metrics = _one_shot_metrics(args, info, result, base, base_metrics, tuner, test_ds, device, n_prune)
+    model = result.model
+    if not no_latency:
+        model.to("cpu")
+        base.to("cpu")
+        metrics.update(_latency_metrics(base, model, shape, args))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rep = result.report
+    report = {k: v for k, v in rep.items() if k != "layers"}
+    return _write_outputs(model, out, args, metrics, {
+        "dataset": args.dataset,
+        "plan": result.plan.describe(),
+        "report": json.loads(json.dumps(report, default=str)),
+        "layers": json.loads(json.dumps(rep["layers"])),
+        "base_checkpoint": str(args.checkpoint),
+    })
 
+
+def _one_shot_metrics(args: argparse.Namespace, info: Any, result: Any, base: Any, base_metrics: dict[str, Any],
+                      tuner: Any, test_ds: Any, device: str, n_prune: int) -> dict[str, Any]:
+    """Plans checked across ranks, the final fine-tune, and every result metric of the pruned model."""
+    from prunekit import distributed
+    from prunekit.cli import _test_loader, summarize
+    from prunekit.metrics import evaluate
+
+    model = result.model.eval()
     # under torchrun every rank plans from the same prune set and seed: the plans must agree
     distributed.check_same(json.loads(json.dumps(result.plan.describe(), default=str)), "the pruning plan")
     metrics: dict[str, Any] = {"world_size": distributed.world_size()}
@@ -265,43 +269,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     metrics.update(summarize(model, test_ds, args, device, reference=base))
     rep = result.report
     base_flops = rep["base_flops"]
-    metrics.update(
-        {
-            "method": args.method,
-            "granularity": info.granularity,
-            "target": str(args.target),
-            "dataset": dataset,
-            "checkpoint": str(args.checkpoint),
-            "mode": args.mode,
-            "rounds": args.rounds,
-            "seed": args.seed,
-            "base_top1": base_metrics.get("top1"),
-            "base_top5": base_metrics.get("top5"),
-            "base_params": rep["base_params"],
-            "base_flops": base_flops,
-            "flops_speedup": base_flops / max(1, metrics["effective_flops"]),
-            "dense_flops_speedup": base_flops / max(1, metrics["flops"]),
-            "compression": rep["base_params"] / max(1, metrics["nonzero_params"]),
-            "prune_seconds": rep["prune_seconds"],
-            "finetune_seconds": rep["finetune_seconds"],
-            "peak_memory_mb": rep.get("peak_memory_mb"),
-            "prune_samples": n_prune,
-        }
-    )
-    if not no_latency:
-        model.to("cpu")
-        base.to("cpu")
-        metrics.update(_latency_metrics(base, model, shape, args))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = {k: v for k, v in rep.items() if k != "layers"}
-    return _write_outputs(model, out, args, metrics, {
-        "dataset": dataset,
-        "plan": result.plan.describe(),
-        "report": json.loads(json.dumps(report, default=str)),
-        "layers": json.loads(json.dumps(rep["layers"])),
-        "base_checkpoint": str(args.checkpoint),
+    metrics.update({
+        "method": args.method, "granularity": info.granularity, "target": str(args.target),
+        "dataset": args.dataset, "checkpoint": str(args.checkpoint), "mode": args.mode, "rounds": args.rounds,
+        "seed": args.seed, "base_top1": base_metrics.get("top1"), "base_top5": base_metrics.get("top5"),
+        "base_params": rep["base_params"], "base_flops": base_flops,
+        "flops_speedup": base_flops / max(1, metrics["effective_flops"]),
+        "dense_flops_speedup": base_flops / max(1, metrics["flops"]),
+        "compression": rep["base_params"] / max(1, metrics["nonzero_params"]),
+        "prune_seconds": rep["prune_seconds"], "finetune_seconds": rep["finetune_seconds"],
+        "peak_memory_mb": rep.get("peak_memory_mb"), "prune_samples": n_prune,
     })
+    return metrics
 
 
 def _write_outputs(model: Any, out: Path, args: argparse.Namespace, metrics: dict[str, Any],
