@@ -577,6 +577,43 @@ def analyze(
     outputs = _output_modules(dg)
     shapes = tensor_shapes(work)
 
+    groups, skipped, problems = _build_groups(work, dg, names, shapes, attn_qkv, outputs, ignored_paths)
+    if heads:
+        for p, m in attn.items():
+            groups[p] = _head_group(p, m)
+    for path, reason in problems:
+        if warn:
+            warnings.warn(
+                f"prunekit: output channels of {path!r} are not pruned: {reason}",
+                PruningWarning,
+                stacklevel=2,
+            )
+    if warn:
+        for note in notes:
+            warnings.warn(f"prunekit: while tracing the model: {note}", PruningWarning, stacklevel=2)
+
+    _sort_members(work, groups)
+    cost = _cost_model(work, x, groups, rec) if costs else None
+    graph = ChannelGraph(
+        groups=groups,
+        skipped=skipped,
+        input_shape=tuple(x.shape[1:]),
+        cost=cost,
+        output_layers=sorted(names[m] for m in outputs if m in names),
+        layer_shapes=shapes,
+    )
+    if work is model:
+        graph._dg = dg
+        graph._model_ref = weakref.ref(model)
+        graph._signature = _signature(model)
+    return graph
+
+
+def _build_groups(work: nn.Module, dg: Any, names: dict[nn.Module, str], shapes: Any, attn_qkv: dict[str, str],
+                  outputs: set[nn.Module], ignored_paths: list[str]
+                  ) -> tuple[dict[str, ChannelGroup], dict[str, str], list[tuple[str, str]]]:
+    """One group per first producer (Torch-Pruning's pruning group of its output channels), marked unprunable
+    with the reason where it holds the classifier, an ignored layer or something the engine cannot shrink."""
     groups: dict[str, ChannelGroup] = {}
     skipped: dict[str, str] = {}
     visited: set[nn.Module] = set()
@@ -613,41 +650,17 @@ def analyze(
             for p in g.producers + g.depthwise:
                 skipped.setdefault(p, g.reason)
         groups[path] = g
+    return groups, skipped, problems
 
-    if heads:
-        for p, m in attn.items():
-            groups[p] = _head_group(p, m)
-    for path, reason in problems:
-        if warn:
-            warnings.warn(
-                f"prunekit: output channels of {path!r} are not pruned: {reason}",
-                PruningWarning,
-                stacklevel=2,
-            )
-    if warn:
-        for note in notes:
-            warnings.warn(f"prunekit: while tracing the model: {note}", PruningWarning, stacklevel=2)
 
+def _sort_members(work: nn.Module, groups: dict[str, ChannelGroup]) -> None:
+    """Members of every group in module order; ``ln_coupled`` where a LayerNorm / GroupNorm normalises them."""
     stat_norms = {n for n, m in work.named_modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))}
     order = {n: i for i, (n, _) in enumerate(work.named_modules())}
     for g in groups.values():
         for lst in (g.producers, g.consumers, g.norms, g.depthwise):
             lst.sort(key=lambda p: order.get(p, 0))
         g.ln_coupled = any(n in stat_norms for n in g.norms)
-    cost = _cost_model(work, x, groups, rec) if costs else None
-    graph = ChannelGraph(
-        groups=groups,
-        skipped=skipped,
-        input_shape=tuple(x.shape[1:]),
-        cost=cost,
-        output_layers=sorted(names[m] for m in outputs if m in names),
-        layer_shapes=shapes,
-    )
-    if work is model:
-        graph._dg = dg
-        graph._model_ref = weakref.ref(model)
-        graph._signature = _signature(model)
-    return graph
 
 
 def _convert(
@@ -732,20 +745,7 @@ def _convert(
                     g.consumers.append(path)
                     g.expansion[path] = int(table.shape[1])
         elif isinstance(mod, NORM_TYPES):
-            if isinstance(mod, nn.LayerNorm):
-                dim = len(mod.normalized_shape) - 1
-            else:
-                dim = 0
-            for pname, _ in list(mod.named_parameters(recurse=False)) + list(
-                mod.named_buffers(recurse=False)
-            ):
-                if pname == "num_batches_tracked":
-                    continue
-                bad = bad or add(f"{path}.{pname}", dim, table, "norm")
-            if isinstance(mod, nn.GroupNorm):
-                g.multiple_of = max(g.multiple_of, int(mod.num_groups))
-            if path not in g.norms:
-                g.norms.append(path)
+            bad = bad or _add_norm(g, mod, path, table, add)
         elif isinstance(mod, nn.PReLU):
             if mod.num_parameters > 1:
                 bad = bad or add(f"{path}.weight", 0, table, "act")
@@ -755,6 +755,20 @@ def _convert(
     if not g.producers and not bad:
         bad = "no conv / linear layer produces these channels"
     return g, out_mods, bad
+
+
+def _add_norm(g: ChannelGroup, mod: nn.Module, path: str, table: torch.Tensor, add: Any) -> str:
+    """A norm layer's parameters and statistics as members of ``g`` (a GroupNorm's groups bound the multiple)."""
+    dim = len(mod.normalized_shape) - 1 if isinstance(mod, nn.LayerNorm) else 0
+    bad = ""
+    for pname, _ in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+        if pname != "num_batches_tracked":
+            bad = bad or add(f"{path}.{pname}", dim, table, "norm")
+    if isinstance(mod, nn.GroupNorm):
+        g.multiple_of = max(g.multiple_of, int(mod.num_groups))
+    if path not in g.norms:
+        g.norms.append(path)
+    return bad
 
 
 # autograd ops that combine channels; Torch-Pruning treats unknown ops as element-wise
