@@ -42,6 +42,7 @@ while the multiplier / ``eps`` is searched, so the kept size is monotone in it.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -269,14 +270,49 @@ def _fit_multiplier(rows: list[_Rows], target: float, hybrid: bool) -> tuple[flo
 
     lo, hi = -250.0, 250.0
     best: tuple[float, float, list[torch.Tensor]] | None = None
+
+    def consider(x: float) -> float:
+        nonlocal best
+        c, ms = evaluate(x)
+        if best is None or abs(c - target) < abs(best[1] - target):
+            best = (x, c, ms)
+        return c
+
     for _ in range(70):
         mid = 0.5 * (lo + hi)
-        c, ms = evaluate(mid)
-        if best is None or abs(c - target) < abs(best[1] - target):
-            best = (mid, c, ms)
-        lo, hi = (mid, hi) if c > target else (lo, mid)
+        lo, hi = (mid, hi) if consider(mid) > target else (lo, mid)
+    if hybrid:  # rows switching between the variants make the kept size non-monotone: scan around too
+        for x in torch.linspace(lo - 8.0, lo + 8.0, 161).tolist():
+            consider(x)
     assert best is not None
     return math.exp(best[0]), best[2]
+
+
+def _top_up(rows: list[_Rows], facs: list[torch.Tensor], target: float, scores: dict[str, torch.Tensor]
+            ) -> list[torch.Tensor]:
+    """Weights of zero sensitivity are never drawn; when the draws keep less than the budget, keep the
+    best unsampled weights (by sensitivity, then magnitude) as they are until it is used."""
+    deficit = target - sum(r.unit * float((f > 0).sum()) for r, f in zip(rows, facs))
+    if deficit <= 0.5 * min(r.unit for r in rows):
+        return facs
+    keys, owner, units = [], [], []
+    for i, (r, f) in enumerate(zip(rows, facs)):
+        free = (f == 0).flatten()
+        mag = r.weight.abs().flatten()
+        key = scores[r.param].double().cpu().flatten() * (1 + float(mag.max()) + 1) + mag
+        keys.append(key.masked_fill(~free, -math.inf))
+        owner.append(torch.full_like(mag, i, dtype=torch.long))
+        units.append(torch.full_like(mag, r.unit))
+    key, own, unit = torch.cat(keys), torch.cat(owner), torch.cat(units)
+    order = torch.argsort(key, descending=True, stable=True)
+    order = order[torch.isfinite(key[order])]
+    take = int(torch.searchsorted(unit[order].cumsum(0), torch.tensor([deficit], dtype=torch.float64)))
+    facs = [f.clone() for f in facs]
+    offsets = [0] + torch.tensor([f.numel() for f in facs]).cumsum(0).tolist()
+    for pos in order[:take + 1].tolist():
+        i = int(own[pos])
+        facs[i].view(-1)[pos - offsets[i]] = 1.0
+    return facs
 
 
 class _SiPPSampled(_SiPPBase):
@@ -305,8 +341,12 @@ class _SiPPSampled(_SiPPBase):
             lam, ms = _fit_multiplier(rows, target, self.hybrid)
         out = Plan(method=self.name, meta={"multiplier": lam, "samples": {r.param: int(m.sum()) for r, m in
                                                                           zip(rows, ms)}})
-        for r, m in zip(rows, ms):
-            fac = r.factors(m, self.hybrid)
+        facs = [r.factors(m, self.hybrid) for r, m in zip(rows, ms)]
+        if ctx.target.kind == "ratio" or ctx.budget.scope == "layerwise":
+            facs = [_top_up([r], [f], r.unit * float(masks[r.param].sum()), scores)[0] for r, f in zip(rows, facs)]
+        else:
+            facs = _top_up(rows, facs, target, scores)
+        for r, fac in zip(rows, facs):
             w = params[r.param]
             out.masks[r.param] = (fac > 0).reshape(w.shape).cpu()
             out.weights[r.param] = (r.weight * fac).reshape(w.shape).to(w.dtype).cpu()
@@ -328,3 +368,259 @@ class SiPPHybrid(_SiPPSampled):
     """Hybrid SiPP: per row, the deterministic top-m or the random sample of m."""
 
     hybrid = True
+
+
+# --------------------------------------------------------------------------------------------- PFP
+def group_sensitivities(model: nn.Module, ctx: PruneContext, method: Method) -> dict[str, tuple[torch.Tensor,
+                                                                                                  float]]:
+    """Per prunable group: ``(s, alpha)``, ``s_c`` the largest input-channel sensitivity of channel ``c`` over
+    the group's consumer layers, ``alpha`` the largest of their bound constants."""
+    reads: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for g in ctx.groups():
+        for mb in g.members:
+            if mb.role == "consumer" and mb.dim == 1 and mb.tensor.endswith(".weight"):
+                reads.setdefault(g.key, []).append((_module_path(mb.tensor), mb.index))
+    paths = sorted({p for v in reads.values() for p, _ in v})
+    if not paths:
+        raise PruningError(f"method {method.name!r}: no prunable channel group has a consumer layer to measure")
+    trackers = sensitivities(method, model, ctx, paths, weights=False, channels=True)
+    out = {}
+    for key, items in reads.items():
+        s = torch.stack([trackers[p].channel_scores().double().cpu()[idx].amax(1) for p, idx in items]).amax(0)
+        out[key] = (s, max(layer_alpha(trackers[p], method.delta) for p, _ in items))
+    return out
+
+
+@dataclass
+class _Group:
+    key: str
+    scores: torch.Tensor  # (size,) float64, 0 for removed channels
+    coeff: float  # alpha * S
+    lo: int
+    hi: int
+    mult: int
+    uniforms: torch.Tensor  # (L,): the group's stream of uniform numbers
+    alive: torch.Tensor  # (size,) bool: not removed by an earlier round
+
+    @property
+    def probs(self) -> torch.Tensor:
+        total = float(self.scores.sum())
+        return self.scores / total if total > 0 else torch.zeros_like(self.scores)
+
+    def samples(self, eps: float) -> int:
+        """``m(eps) = ceil(3 (6 + 2 eps) alpha S / eps^2)``, at least 1."""
+        m = 3.0 * (6.0 + 2.0 * eps) * self.coeff / (eps * eps)
+        return int(max(1.0, min(1e15, math.ceil(m))))
+
+    def width(self, k: int) -> int:
+        k = max(k, self.lo)
+        return self.hi if k >= self.hi else min(self.hi, -(-k // self.mult) * self.mult)
+
+    def choose(self, eps: float, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept channels (sorted) and the scale of every channel (1 unless sampled)."""
+        p, m = self.probs, self.samples(eps)
+        scale = torch.ones_like(p)
+        chosen = torch.zeros(len(p), dtype=torch.bool)
+        if variant == "pfp":
+            k = int(math.ceil(float((1 - (1 - p) ** m).sum()) - 1e-9))
+        else:
+            top = p >= 1.0 / m if variant == "pfp_top" else torch.zeros_like(chosen)
+            rest = torch.where(top, torch.zeros_like(p), p)
+            draws = min(m - int(top.sum()), len(self.uniforms))
+            chosen |= top
+            if draws > 0 and float(rest.sum()) > 0:
+                q = rest / rest.sum()
+                idx = draw(q.unsqueeze(0), self.uniforms[:draws].unsqueeze(0))
+                counts = sample_counts(idx, torch.tensor([draws]), len(p))[0]
+                drawn = counts > 0
+                scale = torch.where(drawn, counts / (draws * q).clamp(min=1e-300), scale)
+                chosen |= drawn
+            k = int(chosen.sum())
+        k = self.width(k)
+        rank = self.scores + 2.0 * chosen.double() * (1 + float(self.scores.max()))
+        order = torch.argsort(rank.masked_fill(~self.alive, -math.inf), descending=True, stable=True)
+        keep = order[:k].sort().values
+        return keep, scale
+
+    def grown(self, keep: torch.Tensor, scale: torch.Tensor) -> Any:
+        """``mult`` more channels: the best-scored ones not kept, unscaled (None: none left)."""
+        k = self.width(len(keep) + self.mult) if len(keep) + self.mult <= self.hi else self.hi
+        if k <= len(keep):
+            return None
+        free = torch.ones(len(self.scores), dtype=torch.bool)
+        free[keep] = False
+        free &= self.alive
+        add = torch.argsort(self.scores.masked_fill(~free, -math.inf), descending=True, stable=True)[:k - len(keep)]
+        return torch.cat((keep, add)).sort().values, scale
+
+    def shrunk(self, keep: torch.Tensor, scale: torch.Tensor) -> Any:
+        """``mult`` fewer channels: the worst-scored kept ones go (None: at the floor)."""
+        k = len(keep) - self.mult
+        if k < self.lo or k < 1:
+            return None
+        order = torch.argsort(self.scores[keep], descending=True, stable=True)
+        return keep[order[:k]].sort().values, scale
+
+
+def _fit_eps(groups: list[_Group], variant: str, cost: Any, budget: float) -> tuple[float, list[Any]]:
+    """The eps (one for all ``groups``) whose choice costs closest to ``budget`` (bisection on log eps)."""
+    def evaluate(log_eps: float) -> tuple[float, list[Any]]:
+        picks = [g.choose(math.exp(log_eps), variant) for g in groups]
+        return cost({g.key: len(k) for g, (k, _) in zip(groups, picks)}), picks
+
+    lo, hi = -30.0, 60.0
+    best: tuple[float, float, list[Any]] | None = None
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        c, picks = evaluate(mid)
+        if best is None or abs(math.log(max(c, 1e-12) / budget)) < abs(math.log(max(best[1], 1e-12) / budget)):
+            best = (mid, c, picks)
+        lo, hi = (mid, hi) if c > budget else (lo, mid)
+    assert best is not None
+    return math.exp(best[0]), best[2]
+
+
+def _refine(groups: list[_Group], picks: list[Any], cost: Any, budget: float, tol: float) -> list[Any]:
+    """One eps moves every group at once, so on small models the cost jumps past the budget: then add
+    (best-scored, unscaled) or drop (worst-scored) ``mult`` channels of single groups, greedily, while that
+    brings the cost closer to the budget."""
+    picks = list(picks)
+
+    def err(ps: list[Any]) -> float:
+        return abs(math.log(max(cost({g.key: len(k) for g, (k, _) in zip(groups, ps)}), 1e-12) / budget))
+
+    cur = err(picks)
+    for _ in range(4 * len(groups)):
+        if cur <= math.log1p(tol / 4):
+            break
+        best: tuple[float, int, Any] | None = None
+        for i, (g, (keep, scale)) in enumerate(zip(groups, picks)):
+            for move in (g.grown(keep, scale), g.shrunk(keep, scale)):
+                if move is not None:
+                    e = err(picks[:i] + [move] + picks[i + 1:])
+                    if e < cur - 1e-12 and (best is None or e < best[0]):
+                        best = (e, i, move)
+        if best is None:
+            break
+        cur, picks[best[1]] = best[0], best[2]
+    return picks
+
+
+def _fold_scales(model: nn.Module, ctx: PruneContext, picks: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 channels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Consumer weights with the sampled channels' input columns scaled, in the post-removal shape."""
+    graph = ctx.graph
+    scales: dict[str, torch.Tensor] = {}
+    for key, (keep, scale) in picks.items():
+        if bool((scale[keep] == 1).all()):
+            continue
+        for mb in graph.groups[key].members:
+            if mb.role != "consumer" or mb.dim != 1 or not mb.tensor.endswith(".weight"):
+                continue
+            w = model.get_submodule(_module_path(mb.tensor)).weight
+            vec = scales.setdefault(mb.tensor, torch.ones(w.shape[1], dtype=torch.float64))
+            vec[mb.index.reshape(-1)] *= scale.repeat_interleave(mb.index.shape[1])
+    kept = graph.kept_dims(channels) if channels else {}
+    out = {}
+    for tensor, vec in scales.items():
+        w = model.get_submodule(_module_path(tensor)).weight.detach()
+        view = [1] * w.dim()
+        view[1] = -1
+        new = (w.double() * vec.to(w.device).view(view)).to(w.dtype)
+        for d, idx in kept.get(tensor, {}).items():
+            new = new.index_select(d, idx.to(new.device))
+        out[tensor] = new.cpu()
+    return out
+
+
+class _PFPBase(Method):
+    defaults = {**_DEFAULTS, "seed": 0, "align": False}
+    option_help = _HELP
+    variant = "pfp"
+
+    def problem(self, model: nn.Module, ctx: PruneContext) -> tuple[list[_Group], Any, dict[str, Any]]:
+        from prunekit.surgery.allocate import _ChannelProblem, masked_channels
+
+        graph = ctx.graph
+        sens = group_sensitivities(model, ctx, self)
+        removed = dict(ctx.removed_channels or masked_channels(model, graph))
+        prob = _ChannelProblem(graph, ctx, {k: s for k, (s, _) in sens.items()}, removed)
+        gen = torch.Generator().manual_seed(int(self.seed))
+        groups = []
+        for key, alive, lo, hi, mult in zip(prob.keys, prob.alive, prob.lo, prob.hi, prob.mult):
+            s = torch.where(alive, sens[key][0], torch.zeros_like(sens[key][0]))
+            if not self.align:
+                mult = max(1, graph.groups[key].multiple_of)
+            u = torch.rand(32 * len(s) + 64, generator=gen, dtype=torch.float64)
+            groups.append(_Group(key, s, sens[key][1] * float(s.sum()), lo, hi, mult, u, alive))
+        return groups, prob, removed
+
+    def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
+        from prunekit.surgery.allocate import _measure
+
+        graph = ctx.graph
+        if graph is None:
+            raise PruningError(f"method {self.name!r} needs the channel graph (run it through prunekit.prune)")
+        groups, prob, removed = self.problem(model, ctx)
+        t = ctx.target
+        current = {k: g.size for k, g in graph.groups.items()}
+        for k, r in removed.items():
+            current[k] = graph.groups[k].size - len(r)
+        if t.kind == "ratio":
+            fits = []
+            for g in groups:
+                f = t.per_layer.get(g.key, t.value)
+                fits.append(_fit_eps([g], self.variant, lambda w, k=g.key: float(w[k]), g.hi - round(f * g.hi)))
+            eps: Any = [e for e, _ in fits]
+            picks = [p[0] for _, p in fits]
+            info: dict[str, Any] = {}
+        else:
+            cost_fn = graph.cost.flops if t.kind == "flops" else graph.cost.params
+            base = cost_fn(current)
+            cost = lambda w: cost_fn({**current, **w})  # noqa: E731
+            floor = cost({g.key: g.width(g.lo) for g in groups})
+            if floor > base / t.value * (1 + ctx.budget.tolerance):
+                raise PruningError(f"target {t} cannot be reached: the largest reachable reduction is "
+                                   f"{base / floor:.3g}x with floor={ctx.budget.floor}; lower the target or the floor")
+            eps, picks = _fit_eps(groups, self.variant, cost, base / t.value)
+            picks = _refine(groups, picks, cost, base / t.value, ctx.budget.tolerance)
+            predicted = cost({g.key: len(k) for g, (k, _) in zip(groups, picks)})
+            info = {"epsilon": eps, "target": t.value, "predicted": base / predicted}
+        chosen = {g.key: pk for g, pk in zip(groups, picks)}
+        channels = {k: keep for k, (keep, _) in chosen.items() if len(keep) < graph.groups[k].size}
+        if t.kind != "ratio" and ctx.verify and not removed and channels:
+            measured = _measure(model, graph, channels, t.kind)
+            if measured is not None:
+                info["measured"] = base / measured
+                if abs(info["measured"] / t.value - 1) > ctx.budget.tolerance:
+                    warnings.warn(f"prunekit: {self.name} reached {t} as {info['measured']:.3g}x", stacklevel=2)
+        info["widths"] = {k: len(keep) for k, (keep, _) in chosen.items()}
+        ctx.allocation = info
+        weights = _fold_scales(model, ctx, chosen, channels)
+        return Plan(method=self.name, channels=channels, weights=weights, meta={"epsilon": eps})
+
+
+_PFP_KW: dict[str, Any] = {"granularity": "channel", "needs_data": True, "family": "provable",
+                           "paper": _PAPERS["pfp"]}
+
+
+@register_method("pfp", description="PFP: input-channel sensitivity over the consumers; top-m channels per "
+                                    "group, one epsilon for all layers.", **_PFP_KW)
+class PFP(_PFPBase):
+    """Deterministic PFP: keep each group's most sensitive channels."""
+
+
+@register_method("pfp_rand", description="PFP randomised: channels sampled in proportion to sensitivity, "
+                                         "consumers reweighted.", **_PFP_KW)
+class PFPRand(_PFPBase):
+    """Randomised PFP: sample channels and reweight the consumers' input columns."""
+
+    variant = "pfp_rand"
+
+
+@register_method("pfp_top", description="PFP top: channels with p >= 1/m kept, the rest sampled and "
+                                        "reweighted.", **_PFP_KW)
+class PFPTop(_PFPBase):
+    """PFP with the certain channels kept deterministically and the rest sampled."""
+
+    variant = "pfp_top"
