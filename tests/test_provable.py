@@ -145,3 +145,166 @@ def test_sample_size_formula():
     assert sample_size(model, (1, 8, 8)) == want
     with pytest.raises(PruningError):
         sample_size(model, (1, 8, 8), delta=0)
+
+
+# --------------------------------------------------------------------------------------------- allocation
+from prunekit.methods import provable as pv  # noqa: E402
+
+
+def _objective(m, a, lead):
+    return float((lead * pv.error_rand(a, m)).sum())
+
+
+def test_lagrangian_allocation_equals_brute_force():
+    a = torch.tensor([40.0, 5.0, 120.0], dtype=torch.float64)
+    lead = torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)
+    cost = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
+    nnz = torch.tensor([10.0, 6.0, 12.0], dtype=torch.float64)
+    budget = 14.0
+    m = pv.allocate_samples(a, lead, cost, nnz, budget)
+    assert float((cost * m).sum()) == pytest.approx(budget, rel=1e-6)
+    assert bool((m >= 0).all() and (m <= nnz + 1e-9).all())
+    # brute force on a grid: m1, m2 free, m3 takes the rest of the budget (the objective decreases in m)
+    g1 = torch.linspace(0.01, 10, 1000, dtype=torch.float64)
+    g2 = torch.linspace(0.01, 6, 600, dtype=torch.float64)
+    m1, m2 = torch.meshgrid(g1, g2, indexing="ij")
+    m3 = budget - m1 - 2 * m2
+    ok = (m3 > 0) & (m3 <= 12)
+    obj = sum(lead[i] * pv.error_rand(a[i].expand_as(mi), mi) for i, mi in enumerate((m1, m2, m3.clamp(min=1e-9))))
+    obj = torch.where(ok, obj, torch.full_like(obj, math.inf))
+    best = int(obj.argmin())
+    brute = torch.stack((m1.flatten()[best], m2.flatten()[best], m3.flatten()[best]))
+    assert _objective(m, a, lead) <= float(obj.min()) + 1e-9
+    torch.testing.assert_close(m, brute, atol=0.05, rtol=0)
+
+
+def test_allocation_saturates_and_handles_zero_rows():
+    a = torch.tensor([3.0, 0.0], dtype=torch.float64)
+    one = torch.ones(2, dtype=torch.float64)
+    m = pv.allocate_samples(a, one, one, torch.tensor([4.0, 4.0], dtype=torch.float64), 100.0)
+    assert m.tolist() == [4.0, 0.0]
+
+
+# --------------------------------------------------------------------------------------------- unbiased sampling
+def _within_three_se(samples: torch.Tensor, truth: torch.Tensor) -> None:
+    mean, se = samples.mean(0), samples.std(0) / math.sqrt(samples.shape[0])
+    assert bool(((mean - truth).abs() <= 3 * se + 1e-9).all()), (mean - truth) / se
+
+
+def _sipp_rows(seed: int, lin: nn.Linear, sens: torch.Tensor) -> pv._Rows:
+    gen = torch.Generator().manual_seed(seed)
+    return pv._Rows.build("fc.weight", lin.weight, sens, alpha=10.0, unit=1.0, gen=gen, draw_cap=1)
+
+
+def test_sipp_rand_is_unbiased():
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 3, bias=False)
+    x = torch.rand(16, 8) + 0.1
+    t = LayerSensitivity(lin, "fc")
+    t.update(x)
+    sens = t.weight_scores()
+    truth = (lin.weight @ x[0]).detach().double()
+    m = torch.tensor([3.0, 2.0, 4.0, 3.0, 2.0, 3.0], dtype=torch.float64)  # 3 filters x (plus, minus)
+    outs = []
+    for seed in range(2000):
+        fac = _sipp_rows(seed, lin, sens).factors(m, hybrid=False)
+        outs.append((lin.weight.detach().double() * fac) @ x[0].double())
+    _within_three_se(torch.stack(outs), truth)
+
+
+@pytest.mark.parametrize("variant", ["pfp_rand", "pfp_top"])
+def test_pfp_sampling_is_unbiased(variant):
+    torch.manual_seed(0)
+    scores = torch.tensor([0.9, 0.5, 0.05, 0.3, 0.2, 0.1], dtype=torch.float64)
+    w = torch.randn(4, 6, dtype=torch.float64)
+    a = torch.rand(6, dtype=torch.float64) + 0.1
+    truth = w @ a
+    outs = []
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        g = pv._Group("g", scores, coeff=1.0, lo=1, hi=6, mult=1,
+                      uniforms=torch.rand(256, generator=gen, dtype=torch.float64),
+                      alive=torch.ones(6, dtype=torch.bool))
+        keep, scale = g.choose(eps=3.0, variant=variant)  # m = ceil(3 * 12 / 9) = 4 draws
+        col = torch.zeros(6, dtype=torch.float64)
+        col[keep] = scale[keep]
+        outs.append(w @ (a * col))
+    _within_three_se(torch.stack(outs), truth)
+
+
+def test_pfp_top_keeps_the_certain_channels():
+    scores = torch.tensor([0.9, 0.05, 0.05], dtype=torch.float64)
+    g = pv._Group("g", scores, coeff=1.0, lo=1, hi=3, mult=1, uniforms=torch.rand(64, dtype=torch.float64),
+                  alive=torch.ones(3, dtype=torch.bool))
+    keep, scale = g.choose(eps=3.0, variant="pfp_top")
+    assert 0 in keep.tolist() and float(scale[0]) == 1.0
+
+
+# --------------------------------------------------------------------------------------------- on a model
+import warnings  # noqa: E402
+
+import prunekit  # noqa: E402
+from prunekit.models import create_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = create_model("resnet20", width=0.5).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(32, 3, 32, 32, generator=g), torch.arange(32) % 10)]
+    return model, data
+
+
+@pytest.mark.parametrize("method", ["sipp", "sipp_rand", "sipp_hybrid"])
+def test_weight_budgets(tiny, method):
+    model, data = tiny
+    for value in (2, 4, 8, 16):
+        r = prunekit.prune(model, method, f"params={value}", data, samples=32)
+        assert abs(r.report["compression"] / value - 1) <= 0.05, (method, value, r.report["compression"])
+
+
+@pytest.mark.parametrize("method", ["pfp", "pfp_rand", "pfp_top"])
+def test_filter_budgets_and_physical_removal(tiny, method):
+    model, data = tiny
+    for value in (1.5, 2, 3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = prunekit.prune(model, method, f"flops={value}", data, samples=32)
+        assert abs(r.report["flops_speedup"] / value - 1) <= 0.05, (method, value, r.report["flops_speedup"])
+        assert r.report["dense_flops_speedup"] == pytest.approx(r.report["flops_speedup"])  # really removed
+        assert "epsilon" in r.report["allocation"]
+
+
+@pytest.mark.parametrize("method", ["pfp_rand", "sipp_rand", "pfp_top"])
+def test_masked_and_physical_agree(tiny, method):
+    model, data = tiny
+    target = "flops=2" if method.startswith("pfp") else "params=4"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        phys = prunekit.prune(model, method, target, data, samples=32, mode="physical").model.eval()
+        masked = prunekit.prune(model, method, target, data, samples=32, mode="masked").model.eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(phys(x), masked(x), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(phys(x), model(x))
+
+
+def test_pfp_reweights_consumers_and_sipp_rand_reweights_weights(tiny):
+    model, data = tiny
+    r = prunekit.prune(model, "pfp_rand", "flops=2", data, samples=32, mode="masked")
+    assert r.plan.weights and r.plan.channels
+    r = prunekit.prune(model, "sipp_rand", "params=4", data, samples=32)
+    assert set(r.plan.weights) == set(r.plan.masks)
+
+
+def test_default_sample_set_and_bad_options(tiny):
+    model, data = tiny
+    with pytest.raises(PruningError, match="needs data"):
+        prunekit.prune(model, "pfp", "flops=2")
+    with pytest.raises(PruningError, match="delta"):
+        prunekit.prune(model, "sipp", "params=2", data, delta=2.0)
+    with pytest.raises(PruningError, match="draw_cap"):
+        prunekit.prune(model, "sipp_rand", "params=2", data, draw_cap=0)
+    r = prunekit.prune(model, "sipp", "params=2", data)  # |S| from the formula: the 32 examples there are
+    assert r.report["compression"] == pytest.approx(2, rel=0.05)
