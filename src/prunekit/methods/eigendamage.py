@@ -8,10 +8,11 @@ factors of :mod:`prunekit.curvature` (true Fisher by default):
 2. per kernel tap ``t``, ``W*_t = Q_G^T [W_t, b] Q_A``; in this basis the Fisher is about diagonal,
    ``S_ij = lambda_G_i lambda_A_j``, and the saliency of entry ``(i, j)`` is ``sum_t W*_ijt^2 S_ij``;
 3. the score of output direction ``i`` is its row sum, of input direction ``j`` its column sum. All
-   in- and out-direction scores of all layers form one list; one global threshold is chosen (by
-   bisection over the sorted scores) as the smallest meeting the ``params`` / ``flops`` target. At
-   most ``cap`` of either side of a layer is removed (0.95 one-shot, 0.5 per iterative round), at
-   least one direction is always kept; the classifier is excluded;
+   in- and out-direction scores of all layers form one ascending ranking (ties, e.g. zeros, broken
+   by order); the fewest lowest-ranked directions whose removal meets the ``params`` / ``flops``
+   target are removed (a bisection: the global threshold). At most ``ratio_limit`` (the seed's
+   ``prune_ratio_limit``; 0.95 one-shot, 0.5 per iterative round) of either side of a layer is
+   removed, at least one direction is always kept; the classifier is excluded;
 4. the layer becomes the chain ``1x1 (Q_A[:, kept]^T) -> kxk (W*[kept_out, kept_in]) -> 1x1
    (Q_G[:, kept_out])`` (three linears for a Linear), a
    :class:`~prunekit.surgery.plan.LowRankFactors`, only where the chain is smaller than the layer
@@ -19,7 +20,7 @@ factors of :mod:`prunekit.curvature` (true Fisher by default):
    original bias stays on the last layer of the chain (the chain's 1x1 input projection has no
    bias, so the bias row of ``Q_A`` is dropped: with nothing pruned the chain is exactly ``W``).
 
-With ``rounds > 1`` (iterative), round ``k`` meets ``base * (goal / base)^(k / rounds)``; the
+With ``iterative = R > 1``, round ``k`` meets ``base * (goal / base)^(k / R)``; the
 curvature of every replaced layer is recomputed on its middle layer (the reduced space) and the
 rotations are composed: ``pre <- Q_A'^T pre``, ``post <- post Q_G'``.
 
@@ -213,13 +214,13 @@ class _EigenBase(Method):
     """Shared machinery of eigendamage and eigendamage_improved (see the module docstring)."""
 
     defaults: dict[str, Any] = {"samples": 1024, "fisher": "true", "seed": 0, "target_kind": None,
-                                "cap": None, "damping": 0.0, "average": "sum", "decay": 0.9, "ekfac": False,
+                                "ratio_limit": None, "damping": 0.0, "average": "sum", "decay": 0.9, "ekfac": False,
                                 "ekfac_batches": 1, "tucker": False, "back_ratio": 0.0, "pool_momentum": 0.5,
                                 "finetune_batches": 0, "finetune_lr": 1e-3, "fold": True}
     option_types = {
         "target_kind": OptionType("str", choices=("params", "flops"), optional=True,
                                   help="cost a ratio= target is measured in (default params)"),
-        "cap": OptionType("float", optional=True, low=0, high=0.99,
+        "ratio_limit": OptionType("float", optional=True, low=0, high=0.99,
                           help="most of either side of a layer removed per round (None: 0.95 one-shot, 0.5 "
                                "iterative)"),
         "average": OptionType("str", choices=("sum", "ema"), help="K-FAC factors: sum over batches or EMA"),
@@ -253,7 +254,7 @@ class _EigenBase(Method):
         self.check(ctx)
         layers, graph = _eligible(model, ctx, self.name)
         kind, goal, base = _goal(model, ctx, graph, None, self.target_kind, self.name)
-        cap = float(self.cap) if self.cap is not None else self.default_cap()
+        cap = float(self.ratio_limit) if self.ratio_limit is not None else self.default_cap()
         dirs = [_new_directions(model, layer, bool(self.fold)) for layer in layers]
         factors: dict[str, LowRankFactors] = {}
         pool: dict[tuple[str, str], float] = {}
@@ -478,23 +479,24 @@ def _finetune(work: nn.Module, ctx: PruneContext, n: int, lr: float) -> dict[str
                  description="Low-rank pruning in the K-FAC eigenbasis: in/out eigen-directions of all layers in "
                              "one global ranking, each layer a 1x1 -> kxk -> 1x1 chain where smaller.")
 class EigenDamage(_EigenBase):
-    """EigenDamage, one-shot (``rounds=1``) or iterative (``rounds > 1``, curvature recomputed in the
+    """EigenDamage, one-shot (``iterative=1``) or iterative (``iterative > 1`` rounds, curvature recomputed in the
     reduced space each round, rotations composed; ``finetune_batches`` between rounds)."""
 
-    defaults = {**_EigenBase.defaults, "rounds": 1}
-    option_help = {**_EigenBase.option_help, "rounds": "pruning rounds (1: one-shot; >1: iterative, cap 0.5)"}
+    defaults = {**_EigenBase.defaults, "iterative": 1}
+    option_help = {**_EigenBase.option_help,
+                   "iterative": "pruning rounds inside the method (1: one-shot; >1: iterative, ratio_limit 0.5)"}
 
     @property
     def max_steps(self) -> int:  # type: ignore[override]
-        if int(self.rounds) < 1:
-            raise PruningError(f"eigendamage: rounds={self.rounds} must be >= 1")
-        return int(self.rounds)
+        if int(self.iterative) < 1:
+            raise PruningError(f"eigendamage: iterative={self.iterative} must be >= 1 (rounds)")
+        return int(self.iterative)
 
     def default_cap(self) -> float:
-        return 0.95 if int(self.rounds) == 1 else 0.5
+        return 0.95 if int(self.iterative) == 1 else 0.5
 
     def step_goal(self, step: int, now: float, goal: float, base: float) -> float:
-        return base * (goal / base) ** ((step + 1) / int(self.rounds))
+        return base * (goal / base) ** ((step + 1) / int(self.iterative))
 
 
 @register_method("eigendamage_improved", granularity="lowrank", needs_grad=True, needs_second_order=True,
