@@ -370,14 +370,29 @@ def rotate(wt: torch.Tensor, q_g: torch.Tensor, q_a: torch.Tensor) -> torch.Tens
     return torch.einsum("oi,...odt,dj->...ijt", q_g, wt, q_a)
 
 
+def _add_rotated_squares(sums: dict[str, torch.Tensor], modules: dict[str, nn.Module],
+                         bases: dict[str, tuple[torch.Tensor, torch.Tensor]], grads: dict[str, torch.Tensor],
+                         mode: str) -> None:
+    """Add ``sum_n (Q_G^T grad_W l_n Q_A)^2`` of a chunk of per-example gradients to ``sums``."""
+    with torch.no_grad():
+        for p, m in modules.items():
+            q_a, q_g = bases[p]
+            gb = grads.get(f"{p}.bias")
+            wt = weight_taps(m, grads[f"{p}.weight"].double(), None if gb is None else gb.double(), mode,
+                             gradient=True)
+            sq = rotate(wt, q_g.double(), q_a.double()).pow(2).sum(0)
+            sums[p] = sq if p not in sums else sums[p] + sq
+
+
 def ekfac_eigenvalues(model: nn.Module, batches: Batches, bases: dict[str, tuple[torch.Tensor, torch.Tensor]],
                       loss: LossFn | None = None, mode: str = "channel", fisher: str = "true", seed: int = 0,
-                      num_batches: int = 1, chunk: int | None = None) -> dict[str, torch.Tensor]:
+                      num_batches: int = 1, chunk: int = 32) -> dict[str, torch.Tensor]:
     """EKFAC eigenvalues ``S = mean_n (Q_G^T grad_W l_n Q_A)^2`` (floored at 1e-15) of each layer.
 
     ``bases``: path -> ``(Q_A, Q_G)``. Per-example gradients of the layers' weights and biases come
     from ``torch.func`` (``vmap`` over ``grad`` of a ``functional_call``), one batch at a time, over
-    the first ``num_batches`` batches (``chunk``: examples per vmap call). Result per path:
+    the first ``num_batches`` batches, ``chunk`` examples at a time (memory: ``chunk`` copies of the
+    layers' weights). Result per path:
     ``(out, d, taps)`` (see :func:`weight_taps`).
     """
     from torch.func import functional_call, grad, vmap
@@ -408,7 +423,7 @@ def ekfac_eigenvalues(model: nn.Module, batches: Batches, bases: dict[str, tuple
             out = functional_call(model, {**fixed, **p}, (x.unsqueeze(0),))
             return loss(out, y.unsqueeze(0))
 
-        per_example = vmap(grad(one), in_dims=(None, 0, 0), chunk_size=chunk)
+        per_example = vmap(grad(one), in_dims=(None, 0, 0))
         for i, (x, y) in enumerate(batches):
             if i >= num_batches:
                 break
@@ -417,19 +432,15 @@ def ekfac_eigenvalues(model: nn.Module, batches: Batches, bases: dict[str, tuple
             if gen is None and fisher == "true":
                 gen = _generator(fisher, seed, logits.device)
             y = sampled_labels(logits, gen, y)
-            try:
-                grads = per_example(own, x, y)
-            except RuntimeError as e:
-                raise PruningError(f"curvature: per-example gradients (torch.func.vmap) failed on this model: "
-                                   f"{str(e).splitlines()[0]}") from e
-            with torch.no_grad():
-                for p, m in modules.items():
-                    q_a, q_g = bases[p]
-                    gb = grads.get(f"{p}.bias")
-                    wt = weight_taps(m, grads[f"{p}.weight"].double(), None if gb is None else gb.double(), mode,
-                                     gradient=True)
-                    sq = rotate(wt, q_g.double(), q_a.double()).pow(2).sum(0)
-                    sums[p] = sq if p not in sums else sums[p] + sq
+            step = max(1, int(chunk))
+            for start in range(0, len(x), step):
+                xs, ys = x[start:start + step], y[start:start + step]
+                try:
+                    grads = per_example(own, xs, ys)
+                except RuntimeError as e:
+                    raise PruningError(f"curvature: per-example gradients (torch.func.vmap) failed on this "
+                                       f"model: {str(e).splitlines()[0]}") from e
+                _add_rotated_squares(sums, modules, bases, grads, mode)
             n += len(x)
     if n == 0:
         raise PruningError("curvature: the prune set is empty (EKFAC saw no examples)")
