@@ -373,3 +373,60 @@ def test_end_to_end(name: str) -> None:
     achieved = result.report["achieved"]
     assert (1.3 < achieved < 1.7) if name in CHANNEL_METHODS else abs(achieved / 2 - 1) < 0.05
     _no_side_effects(model)  # prune works on a copy
+
+
+# --------------------------------------------------------------------------------------------- OBS update
+def _kfac_quadratic(delta: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The known quadratic loss increase ``1/2 tr(G dW A dW^T)`` (Fisher ``A (x) G``)."""
+    return 0.5 * torch.trace(g @ delta @ a @ delta.T)
+
+
+def test_obs_update_lowers_the_quadratic_loss_increase() -> None:
+    from prunekit.methods.baselines import obs_update
+
+    gen = torch.Generator().manual_seed(0)
+    out, d = 6, 5
+    m = torch.randn(out, out, generator=gen, dtype=torch.float64)
+    g = m @ m.T + 0.1 * torch.eye(out, dtype=torch.float64)  # correlated output factor
+    n = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    a = n @ n.T + 0.1 * torch.eye(d, dtype=torch.float64)
+    w = torch.randn(out, d, generator=gen, dtype=torch.float64)
+    removed = torch.tensor([1, 4])
+    no_update = w.clone()
+    no_update[removed] = 0
+    updated = obs_update(w, torch.linalg.inv(g), removed)
+    assert torch.equal(updated[removed], torch.zeros(2, d, dtype=torch.float64))
+    loss_none = _kfac_quadratic(no_update - w, a, g)
+    loss_obs = _kfac_quadratic(updated - w, a, g)
+    assert loss_obs < loss_none
+    kept = torch.tensor([0, 2, 3, 5])
+    for _ in range(20):  # the update is the minimiser over the kept rows
+        other = updated.clone()
+        other[kept] += 1e-2 * torch.randn(4, d, generator=gen, dtype=torch.float64)
+        assert _kfac_quadratic(other - w, a, g) >= loss_obs - 1e-12
+    one = obs_update(w, torch.linalg.inv(g), torch.tensor([2]))  # the seed's single-row formula
+    gi = torch.linalg.inv(g)
+    torch.testing.assert_close(one, w - gi[:, 2:3] @ (w[2:3] / gi[2, 2]))
+
+
+def test_obs_plan_carries_weights_masked_equals_physical() -> None:
+    graph_mod = pytest.importorskip("prunekit.surgery.graph")
+    from prunekit.surgery.apply import apply_plan
+
+    model, ctx, data = _setup()
+    real = graph_mod.analyze(model, (2, 6, 6))
+    ctx = PruneContext(target=Target.parse("flops=1.5"), input_shape=(2, 6, 6), data=data, graph=real,
+                       budget=BudgetOptions(latency_aware=False))
+    plan = create_method("obs", fisher="empirical").plan(model, ctx)
+    assert {"c2.weight", "c2.bias"} <= set(plan.weights) or {"c1.weight"} <= set(plan.weights)
+    for path, w in plan.weights.items():
+        layer = model.get_submodule(path.rpartition(".")[0])
+        assert w.shape[0] < getattr(layer, path.rpartition(".")[2]).shape[0]
+    x = data[0][0]
+    phys = apply_plan(model, plan, graph=real, mode="physical", example_input=x).eval()
+    masked = apply_plan(model, plan, graph=real, mode="masked", example_input=x).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(phys(x), masked(x), atol=1e-5, rtol=1e-5)
+    plain = create_method("obs", fisher="empirical", update=False).plan(model, ctx)
+    assert not plain.weights and {k: v.tolist() for k, v in plain.channels.items()} == {
+        k: v.tolist() for k, v in plan.channels.items()}

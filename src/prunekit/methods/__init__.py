@@ -5,7 +5,16 @@ One module per family; each method is a class registered with
 """
 
 # Every family module, imported for its registrations (one module per family).
-from prunekit.methods import baselines, gradflow, interpolative, koopman, lowrank, peers, provable  # noqa: E402, F401
+from prunekit.methods import (  # noqa: E402, F401
+    baselines,
+    eigendamage,
+    gradflow,
+    interpolative,
+    koopman,
+    lowrank,
+    peers,
+    provable,
+)
 from prunekit.methods.base import BudgetOptions, ChannelScorer, Method, PruneContext, Target, WeightScorer
 from prunekit.methods.registry import (
     MethodInfo,

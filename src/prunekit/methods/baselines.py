@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from prunekit import curvature
 from prunekit.errors import PruningError
 from prunekit.methods.base import ChannelScorer, PruneContext, WeightScorer
 from prunekit.methods.registry import register_method
@@ -451,34 +452,8 @@ class Taylor(ChannelScorer):
 
 
 # ----------------------------------------------------------------------------------------- K-FAC (obd / obs)
-def _input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """K-FAC input samples ``(groups, rows, d)`` of a conv (every kernel tap a sample) or linear layer.
-
-    A column of ones is appended when the layer has a bias, so that ``w_c`` is ``[W_c, b_c]``.
-    """
-    if isinstance(module, nn.Linear):
-        rows = x.reshape(-1, x.shape[-1]).unsqueeze(0)
-        groups = 1
-    elif isinstance(module, nn.Conv2d):
-        if isinstance(module.padding, str):
-            if module.padding != "valid":
-                raise PruningError("obd/obs support conv padding given as numbers or 'valid', not 'same'")
-            padding: Any = 0
-        else:
-            padding = module.padding
-        cols = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # (B, Cin*k, L)
-        groups = module.groups
-        rows = cols.reshape(cols.shape[0], groups, -1, cols.shape[2]).permute(1, 0, 3, 2)
-        rows = rows.reshape(groups, -1, rows.shape[-1])
-    else:
-        raise PruningError(f"obd/obs need Conv2d or Linear producers, got {type(module).__name__}")
-    if module.bias is not None:
-        rows = torch.cat([rows, rows.new_ones(*rows.shape[:2], 1)], 2)
-    return rows
-
-
 def _weight_rows(module: nn.Module) -> torch.Tensor:
-    """``(groups, out/groups, d)`` rows ``[W_c, b_c]`` matching :func:`_input_rows`."""
+    """``(groups, out/groups, d)`` rows ``[W_c, b_c]`` in the basis of the patch-mode ``A`` factor."""
     w = module.weight.detach()
     groups = getattr(module, "groups", 1)
     rows = w.reshape(w.shape[0], -1)
@@ -487,77 +462,45 @@ def _weight_rows(module: nn.Module) -> torch.Tensor:
     return rows.reshape(groups, w.shape[0] // groups, rows.shape[1])
 
 
-class _KFACStats:
-    """Running sums for K-FAC factors of one layer.
-
-    ``A = E_{n,s}[a a^T]`` over examples and positions (per conv group), and
-    ``G = 1/N sum_{n,s} g g^T`` with ``g = dl_n/d(output at s)``, i.e. ``S * E_{n,s}[g g^T]`` --
-    Grosse & Martens' KFC, so that ``A (x) G`` approximates the Fisher of the layer's weight.
-    """
-
-    def __init__(self) -> None:
-        self.a_sum: torch.Tensor | None = None
-        self.a_rows = 0
-        self.g_sum: torch.Tensor | None = None
-
-    def add_input(self, module: nn.Module, x: torch.Tensor) -> None:
-        rows = _input_rows(module, x.detach().float())
-        cov = rows.transpose(1, 2) @ rows
-        self.a_sum = cov if self.a_sum is None else self.a_sum + cov
-        self.a_rows += rows.shape[1]
-
-    def add_grad(self, module: nn.Module, g: torch.Tensor) -> None:
-        flat = _per_channel(g.float(), module).transpose(1, 2).reshape(-1, module.weight.shape[0])
-        cov = flat.T @ flat
-        self.g_sum = cov if self.g_sum is None else self.g_sum + cov
-
-    def factors(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.a_sum is None or self.g_sum is None:
-            raise PruningError("a producer layer was not reached by the forward / backward pass")
-        return self.a_sum.double() / self.a_rows, self.g_sum.double() / n
-
-
 def kfac_factors(model: nn.Module, ctx: PruneContext, paths: list[str], samples: int | None,
                  fisher: str = "true", seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """K-FAC factors ``(A, G)`` of the layers at ``paths`` (see :class:`_KFACStats`).
+    """Patch-mode K-FAC factors ``(A, G)`` of the layers at ``paths`` from :mod:`prunekit.curvature`.
 
-    ``fisher="true"`` draws labels from the model's softmax (true Fisher, as EigenDamage);
-    ``"empirical"`` uses the prune set's labels. ``A`` is ``(groups, d, d)`` with ``d =
-    in/groups * kh * kw (+1 for a bias)``; ``G`` is ``(out, out)``.
+    ``A`` is ``(groups, d, d)`` with ``d = in/groups * kh * kw (+1 for a bias)``; ``G`` is ``(out, out)``.
     """
-    if fisher not in ("true", "empirical"):
-        raise PruningError(f"fisher={fisher!r} must be 'true' or 'empirical'")
-    stats = {p: _KFACStats() for p in paths}
-    captured: list[tuple[Any, nn.Module, torch.Tensor]] = []
-    gen = None
-    if fisher == "true":
-        gen = torch.Generator(device=ctx.device).manual_seed(int(seed))
+    factors = curvature.kfac_factors(model, ctx.batches(samples), paths, loss=ctx.loss, mode="patch",
+                                     fisher=fisher, seed=seed)
+    return {p: (f.A, f.G) for p, f in factors.items()}
 
-    def make_hook(path: str) -> Callable[..., torch.Tensor]:
-        def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                stats[path].add_input(module, args[0])
-            captured.append((path, module, out))
-            return out.clone()
 
-        return hook
+def damped_inverse(g_factor: torch.Tensor, damping: float) -> torch.Tensor:
+    """``(G + damping * mean(diag G) * I)^-1`` (Cholesky)."""
+    scale = g_factor.diagonal().mean()
+    scale = scale if scale > 0 else g_factor.new_tensor(1.0)
+    eye = torch.eye(len(g_factor), dtype=g_factor.dtype, device=g_factor.device)
+    damped = g_factor + float(damping) * scale * eye
+    try:
+        return torch.cholesky_inverse(torch.linalg.cholesky(damped))
+    except RuntimeError as e:
+        raise PruningError(f"obs: the damped K-FAC output factor is not positive definite (damping={damping}); "
+                           "raise the damping") from e
 
-    n = 0
-    with scoring_mode(model, model.parameters()), _hooks() as handles, torch.enable_grad():
-        for p in paths:
-            handles.append(model.get_submodule(p).register_forward_hook(make_hook(p)))
-        for x, y in ctx.batches(samples):
-            captured.clear()
-            loss = _sum_loss(model, ctx, x, y, sample_labels=gen)
-            grads = torch.autograd.grad(loss, [t for _, _, t in captured], allow_unused=True)
-            with torch.no_grad():
-                for (path, module, _), g in zip(captured, grads):
-                    if g is not None:
-                        stats[path].add_grad(module, g)
-            n += len(x)
-        captured.clear()
-    _need_samples(n, "kfac")
-    return {p: s.factors(n) for p, s in stats.items()}
+
+def obs_update(rows: torch.Tensor, g_inv: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """Rows ``[W, b]`` (``(out, d)``) after the OBS correction for removing the rows ``removed``.
+
+    Under the K-FAC quadratic ``1/2 tr(G dW A dW^T)``, the change that zeroes the rows ``R`` at the
+    least loss increase is ``dW = -(G^-1)[:, R] ((G^-1)[R, R])^-1 W[R]`` -- the factor ``A`` cancels,
+    and for one row it is the seed's ``-G^-1 e_c W_c / (G^-1)_cc``. The removed rows come out 0.
+    """
+    if removed.numel() == 0:
+        return rows.clone()
+    r = removed.to(rows.device)
+    g_inv = g_inv.to(rows.dtype)
+    coef = torch.linalg.solve(g_inv[r][:, r], rows[r])  # ((G^-1)_RR)^-1 W_R
+    new = rows - g_inv[:, r] @ coef
+    new[r] = 0
+    return new
 
 
 class _KFACSaliency(ChannelScorer):
@@ -576,6 +519,7 @@ class _KFACSaliency(ChannelScorer):
         producers = {g.key: _producers(model, g, self.name) for g in groups}
         paths = sorted({p for prods in producers.values() for p, _, _ in prods})
         factors = kfac_factors(model, ctx, paths, self.samples, self.fisher, self.seed)
+        self.__dict__["_factors"] = factors  # for the OBS weight update of the plan
         out = {}
         for g in groups:
             total = torch.zeros(g.size, dtype=torch.float64)
@@ -594,8 +538,10 @@ class OBD(_KFACSaliency):
     """Optimal Brain Damage on output channels with K-FAC factors (EigenDamage's baseline).
 
     Options: ``samples`` (prune-set examples), ``fisher`` ("true": labels sampled from the model,
-    or "empirical"), ``seed`` (label sampling).
+    or "empirical"), ``seed`` (label sampling). Factors from :mod:`prunekit.curvature` (patch mode).
     """
+
+    option_help = {"samples": "prune-set examples the K-FAC factors are computed on"}
 
     def output_factor(self, g_factor: torch.Tensor) -> torch.Tensor:
         return g_factor.diagonal()
@@ -603,28 +549,75 @@ class OBD(_KFACSaliency):
 
 @register_method("obs", granularity="channel", needs_grad=True, needs_second_order=True, needs_labels=False,
                  family="baseline",
-                 description="K-FAC Optimal Brain Surgeon: (w_c^T A w_c) / (G^-1)_cc (no weight update yet).")
+                 description="K-FAC Optimal Brain Surgeon: (w_c^T A w_c) / (G^-1)_cc, with the OBS weight update "
+                             "of the kept rows.")
 class OBS(_KFACSaliency):
     """Optimal Brain Surgeon on output channels with K-FAC factors.
 
-    ``G^-1`` is the inverse of ``G + damping * mean(diag G) * I``. Only the saliency is
-    implemented so far: the OBS compensation ``dW = -G^-1 e_c W_c / (G^-1)_cc`` of the kept
-    rows is not yet applied (the plan removes channels like obd does).
+    ``G^-1`` is the inverse of ``G + damping * mean(diag G) * I``. With ``update`` (default) the
+    plan also carries the OBS compensation of each producer's kept rows (:func:`obs_update`, for
+    all rows a producer loses at once) in :attr:`Plan.weights`, in the post-removal shapes.
+    Grouped (depthwise) producers get no update: their rows do not share one input factor.
     """
 
-    defaults = {**_KFACSaliency.defaults, "damping": 1e-3}
+    defaults = {**_KFACSaliency.defaults, "damping": 1e-3, "update": True}
+    option_help = {"update": "apply the OBS weight correction to the kept rows of each producer"}
 
     def output_factor(self, g_factor: torch.Tensor) -> torch.Tensor:
-        scale = g_factor.diagonal().mean()
-        scale = scale if scale > 0 else g_factor.new_tensor(1.0)
-        damped = g_factor + float(self.damping) * scale * torch.eye(len(g_factor), dtype=g_factor.dtype,
-                                                                     device=g_factor.device)
-        inv = torch.cholesky_inverse(torch.linalg.cholesky(damped))
-        return 1.0 / inv.diagonal()
+        return 1.0 / damped_inverse(g_factor, float(self.damping)).diagonal()
+
+    def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
+        plan = super().plan(model, ctx)
+        if self.update:
+            plan.weights.update(self.updated_weights(model, ctx, plan.channels))
+            plan.meta["obs_update"] = sorted(plan.weights)
+        return plan
+
+    def updated_weights(self, model: nn.Module, ctx: PruneContext,
+                        channels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Post-removal weights (and biases) of every producer that loses rows, OBS-corrected."""
+        factors = self.__dict__.get("_factors") or {}
+        kept_dims = ctx.graph.kept_dims(channels) if hasattr(ctx.graph, "kept_dims") else {}
+        groups = {g.key: g for g in ctx.groups()}
+        out: dict[str, torch.Tensor] = {}
+        for key, keep in channels.items():
+            g = groups.get(key)
+            removed_ch = _complement_of(keep, g.size) if g is not None else None
+            if removed_ch is None or removed_ch.numel() == 0:
+                continue
+            for path, module, index in _producers(model, g, self.name):
+                if getattr(module, "groups", 1) != 1 or path not in factors:
+                    continue
+                removed = index[removed_ch].reshape(-1)
+                rows = _weight_rows(module)[0].double()
+                new = obs_update(rows, damped_inverse(factors[path][1], float(self.damping)), removed)
+                w = module.weight
+                nw = new[:, : w[0].numel()].reshape(w.shape).to(w.dtype)
+                out[f"{path}.weight"] = _post_removal(nw, kept_dims.get(f"{path}.weight"), index, keep)
+                if module.bias is not None:
+                    nb = new[:, -1].to(module.bias.dtype)
+                    out[f"{path}.bias"] = _post_removal(nb, kept_dims.get(f"{path}.bias"), index, keep)
+        return out
+
+
+def _complement_of(keep: torch.Tensor, size: int) -> torch.Tensor:
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[torch.as_tensor(keep, dtype=torch.long)] = False
+    return mask.nonzero().flatten()
+
+
+def _post_removal(t: torch.Tensor, dims: dict[int, torch.Tensor] | None, index: torch.Tensor,
+                  keep: torch.Tensor) -> torch.Tensor:
+    """``t`` sliced to the shape it has once the plan's channels are removed."""
+    if dims is None:  # no graph tables: only the producer's own rows go
+        dims = {0: index[torch.as_tensor(keep, dtype=torch.long)].reshape(-1).sort().values}
+    for d in sorted(dims):
+        t = t.index_select(d, dims[d].to(t.device))
+    return t.detach().clone()
 
 
 __all__ = [
     "RandomWeights", "Magnitude", "MagnitudeLayerwise", "GradXWeight", "GradXWeightLayerwise",
     "RandomChannels", "L1", "L2", "BNScale", "Activation", "Taylor", "OBD", "OBS",
-    "kfac_factors", "l1_scores", "scoring_mode",
+    "damped_inverse", "kfac_factors", "l1_scores", "obs_update", "scoring_mode",
 ]
