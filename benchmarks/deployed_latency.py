@@ -84,7 +84,7 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "latency": lat}, indent=2))
 
     rts = list(lat["runtimes"])
-    print(f"\n| model | top-1 % | FLOPs x | " + " | ".join(f"{rt} b64 ms (x)" for rt in rts) + " | ORT b1 ms (x) |")
+    print("\n| model | top-1 % | FLOPs x | " + " | ".join(f"{rt} b64 ms (x)" for rt in rts) + " | ORT b1 ms (x) |")
     print("|---" * (4 + len(rts)) + "|")
     for k, r in rows.items():
         cells = []
