@@ -201,22 +201,26 @@ class _Stats:
 
 
 @contextlib.contextmanager
-def statistics_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (BatchNorm statistics frozen) and ``requires_grad`` on every float parameter for the
-    duration, so that gradients w.r.t. layer outputs exist; every flag is restored afterwards."""
+def scoring_mode(model: nn.Module, grad_params: Iterable[nn.Parameter] = ()) -> Iterator[None]:
+    """Eval mode (and ``requires_grad`` on ``grad_params``) for the duration; everything restored after."""
     modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    flags = [(p, p.requires_grad) for p in grad_params]
     try:
         model.eval()
         for p, _ in flags:
-            if p.is_floating_point():
-                p.requires_grad_(True)
+            p.requires_grad_(True)
         yield
     finally:
         for m, training in modes:
             m.training = training
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def statistics_mode(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Eval mode (BatchNorm statistics frozen) and ``requires_grad`` on every float parameter for the
+    duration, so that gradients w.r.t. layer outputs exist; every flag is restored afterwards."""
+    return scoring_mode(model, [p for p in model.parameters() if p.is_floating_point()])
 
 
 def sampled_labels(logits: torch.Tensor, gen: torch.Generator | None, y: torch.Tensor) -> torch.Tensor:

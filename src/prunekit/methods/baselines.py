@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from prunekit import curvature
+from prunekit.curvature import scoring_mode
 from prunekit.errors import PruningError
 from prunekit.methods.base import ChannelScorer, PruneContext, WeightScorer
 from prunekit.methods.registry import register_method
@@ -49,23 +50,6 @@ _CHANNEL_LAST = (nn.Linear, nn.LayerNorm)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def scoring_mode(model: nn.Module, grad_params: Iterable[nn.Parameter] = ()) -> Iterator[None]:
-    """Eval mode (and ``requires_grad`` on ``grad_params``) for the duration; everything restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in grad_params]
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(True)
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 @contextlib.contextmanager
 def _hooks() -> Iterator[list[Any]]:
     """A list to append hook handles to; every handle is removed on exit."""
