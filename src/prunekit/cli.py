@@ -1,4 +1,4 @@
-"""The ``prunekit`` command line: train, eval, prune, methods, models, datasets, bench.
+"""The ``prunekit`` command line: train, eval, export, inspect, prune, methods, models, datasets, bench.
 
 Errors caused by the user (unknown names, missing data, bad checkpoints,
 impossible targets) print one clear message and exit with code 2.
@@ -397,6 +397,35 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from prunekit.inspection import inspect_checkpoint, plot_layers
+
+    if args.png:
+        png = Path(args.png)
+        if png.is_dir():
+            raise PrunekitError(f"--png {args.png!r} is a directory; give the file to write, e.g. layers.png")
+    insp = inspect_checkpoint(args.checkpoint, base=args.base, input_shape=args.input_shape, dataset=args.dataset,
+                              latency=not args.no_latency, batch_size=args.latency_batch_size,
+                              repeats=args.repeats, threads=args.threads)
+    if args.png:
+        try:
+            plot_layers(insp, args.png)
+        except ImportError:
+            raise PrunekitError("--png needs matplotlib: pip install matplotlib") from None
+        except OSError as e:
+            raise PrunekitError(f"--png {args.png!r} cannot be written: {e}") from None
+    if args.json:
+        print(json.dumps(insp.as_dict(), indent=2, sort_keys=True))
+        return 0
+    i = insp.info
+    what = ", ".join(f"{k} {i[k]}" for k in ("architecture", "method", "target", "mode", "dataset") if i.get(k))
+    print(f"{args.checkpoint}: {what}")
+    print(insp.table())
+    if args.png:
+        print(f"wrote {args.png}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     from prunekit._version import __version__
@@ -479,6 +508,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest allowed difference between the file's outputs and eager PyTorch")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("inspect", help="per-layer widths / ranks / sparsity, parameters, FLOPs and latency of a "
+                                       "(pruned) checkpoint, before and after")
+    s.add_argument("checkpoint", help="a prunekit checkpoint (model.pt)")
+    s.add_argument("--base", default=None, metavar="CHECKPOINT",
+                   help="the unpruned checkpoint to compare with (default: the widths the checkpoint's prune "
+                        "report records, else its zoo architecture as built)")
+    s.add_argument("--png", default=None, metavar="PATH", help="also write a bar chart of the layers to PATH")
+    s.add_argument("--json", action="store_true", help="print the figures as JSON")
+    s.add_argument("--input-shape", type=T.SHAPE, default=None,
+                   help="shape of one example, e.g. 3,32,32 (default: the checkpoint's dataset, else its model's)")
+    s.add_argument("--dataset", default=None, help="take the input shape from this dataset")
+    s.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    s.add_argument("--latency-batch-size", type=T.POSITIVE_INT, default=1, metavar="B",
+                   help="batch size of the latency measurement (default 1)")
+    s.add_argument("--repeats", type=T.POSITIVE_INT, default=20, help="timed forward passes (median kept)")
+    s.add_argument("--threads", type=T.THREADS, default=1, help="torch CPU threads while timing (default 1)")
+    s.set_defaults(fn=cmd_inspect)
 
     for extra in _EXTRA_COMMANDS:
         extra(sub)
