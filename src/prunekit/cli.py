@@ -585,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("prunekit: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # `prunekit ... | head`: the reader left; no traceback, no second error at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
 
 
 if __name__ == "__main__":
