@@ -434,7 +434,7 @@ def plot_layers(insp: Inspection, path: str | Path, title: str | None = None) ->
     panels = [("output width (rank for low-rank)", "width"), ("multiply-adds per example", "macs")]
     if insp.latency is not None:
         panels.append((f"latency, ms (eager, batch {insp.latency['batch_size']})", "ms"))
-    fig = Figure(figsize=(max(6.0, 0.38 * len(rows) + 2.0), 2.6 * len(panels) + 1.2))
+    fig = Figure(figsize=(min(28.0, max(6.0, 0.38 * len(rows) + 2.0)), 2.6 * len(panels) + 1.2))
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)
     bw = 0.4
