@@ -248,15 +248,21 @@ def _generator(fisher: str, seed: int, device: torch.device | str) -> torch.Gene
 
 def kfac_factors(model: nn.Module, batches: Batches, paths: list[str], loss: LossFn | None = None,
                  mode: str = "channel", fisher: str = "true", seed: int = 0, average: str = "sum",
-                 decay: float = 0.9) -> dict[str, KFACFactors]:
+                 decay: float = 0.9, reduce: bool = False) -> dict[str, KFACFactors]:
     """K-FAC factors of the layers at ``paths`` over the batches of a loader (one pass).
 
     ``loss(logits, y)`` is the mean loss of a batch (default: cross-entropy); ``fisher="true"``
     draws ``y`` from the model's softmax (generator seeded with ``seed``), ``"empirical"`` uses the
     loader's labels. ``average="sum"`` weighs every sample alike; ``"ema"`` folds the per-batch
     factors into an exponential moving average with weight ``decay`` on the past.
+
+    ``reduce=True`` (under ``torchrun``, with ``batches`` holding each rank's slice of the prune set): the
+    factor sums are added up over the ranks before they are normalised (``average="sum"`` only; an EMA
+    depends on the order of the batches). With ``fisher="true"`` each rank draws its own labels.
     """
     _check_options(mode, fisher, average, decay)
+    if reduce and average != "sum":
+        raise PruningError("curvature: factors reduced over ranks need average='sum'")
     loss = loss or F.cross_entropy
     modules = {p: model.get_submodule(p) for p in paths}
     for p, m in modules.items():
@@ -298,9 +304,28 @@ def kfac_factors(model: nn.Module, batches: Batches, paths: list[str], loss: Los
     finally:
         for h in handles:
             h.remove()
+    if reduce:
+        _reduce_stats(stats)
     if all(s.n == 0 for s in stats.values()) and paths:
         raise PruningError("curvature: the prune set is empty (no examples reached the layers)")
     return {p: s.factors(modules[p], p, mode) for p, s in stats.items()}
+
+
+def _reduce_stats(stats: dict[str, _Stats]) -> None:
+    """Sum every layer's factor totals and counts over the ranks (no-op in one process)."""
+    from prunekit import distributed
+
+    if not distributed.active():
+        return
+    import torch.distributed as dist
+
+    for s in stats.values():
+        if s.a is None or s.g is None:
+            raise PruningError("curvature: a rank saw no examples of a layer; give every rank a part of the "
+                               "prune set (at least one example per rank in every batch)")
+        dist.all_reduce(s.a)
+        dist.all_reduce(s.g)
+        s.a_rows, s.n = (int(round(v)) for v in distributed.all_reduce_sum([float(s.a_rows), float(s.n)]))
 
 
 # --------------------------------------------------------------------------------------------- algebra
