@@ -427,20 +427,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ parser
-def build_parser() -> argparse.ArgumentParser:
-    from prunekit._version import __version__
-
-    p = argparse.ArgumentParser(prog="prunekit", description="Prune PyTorch networks and measure the result.")
-    p.add_argument("--version", action="version", version=f"prunekit {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    s = sub.add_parser("models", help="list the model zoo")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_models)
-
-    s = sub.add_parser("datasets", help="list the datasets")
-    s.set_defaults(fn=cmd_datasets)
-
+def _add_train_parser(sub: Any) -> None:
+    """The ``train`` sub-command."""
     s = sub.add_parser("train", help="train a zoo model; writes OUT/model.pt and OUT/metrics.json")
     s.add_argument("--model", required=True)
     _add_data_args(s)
@@ -485,13 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(s)
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("eval", help="evaluate a checkpoint")
-    s.add_argument("--checkpoint", required=True)
-    _add_data_args(s, required=False)
-    s.add_argument("--json", action="store_true")
-    _add_runtime_args(s)
-    s.set_defaults(fn=cmd_eval)
 
+def _add_export_parsers(sub: Any) -> None:
+    """The ``export`` and ``inspect`` sub-commands."""
     s = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (BatchNorm folded, checked "
                                       "against eager PyTorch)")
     s.add_argument("checkpoint", help="a prunekit checkpoint (model.pt)")
@@ -526,6 +510,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=T.POSITIVE_INT, default=20, help="timed forward passes (median kept)")
     s.add_argument("--threads", type=T.THREADS, default=1, help="torch CPU threads while timing (default 1)")
     s.set_defaults(fn=cmd_inspect)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from prunekit._version import __version__
+
+    p = argparse.ArgumentParser(prog="prunekit", description="Prune PyTorch networks and measure the result.")
+    p.add_argument("--version", action="version", version=f"prunekit {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("models", help="list the model zoo")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_models)
+
+    s = sub.add_parser("datasets", help="list the datasets")
+    s.set_defaults(fn=cmd_datasets)
+
+    _add_train_parser(sub)
+
+    s = sub.add_parser("eval", help="evaluate a checkpoint")
+    s.add_argument("--checkpoint", required=True)
+    _add_data_args(s, required=False)
+    s.add_argument("--json", action="store_true")
+    _add_runtime_args(s)
+    s.set_defaults(fn=cmd_eval)
+
+    _add_export_parsers(sub)
 
     for extra in _EXTRA_COMMANDS:
         extra(sub)
