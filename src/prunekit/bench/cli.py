@@ -71,8 +71,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                          " (config hashes: the base model is not trained yet, so the cell ids "
                                          "are not known)"))
         return 0
-    runner.cells(shard, methods)  # --methods names checked before the base model is loaded or trained
     check_out_dir(Path(args.out))
+    runner.cells(shard, methods)  # --methods names checked before the base model is trained
     s = runner.run(shard=shard, methods=methods)
     extra = f", {s.elsewhere} left to another process" if s.elsewhere else ""
     print(f"bench: {s.total} cell(s): {s.ok} ok, {s.failed} failed, {s.skipped} skipped, "

@@ -65,7 +65,7 @@ COLUMNS: tuple[str, ...] = (
     "error", "traceback", "warnings", "duration_s", "timestamp", "prunekit_version", "torch_version", "machine", "cpu",
     "threads", "device", "config_hash", "experiment",
     # what the row is bound to: the base model's content fingerprint, the hash of the cell's resolved
-    # configuration, and the hash of everything but the seed (rows averaged as seeds share it)
+    # configuration, and the hash of everything but seed and target (rows of one target averaged as seeds share it)
     "base_fingerprint", "cell_config_hash", "seed_group",
 )
 

@@ -53,8 +53,8 @@ class Cell:
     """One unit of work: a method (with options) at one target for one seed, on one base model.
 
     ``config_hash`` hashes the cell's resolved configuration (base model excluded); ``cell_id`` hashes it
-    together with the base model's content fingerprint, ``seed_group`` everything but the seed (cells that
-    differ in seed alone are averaged in the report).
+    together with the base model's content fingerprint; ``seed_group`` hashes everything but the seed and the
+    target: cells of one target and one seed group differ in their seed alone (the report averages those).
     """
 
     method: str
@@ -95,7 +95,7 @@ def plan_cells(exp: Experiment, base_fingerprint: str = "") -> list[Cell]:
             for seed in exp.seeds:
                 cfg = exp.cell_config(spec, target, seed)
                 h = stable_hash(cfg, n=16)
-                group = stable_hash({**cfg, "seed": None, "base": base_fingerprint}, n=16)
+                group = stable_hash({**cfg, "seed": None, "target": None, "base": base_fingerprint}, n=16)
                 cells.append(Cell(spec.name, spec.display, dict(spec.options), target, seed, info.granularity,
                                   info.family, cell_id(h, base_fingerprint), then, h, group, base_fingerprint))
     return cells
