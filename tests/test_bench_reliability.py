@@ -187,6 +187,19 @@ def test_base_metrics_atomic_and_rewritten_when_damaged(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_damaged_base_metrics_no_longer_lets_another_base_in(tmp_path):
+    a = _checkpoint(tmp_path, "a.pt")
+    run(_ckpt_doc(a, seeds=[0]), tmp_path / "o")
+    (tmp_path / "o" / "base_metrics.json").write_text('{"top1": 0.9, "finger')  # truncated (was: check skipped)
+    shutil.copy(_checkpoint(tmp_path, "b.pt", bump=0.01), a)
+    with pytest.raises(PrunekitError, match="base model differs"):
+        run(_ckpt_doc(a, seeds=[0, 1]), tmp_path / "o")
+    (tmp_path / "o" / "base_metrics.json").unlink()  # missing altogether: the rows still carry the fingerprint
+    with pytest.raises(PrunekitError, match="base model differs"):
+        run(_ckpt_doc(a, seeds=[0, 1]), tmp_path / "o")
+    assert len(R.load_rows(tmp_path / "o")) == 3
+
+
 # --------------------------------------------------------------------------------------------- seeds only
 def test_report_averages_only_rows_that_differ_in_seed(tmp_path):
     run(tiny_doc(), tmp_path)
