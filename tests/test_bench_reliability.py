@@ -130,6 +130,33 @@ def test_legacy_rows_without_fingerprint_are_refused(tmp_path):
         run(tiny_doc(), tmp_path)
 
 
+def test_rows_of_an_older_prunekit_are_adopted_when_base_metrics_names_this_base(tmp_path):
+    from prunekit.bench.runner import _legacy_cell_id, _legacy_fingerprint, plan_cells
+
+    run(tiny_doc(), tmp_path)
+    exp = load_experiment(tiny_doc())
+    base = load(next((tmp_path / "base").glob("*.pt")))
+    fp = _legacy_fingerprint(base)
+    cells = {c.cell_id: c for c in plan_cells(exp, R.load_rows(tmp_path)[0]["base_fingerprint"])}
+    legacy = []
+    for r in R.load_rows(tmp_path):  # what prunekit wrote before: path-based ids, no binding columns
+        r = {k: v for k, v in r.items() if k not in ("base_fingerprint", "cell_config_hash", "seed_group")}
+        legacy.append({**r, "cell_id": _legacy_cell_id(exp, cells[r["cell_id"]])})
+    R.write_rows_jsonl(tmp_path, legacy)
+    metrics = json.loads((tmp_path / "base_metrics.json").read_text())
+    (tmp_path / "base_metrics.json").write_text(json.dumps({**metrics, "fingerprint": fp}))
+    CALLS.clear()
+    s = run(tiny_doc(), tmp_path)
+    assert s.done_before == 6 and CALLS == []
+    assert {r["cell_id"] for r in R.load_rows(tmp_path)} == set(cells)
+    _assert_clean(tmp_path, 6)
+    # with a base_metrics.json of another model the old rows cannot be trusted
+    R.write_rows_jsonl(tmp_path, legacy)
+    (tmp_path / "base_metrics.json").write_text(json.dumps({**metrics, "fingerprint": "0" * 64}))
+    with pytest.raises(PrunekitError, match="does not show they come from this run's base model"):
+        run(tiny_doc(), tmp_path)
+
+
 def test_merge_refuses_shards_of_different_bases(tmp_path, capsys):
     a = _checkpoint(tmp_path, "a.pt")
     run(_ckpt_doc(a), tmp_path / "s0", shard="0/2")
@@ -267,6 +294,7 @@ def test_outputs_have_usual_permissions_and_stale_tmp_files_are_cleaned(tmp_path
     old = os.umask(0o022)
     try:
         (tmp_path / ".results.csv.deadbeef.tmp").write_text("half a csv")  # left by a killed run
+        (tmp_path / "report.mdx1y2z3.tmp").write_text("half a report")  # ... of an older version
         run(tiny_doc(seeds=[0]), tmp_path)
     finally:
         os.umask(old)

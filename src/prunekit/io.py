@@ -93,7 +93,7 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None 
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_tmp(path.parent, path.name)
+    clean_stale_tmp(path.parent, path.name, min_age_s=600)  # a killed save's leftovers (not a live writer's)
     with atomic_file(path) as f:
         torch.save(payload, f)
     return path

@@ -267,7 +267,7 @@ class Runner:
         from prunekit.methods import get_method_info
 
         with R.appending(self.out):
-            clean_stale_tmp(self.out, min_age_s=0)  # no writer of these files runs outside this lock
+            _clean_leftovers(self.out)  # every writer of these files holds this lock
             self._write_config()
         env: _Env | None = None
         model = self._available_base()
@@ -353,18 +353,51 @@ class Runner:
             self.log(f"bench: cell {c.describe()} failed: {row['error']}")
         return str(row["status"])
 
+    def _adopt_legacy_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows an older prunekit wrote (no base fingerprint, path-based cell ids), bound to this run's base.
+
+        They are adopted only when the folder's ``base_metrics.json`` names this very base model (by the old
+        fingerprint) and every such row is a cell of this experiment; ``results.jsonl`` is then rewritten with
+        the new ids and columns (atomically, under the append lock). Otherwise they cannot be trusted: refused.
+        """
+        legacy = [r for r in rows if not r.get("base_fingerprint")]
+        old_base = read_base_metrics(self.out) or {}
+        assert self._base_loaded is not None
+        if old_base.get("fingerprint") != _legacy_fingerprint(self._base_loaded):
+            raise PrunekitError(
+                f"{self.out / R.JSONL} holds {len(legacy)} row(s) written by an older prunekit without a base-model "
+                f"fingerprint, and {self.out / BASE_METRICS} does not show they come from this run's base model "
+                f"({self._base_source}); use a new --out directory (or move the old results away)")
+        by_old_id = {_legacy_cell_id(self.exp, c): c for c in plan_cells(self.exp, self._fingerprint)}
+        unknown = [r for r in legacy if r["cell_id"] not in by_old_id]
+        if unknown:
+            raise PrunekitError(
+                f"{self.out / R.JSONL} holds {len(unknown)} row(s) written by an older prunekit for cells that are "
+                f"not in this experiment (e.g. {unknown[0].get('label') or unknown[0].get('method')} "
+                f"{unknown[0].get('target')} seed={unknown[0].get('seed')}); they cannot be bound to a base model: "
+                "use a new --out directory")
+        upgraded = []
+        for r in rows:
+            c = by_old_id.get(r["cell_id"]) if not r.get("base_fingerprint") else None
+            if c is not None:
+                r = {**r, "cell_id": c.cell_id, "legacy_cell_id": r["cell_id"], "base_fingerprint": c.base_fingerprint,
+                     "cell_config_hash": c.config_hash, "seed_group": c.seed_group}
+            upgraded.append(r)
+        R.write_rows_jsonl(self.out, upgraded)
+        self.log(f"bench: bound {len(legacy)} row(s) of an older prunekit to this base model "
+                 f"({self._fingerprint[:16]}) in {self.out / R.JSONL}")
+        return R.dedupe(upgraded)
+
     def _rows_checked(self) -> list[dict[str, Any]]:
         """The rows of ``out``, refused when they come from another base model than this run's."""
         rows = R.load_rows(self.out)
         fps = R.base_fingerprints(rows)
+        if "none" in fps:
+            rows = self._adopt_legacy_rows(rows)
+            fps = R.base_fingerprints(rows)
         other = [fp for fp in fps if fp != self._fingerprint]
         if other:
             old = other[0]
-            if old == "none":
-                raise PrunekitError(
-                    f"{self.out / R.JSONL} holds {fps[old]} row(s) written without a base-model fingerprint (by "
-                    "an older prunekit), which cannot be matched to this run's base model; use a new --out "
-                    "directory (or move the old results away)")
             raise PrunekitError(
                 f"the base model differs from the one the finished cells in {self.out} were computed from "
                 f"(weights fingerprint {old[:16]} in {self.out / R.JSONL}, {self._fingerprint[:16]} for this run's "
@@ -552,7 +585,8 @@ class Runner:
         path = self.out / BASE_METRICS
         with R.appending(self.out):
             old = read_base_metrics(self.out)
-            if old is not None and old.get("fingerprint") != base["fingerprint"]:
+            if old is not None and old.get("fingerprint") not in (
+                    base["fingerprint"], self._base_loaded is not None and _legacy_fingerprint(self._base_loaded)):
                 self.log(f"bench: note: {path} described another base model (fingerprint "
                          f"{str(old.get('fingerprint'))[:16]}); replacing it")
             with atomic_file(self.out / PREDICTIONS_FILE) as f:
@@ -952,6 +986,22 @@ def model_fingerprint(model: nn.Module) -> str:
 BASE_METRICS = "base_metrics.json"
 
 
+def _legacy_fingerprint(model: nn.Module) -> str:
+    """The base fingerprint prunekit wrote into ``base_metrics.json`` before rows carried one (to adopt old rows)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _legacy_cell_id(exp: Experiment, c: Cell) -> str:
+    """The path-based cell id of prunekit before rows were bound to their base model (to adopt old rows)."""
+    return stable_hash({"method": c.method, "options": c.options, "target": c.target, "seed": c.seed,
+                        "config": exp.config_hash(), **({"then": list(c.then)} if c.then else {})})
+
+
 def read_base_metrics(out: Path, fingerprint: str | None = None) -> dict[str, Any] | None:
     """``OUT/base_metrics.json``, or None when it is missing, unreadable or -- with ``fingerprint`` -- of
     another base model."""
@@ -979,6 +1029,20 @@ def check_out_dir(out: Path) -> None:
         raise
     except (OSError, ValueError) as e:
         raise ConfigError(f"--out {str(out)!r} cannot be written: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _clean_leftovers(out: Path) -> list[Path]:
+    """Temporary files a killed run left in ``out`` (hidden ``.NAME.*.tmp``, and the ``NAME*.tmp`` of older
+    versions for the files the benchmark writes); call with the append lock held."""
+    removed = clean_stale_tmp(out)
+    for name in (R.JSONL, R.CSV, "config.yaml", "report.md", BASE_METRICS, PREDICTIONS_FILE):
+        for p in out.glob(f"{name}*.tmp"):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
 
 
 def _lock_key(shard: tuple[int, int] | None, methods: Sequence[str] | None) -> str:
