@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_bench import CALLS, _cli, _doubles, run, tiny_doc  # noqa: F401  (_doubles: the autouse fixture)
 
 from prunekit.bench import results as R
@@ -389,3 +391,29 @@ def test_non_utf8_experiment_file_is_a_config_error(tmp_path):
     p.write_bytes(b"name: \xff\xfe bad\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_experiment(str(p))
+
+
+# --------------------------------------------------------------------------------------------- properties
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(1, 6), cut=st.floats(0, 1), junk=st.binary(max_size=40))
+def test_any_truncation_then_append_keeps_whole_rows_only(n, cut, junk):
+    """Cut ``results.jsonl`` anywhere (plus random bytes, as a dying disk might leave), append: every line of the
+    file is a whole row, the rows are the fully written ones plus the new one."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d)
+        rows = [{"cell_id": f"c{i}", "status": "ok", "v": "x" * (i * 7)} for i in range(n)]
+        for r in rows:
+            R.append_row(out, r)
+        data = (out / R.JSONL).read_bytes()
+        k = int(cut * len(data))
+        (out / R.JSONL).write_bytes(data[:k] + junk.replace(b"\n", b" "))
+        whole = [r["cell_id"] for r in R.read_jsonl(out / R.JSONL)]
+        R.append_row(out, {"cell_id": "new", "status": "ok"})
+        final = (out / R.JSONL).read_bytes()
+        assert final.endswith(b"\n")
+        lines = final.split(b"\n")[:-1]
+        got = [json.loads(line)["cell_id"] for line in lines]  # no torn line survives
+        assert got == whole + ["new"]
+        assert whole == [r["cell_id"] for r in rows][: len(whole)]

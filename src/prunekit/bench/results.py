@@ -88,10 +88,29 @@ def appending(out: Path) -> Iterator[None]:
     fd = os.open(out / APPEND_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as e:
+                raise PrunekitError(_no_locks(out, e)) from None
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _no_locks(out: Path, e: OSError) -> str:
+    return (f"cannot lock files in {str(out)!r} ({e.strerror or e}): the file system does not support locks; "
+            "write the benchmark to a local directory")
+
+
+def _busy(e: OSError) -> bool:
+    import errno
+
+    return e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.read(fd, n)
 
 
 class LockHeld(PrunekitError):
@@ -119,8 +138,10 @@ class RunLock:
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except OSError as e:
                 os.close(fd)
+                if not _busy(e):
+                    raise PrunekitError(_no_locks(self.path.parent, e)) from None
                 raise LockHeld(f"another prunekit bench is already running this sweep into {str(self.path.parent)!r} "
                                f"({describe_holder(self.path)}); wait for it to finish, or use another --out "
                                "or another --shard") from None
@@ -128,7 +149,8 @@ class RunLock:
                 "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "argv": " ".join(sys.argv)[:500]}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, (json.dumps(info) + "\n").encode())
         self.fd = fd
         return self
 
@@ -196,19 +218,19 @@ def repair_torn_tail(fd: int) -> str | None:
     JSON row it is completed ("completed"); otherwise the fragment is cut off ("dropped").
     """
     size = os.fstat(fd).st_size
-    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+    if size == 0 or _pread(fd, 1, size - 1) == b"\n":
         return None
     # find the start of the last line
     start, pos, block = 0, size, 1 << 16
     while pos > 0:
         lo = max(0, pos - block)
-        chunk = os.pread(fd, pos - lo, lo)
+        chunk = _pread(fd, pos - lo, lo)
         i = chunk.rfind(b"\n")
         if i >= 0:
             start = lo + i + 1
             break
         pos = lo
-    tail = os.pread(fd, size - start, start)
+    tail = _pread(fd, size - start, start)
     if _parse_row(tail) is not None:
         os.write(fd, b"\n")
         return "completed"

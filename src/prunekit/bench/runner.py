@@ -1061,7 +1061,11 @@ class _file_lock:  # noqa: N801 - a context manager
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         fcntl = R._fcntl()
         if fcntl is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+            except OSError as e:
+                os.close(self.fd)
+                raise PrunekitError(R._no_locks(self.path.parent, e)) from None
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -1095,7 +1099,9 @@ class _CellLocks:
             return True
         try:
             fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self._offset(cid))
-        except OSError:
+        except OSError as e:
+            if not R._busy(e):
+                raise PrunekitError(R._no_locks(self.path.parent, e)) from None
             return False
         return True
 
