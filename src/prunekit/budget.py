@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from prunekit.errors import PruningError
 
 # --------------------------------------------------------------------------------------------- targets
-_TARGET_RE = re.compile(r"^\s*(flops|params|ratio|sparsity)\s*=\s*([0-9.eE+-]+)\s*$")
+_TARGET_RE = re.compile(r"^\s*(flops|params|ratio|sparsity|latency)(?:@([a-z_]+))?\s*=\s*([0-9.eE+-]+)\s*$")
+LATENCY_RUNTIMES = ("eager", "torchscript", "onnxruntime")  # where a latency= target is measured (deploy.RUNTIMES)
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,15 @@ class Target:
     ``flops=2``: 2x fewer multiply-adds; ``params=4``: 4x fewer (non-zero) parameters;
     ``ratio=0.5``: remove that fraction of every prunable layer's units / weights
     (per-layer overrides in ``per_layer``: layer or group key -> fraction removed);
-    ``sparsity=0.9``: same as ratio, for weight methods.
+    ``sparsity=0.9``: same as ratio, for weight methods;
+    ``latency=1.5``: 1.5x faster, *measured* at batch 64 in ``runtime`` (``latency@eager=1.5``,
+    ``latency@onnxruntime=1.5``; default: ONNX Runtime where installed, else eager PyTorch).
     """
 
     kind: str
     value: float
     per_layer: dict[str, float] = field(default_factory=dict)
+    runtime: str | None = None  # latency targets: the runtime the speedup is measured in
 
     @staticmethod
     def parse(spec: str | Target | dict[str, Any]) -> Target:
@@ -42,31 +46,40 @@ class Target:
         if isinstance(spec, dict):
             per = dict(spec.get("per_layer", {}))
             kind = spec.get("kind", "ratio")
-            return Target._checked(kind, float(spec.get("value", 0.0)), per)
+            return Target._checked(kind, float(spec.get("value", 0.0)), per, spec.get("runtime"))
         m = _TARGET_RE.match(str(spec))
         if not m:
-            raise PruningError(f"cannot parse target {spec!r}: use flops=X or params=X (X > 1, X-fold reduction), "
-                               "or ratio=F / sparsity=F (fraction removed, 0 < F < 1)")
-        return Target._checked(m.group(1), float(m.group(2)), {})
+            raise PruningError(f"cannot parse target {spec!r}: use flops=X, params=X or latency=X (X > 1, X-fold "
+                               "reduction; latency@RUNTIME=X names the runtime), or ratio=F / sparsity=F (fraction "
+                               "removed, 0 < F < 1)")
+        if m.group(2) and m.group(1) != "latency":
+            raise PruningError(f"target {spec!r}: only latency targets name a runtime (latency@onnxruntime=2)")
+        return Target._checked(m.group(1), float(m.group(3)), {}, m.group(2))
 
     @staticmethod
-    def _checked(kind: str, value: float, per_layer: dict[str, float]) -> Target:
+    def _checked(kind: str, value: float, per_layer: dict[str, float], runtime: str | None = None) -> Target:
         if kind == "sparsity":
             kind = "ratio"
-        if kind not in ("flops", "params", "ratio"):
-            raise PruningError(f"unknown target kind {kind!r}; use flops, params, ratio or sparsity")
-        if kind in ("flops", "params") and not value > 1:
+        if kind not in ("flops", "params", "ratio", "latency"):
+            raise PruningError(f"unknown target kind {kind!r}; use flops, params, latency, ratio or sparsity")
+        if runtime is not None and runtime not in LATENCY_RUNTIMES:
+            raise PruningError(f"unknown runtime {runtime!r} in a latency target; choose from "
+                               f"{', '.join(LATENCY_RUNTIMES)}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise PruningError(f"target {kind}={value} is not a finite number")
+        if kind in ("flops", "params", "latency") and not value > 1:
+            what = "faster" if kind == "latency" else "fewer"
             raise PruningError(f"target {kind}={value} must be > 1 (it is the reduction factor: {kind}=2 means 2x "
-                               "fewer)")
+                               f"{what})")
         if kind == "ratio" and not 0 <= value < 1:
             raise PruningError(f"target ratio={value} must be in [0, 1) (the fraction removed)")
         for k, v in per_layer.items():
             if not 0 <= v < 1:
                 raise PruningError(f"per-layer ratio for {k!r} is {v}; it must be in [0, 1)")
-        return Target(kind, value, dict(per_layer))
+        return Target(kind, value, dict(per_layer), runtime if kind == "latency" else None)
 
     def __str__(self) -> str:
-        return f"{self.kind}={self.value:g}"
+        return f"{self.kind}@{self.runtime}={self.value:g}" if self.runtime else f"{self.kind}={self.value:g}"
 
 
 @dataclass

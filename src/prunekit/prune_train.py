@@ -30,6 +30,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ from prunekit import cli_types as T
 from prunekit.errors import PruningError
 from prunekit.methods.base import BudgetOptions, ChannelScorer, Method, PruneContext, Target
 from prunekit.methods.gradflow import GradFlowScorer, first_conv_path, schedule_ratios
-from prunekit.surgery.allocate import allocate_global_count  # noqa: F401  (re-exported)
+from prunekit.surgery.allocate import allocate_filter_count, allocate_global_count  # noqa: F401  (re-exported)
 from prunekit.surgery.plan import Plan
 
 __all__ = ["add_prune_train_args", "allocate_global_count", "prune_and_train", "prune_train_kwargs",
@@ -161,6 +162,177 @@ def _scored_channels(scores: dict[str, torch.Tensor]) -> int:
     return sum(len(s) for s in scores.values())
 
 
+@dataclass
+class _Schedule:
+    """The resolved prune-and-train settings: explicit arguments win over the method's options."""
+
+    ratios: list[float]
+    prune_percent: float | None
+    preserve_moment: bool
+    warmup_epochs: float
+    keep_stem: bool
+    min_width: float
+    tracking: bool
+    use_init: bool
+
+    @classmethod
+    def resolve(cls, method: Method, prune_percent: float | None, n_rounds: int | None,
+                thresholds: Sequence[float] | None, preserve_moment: bool | None,
+                warmup_epochs: float | None) -> _Schedule:
+        opts = dict(getattr(method, "options", {}))
+        if thresholds is None:
+            thresholds = opts.get("thresholds")
+        prune_percent = opts.get("prune_percent") if prune_percent is None else prune_percent
+        n_rounds = int(opts.get("n_rounds", 1) if n_rounds is None else n_rounds)
+        if prune_percent is None and thresholds is None:
+            raise PruningError("prune-and-train needs prune_percent (the fraction of filters to remove) or thresholds")
+        gf = isinstance(method, GradFlowScorer)
+        return cls(ratios=schedule_ratios(prune_percent or 0.0, n_rounds, thresholds), prune_percent=prune_percent,
+                   preserve_moment=bool(opts.get("preserve_moment", False) if preserve_moment is None
+                                        else preserve_moment),
+                   warmup_epochs=float(opts.get("warmup_epochs", 0) if warmup_epochs is None else warmup_epochs),
+                   keep_stem=bool(opts.get("keep_stem", True)), min_width=float(opts.get("min_width", 0.05)),
+                   tracking=gf and int(opts.get("track_batches", 0)) > 0, use_init=gf and bool(opts.get("use_init")))
+
+
+def _channel_method(method: str | Method, method_options: dict[str, Any]) -> ChannelScorer:
+    from prunekit.methods.registry import create_method
+
+    if isinstance(method, str):
+        method = create_method(method, **method_options)
+    elif method_options:
+        raise PruningError("method options are given with a method instance: set them on the instance")
+    if not isinstance(method, ChannelScorer):
+        raise PruningError(f"prune-and-train needs a channel scoring method, not {type(method).__name__} "
+                           f"({getattr(method, 'name', '?')})")
+    return method
+
+
+class _PruneTrain:
+    """The state of one prune-and-train run across its phases: the model (and its initial copy for
+    ``use_init``), the optimizer carried between phases, the epoch counter, the channel graph and the
+    original widths. :meth:`round` is one pruning step; :func:`prune_and_train` drives the phases."""
+
+    def __init__(self, model: nn.Module, method: ChannelScorer, sched: _Schedule, train_loader: Any,
+                 test_loader: Any, config: Any, input_shape: tuple[int, ...], device: torch.device,
+                 epochs_per_round: float, initial_state: dict[str, torch.Tensor] | None, progress: bool):
+        from prunekit.surgery.graph import analyze
+
+        self.model, self.method, self.sched, self.config = model, method, sched, config
+        self.train_loader, self.test_loader = train_loader, test_loader
+        self.input_shape, self.device, self.progress = input_shape, device, progress
+        self.epochs_per_round = epochs_per_round
+        self.optimizer: Any = None
+        self.epoch = self.phase = 0
+        self.init_model = None
+        if sched.use_init:
+            self.init_model = copy.deepcopy(model)
+            if initial_state is not None:
+                self.init_model.load_state_dict(initial_state)
+        stem = first_conv_path(model)
+        self.ignored = (stem,) if sched.keep_stem and stem else None
+        self.graph = analyze(model, input_shape, ignored=self.ignored)
+        self.original = {k: g.size for k, g in self.graph.groups.items()}
+        self.n0: int | None = None
+        self.left = 1.0
+        self.koop = _RoundTrajectories(method, epochs_per_round)  # Koopman: one trajectory recorded per round
+
+    def train(self, epochs: float, schedule: str, callbacks: Sequence[Any] = (),
+              loader: _PhaseLoader | None = None) -> list[dict[str, Any]]:
+        """Train ``epochs`` epochs (a new phase: fresh data order, the optimizer carried over unless reset)."""
+        from prunekit.train import Trainer
+
+        if epochs <= 0:
+            return []
+        loader = loader or _PhaseLoader(self.train_loader, self.epoch)
+        loader.offset = self.epoch
+        trainer = Trainer(self.model, self.config(epochs, schedule, self.phase), loader, val_loader=self.test_loader,
+                          callbacks=callbacks, device=self.device, progress=self.progress,
+                          log_epochs=self.progress, optimizer=self.optimizer)
+        records = trainer.fit()
+        self.optimizer = trainer.optimizer
+        self.epoch += math.ceil(epochs)
+        self.phase += 1
+        return records
+
+    def evaluate(self) -> float | None:
+        if self.test_loader is None:
+            return None
+        from prunekit.metrics import evaluate
+
+        return float(evaluate(self.model, self.test_loader, device=self.device)["top1"])
+
+    def context(self) -> PruneContext:
+        init = self.init_model.state_dict() if self.init_model is not None else None
+        return PruneContext(target=Target("ratio", 0.0), input_shape=self.input_shape,
+                            budget=BudgetOptions(scope="global", floor=self.sched.min_width, ignored=self.ignored),
+                            data=self.train_loader, device=self.device, graph=self.graph,
+                            original_sizes=dict(self.original), initial_state=init)
+
+    def _scores(self, ctx: PruneContext, tracker: _Tracker | None) -> dict[str, torch.Tensor]:
+        if tracker is not None and tracker.ema is not None:
+            scores = tracker.ema
+        else:
+            self.method.check(ctx)
+            scores = self.method.checked_scores(self.model, ctx, torch.float32)
+        scores = {key: v.detach().double().cpu() for key, v in scores.items()}
+        for key, v in scores.items():
+            if not torch.isfinite(v).all():
+                raise PruningError(f"method {self.method.name!r} produced non-finite scores for group {key!r}")
+        if not scores:
+            raise PruningError(f"method {self.method.name!r} scored no channel group: the model has nothing "
+                               f"prunable (skipped layers: {self.graph.skipped or 'none'})")
+        return scores
+
+    def _apply(self, plan: Plan) -> None:
+        from prunekit.schedule import slice_optimizer_state_
+        from prunekit.surgery.apply import apply_plan_
+        from prunekit.surgery.graph import analyze
+
+        old_params = dict(self.model.named_parameters())
+        kept_dims = self.graph.kept_dims(plan.channels)
+        apply_plan_(self.model, plan, self.graph, "physical", self.input_shape)
+        if self.init_model is not None:
+            apply_plan_(self.init_model, plan, None, "physical", self.input_shape)
+        if self.sched.preserve_moment and self.optimizer is not None:
+            slice_optimizer_state_(self.optimizer, old_params, self.model, kept_dims)
+        else:
+            self.optimizer = None  # a fresh optimizer (momentum reset), as the seed did
+        self.graph = analyze(self.model, self.input_shape, ignored=self.ignored, warn=False)
+
+    def round(self, k: int, r: float) -> dict[str, Any]:
+        """Round ``k``: train ``epochs_per_round`` epochs, score, remove the round's share of the filters
+        (global count with per-layer floors) and record what happened."""
+        ctx = self.context()
+        loader = _PhaseLoader(self.train_loader, self.epoch)
+        tracker = _Tracker(self.method, self.model, ctx, loader) if self.sched.tracking else None
+        records = self.train(self.epochs_per_round, "constant", [tracker] if tracker else self.koop.callbacks(k),
+                             loader)
+        ctx.trajectory = self.koop.trajectory()
+        t0 = time.time()
+        scores = self._scores(ctx, tracker)
+        seconds = time.time() - t0
+        alive = _scored_channels(scores)
+        if self.n0 is None:
+            self.n0 = alive
+        self.left *= 1 - r
+        target_keep = int(round(self.n0 * self.left))
+        keep, kept_now = allocate_filter_count(scores, self.original, target_keep, self.sched.min_width)
+        if kept_now != target_keep:
+            warnings.warn(f"prunekit: round {k} keeps {kept_now} channels instead of {target_keep}: the per-layer "
+                          f"floor (min_width={self.sched.min_width}) leaves nothing more to remove", stacklevel=3)
+        if keep:
+            self._apply(Plan(method=self.method.name, channels=keep, meta={"round": k, "ratio": r}))
+        return {"round": k, "ratio": r, "train": records, "score_seconds": seconds,
+                "tracked_batches": tracker.n if tracker is not None else 0,
+                "channels_before": alive, "channels_kept": kept_now, "target_kept": target_keep,
+                "fraction_left": kept_now / max(1, self.n0), "widths": self.widths(),
+                "top1_after_pruning": self.evaluate(), "plan_meta": dict(getattr(self.method, "meta", {}))}
+
+    def widths(self) -> dict[str, int]:
+        return {key: g.size for key, g in self.graph.groups.items()}
+
+
 # --------------------------------------------------------------------------------------------- the driver
 def prune_and_train(
     model: nn.Module,
@@ -220,158 +392,43 @@ def prune_and_train(
         ``warmup`` / ``final`` epoch records, ``rounds`` (per round: training records, channels kept, widths,
         accuracy right after pruning, seconds spent scoring) and ``channels`` (original / final counts).
     """
-    from prunekit.methods.registry import create_method
-    from prunekit.schedule import slice_optimizer_state_
-    from prunekit.surgery.apply import apply_plan_
-    from prunekit.surgery.graph import analyze
-    from prunekit.train import TrainConfig, Trainer
+    from prunekit.metrics import count_params
+    from prunekit.train import TrainConfig
 
-    if isinstance(method, str):
-        method = create_method(method, **method_options)
-    elif method_options:
-        raise PruningError("method options are given with a method instance: set them on the instance")
-    if not isinstance(method, ChannelScorer):
-        raise PruningError(f"prune-and-train needs a channel scoring method, not {type(method).__name__} "
-                           f"({getattr(method, 'name', '?')})")
-    opts = dict(getattr(method, "options", {}))
-    preserve_moment = bool(opts.get("preserve_moment", False) if preserve_moment is None else preserve_moment)
-    warmup_epochs = float(opts.get("warmup_epochs", 0) if warmup_epochs is None else warmup_epochs)
-    if thresholds is None:
-        thresholds = opts.get("thresholds")
-    prune_percent = opts.get("prune_percent") if prune_percent is None else prune_percent
-    n_rounds = int(opts.get("n_rounds", 1) if n_rounds is None else n_rounds)
-    if prune_percent is None and thresholds is None:
-        raise PruningError("prune-and-train needs prune_percent (the fraction of filters to remove) or thresholds")
-    ratios = schedule_ratios(prune_percent or 0.0, n_rounds, thresholds)
-    keep_stem = bool(opts.get("keep_stem", True))
-    min_width = float(opts.get("min_width", 0.05))
-    gf = isinstance(method, GradFlowScorer)
-    tracking = gf and int(opts.get("track_batches", 0)) > 0
-
+    method = _channel_method(method, method_options)
+    sched = _Schedule.resolve(method, prune_percent, n_rounds, thresholds, preserve_moment, warmup_epochs)
     device = torch.device(device)
     model.to(device)
     train_loader = _as_loader(train_loader, batch_size, True, seed)
     test_loader = _as_loader(test_loader, batch_size, False, seed)
     if input_shape is None:
         input_shape = tuple(next(iter(train_loader))[0].shape[1:])
-    init_model = None
-    if gf and opts.get("use_init"):
-        init_model = copy.deepcopy(model)
-        if initial_state is not None:
-            init_model.load_state_dict(initial_state)
 
     def config(epochs: float, schedule: str, phase: int) -> Any:
         return TrainConfig(epochs=epochs, lr=lr, momentum=momentum, nesterov=False, weight_decay=wd,
                            schedule=schedule, temperature=train_temperature, seed=seed + phase)
 
-    state = {"optimizer": None, "epoch": 0, "phase": 0}
-
-    def train(epochs: float, schedule: str, callbacks: Sequence[Any] = (),
-              loader: _PhaseLoader | None = None) -> list[dict[str, Any]]:
-        if epochs <= 0:
-            return []
-        loader = loader or _PhaseLoader(train_loader, state["epoch"])
-        loader.offset = state["epoch"]
-        trainer = Trainer(model, config(epochs, schedule, state["phase"]), loader, val_loader=test_loader,
-                          callbacks=callbacks, device=device, progress=progress, log_epochs=progress,
-                          optimizer=state["optimizer"])
-        records = trainer.fit()
-        state["optimizer"] = trainer.optimizer
-        state["epoch"] += math.ceil(epochs)
-        state["phase"] += 1
-        return records
-
-    def evaluate() -> float | None:
-        if test_loader is None:
-            return None
-        from prunekit.metrics import evaluate as _evaluate
-
-        return float(_evaluate(model, test_loader, device=device)["top1"])
-
-    history: dict[str, Any] = {"method": method.name, "options": {k: v for k, v in opts.items()},
-                               "prune_percent": prune_percent, "n_rounds": len(ratios), "schedule": ratios,
-                               "preserve_moment": preserve_moment, "warmup": [], "rounds": [], "final": []}
-    ignored = (first_conv_path(model),) if keep_stem and first_conv_path(model) else None
-
-    def context(graph: Any) -> PruneContext:
-        return PruneContext(target=Target("ratio", 0.0), input_shape=input_shape,
-                            budget=BudgetOptions(scope="global", floor=min_width, ignored=ignored),
-                            data=train_loader, device=device, graph=graph, original_sizes=dict(original),
-                            initial_state=init_model.state_dict() if init_model is not None else None)
-
-    from prunekit.metrics import count_params
-
-    graph = analyze(model, input_shape, ignored=ignored)
-    original = {k: g.size for k, g in graph.groups.items()}
-    koop = _RoundTrajectories(method, epochs_per_round)  # Koopman methods: one trajectory recorded per round
-    method.check(koop.placeholder(context(graph)))  # fail fast (missing data, bad options) before any training
-    history["base"] = {"params": count_params(model)["params"], "flops": graph.cost.base_flops}
-    history["warmup"] = train(warmup_epochs, "constant")
-    n0: int | None = None
-    left = 1.0
-    for k, r in enumerate(ratios, 1):
-        ctx = context(graph)
-        tracker = None
-        loader = _PhaseLoader(train_loader, state["epoch"])
-        if tracking:
-            tracker = _Tracker(method, model, ctx, loader)
-        records = train(epochs_per_round, "constant", [tracker] if tracker else koop.callbacks(k), loader)
-        ctx.trajectory = koop.trajectory()
-        t0 = time.time()
-        if tracker is not None and tracker.ema is not None:
-            scores = tracker.ema
-        else:
-            method.check(ctx)
-            scores = {key: v.detach().float().cpu() for key, v in method.score(model, ctx).items()}
-            if method.lower_is_better:
-                scores = {key: -v for key, v in scores.items()}
-        scores = {key: v.detach().double().cpu() for key, v in scores.items()}
-        for key, v in scores.items():
-            if not torch.isfinite(v).all():
-                raise PruningError(f"method {method.name!r} produced non-finite scores for group {key!r}")
-        seconds = time.time() - t0
-        if not scores:
-            raise PruningError(f"method {method.name!r} scored no channel group: the model has nothing prunable "
-                               f"(skipped layers: {graph.skipped or 'none'})")
-        alive = _scored_channels(scores)
-        if n0 is None:
-            n0 = alive
-        left *= 1 - r
-        target_keep = int(round(n0 * left))
-        floors = {key: math.floor(min_width * original.get(key, len(s))) + 1 for key, s in scores.items()}
-        keep = allocate_global_count(scores, alive - target_keep, floors)
-        kept_now = alive - sum(len(scores[key]) - len(idx) for key, idx in keep.items())
-        if kept_now != target_keep:
-            warnings.warn(f"prunekit: round {k} keeps {kept_now} channels instead of {target_keep}: the per-layer "
-                          f"floor (min_width={min_width}) leaves nothing more to remove", stacklevel=2)
-        plan = Plan(method=method.name, channels=keep, meta={"round": k, "ratio": r})
-        if keep:
-            old_params = dict(model.named_parameters())
-            kept_dims = graph.kept_dims(keep)
-            apply_plan_(model, plan, graph, "physical", input_shape)
-            if init_model is not None:
-                apply_plan_(init_model, plan, None, "physical", input_shape)
-            opt = state["optimizer"]
-            if preserve_moment and opt is not None:
-                slice_optimizer_state_(opt, old_params, model, kept_dims)
-            else:
-                state["optimizer"] = None  # a fresh optimizer (momentum reset), as the seed did
-            graph = analyze(model, input_shape, ignored=ignored, warn=False)
-        history["rounds"].append({
-            "round": k, "ratio": r, "train": records, "score_seconds": seconds,
-            "tracked_batches": tracker.n if tracker is not None else 0,
-            "channels_before": alive, "channels_kept": kept_now, "target_kept": target_keep,
-            "fraction_left": kept_now / max(1, n0), "widths": {key: g.size for key, g in graph.groups.items()},
-            "top1_after_pruning": evaluate(), "plan_meta": dict(getattr(method, "meta", {})),
-        })
-    koop.close()
-    history["final"] = train(final_epochs, final_schedule)
-    history["channels"] = {"original": n0, "final": history["rounds"][-1]["channels_kept"] if ratios else n0,
-                           "widths": {key: g.size for key, g in graph.groups.items()},
-                           "original_widths": original}
-    history["pruned"] = {"params": count_params(model)["params"], "flops": graph.cost.base_flops}
+    run = _PruneTrain(model, method, sched, train_loader, test_loader, config, input_shape, device,
+                      epochs_per_round, initial_state, progress)
+    method.check(run.koop.placeholder(run.context()))  # fail fast (missing data, bad options) before any training
+    history: dict[str, Any] = {"method": method.name, "options": dict(getattr(method, "options", {})),
+                               "prune_percent": sched.prune_percent, "n_rounds": len(sched.ratios),
+                               "schedule": sched.ratios, "preserve_moment": sched.preserve_moment,
+                               "warmup": [], "rounds": [], "final": []}
+    history["base"] = {"params": count_params(model)["params"], "flops": run.graph.cost.base_flops}
+    history["warmup"] = run.train(sched.warmup_epochs, "constant")
+    try:
+        for k, r in enumerate(sched.ratios, 1):
+            history["rounds"].append(run.round(k, r))
+    finally:
+        run.koop.close()
+    history["final"] = run.train(final_epochs, final_schedule)
+    history["channels"] = {"original": run.n0,
+                           "final": history["rounds"][-1]["channels_kept"] if sched.ratios else run.n0,
+                           "widths": run.widths(), "original_widths": run.original}
+    history["pruned"] = {"params": count_params(model)["params"], "flops": run.graph.cost.base_flops}
     if test_loader is not None:
-        history["top1"] = evaluate()
+        history["top1"] = run.evaluate()
     return model, history
 
 

@@ -446,7 +446,7 @@ class Runner:
     def _needs_trajectory(self) -> bool:
         from prunekit.methods import get_method_info
 
-        return any(get_method_info(m.name).needs_trajectory for m in self.exp.methods)
+        return any(get_method_info(m.name).needs_trajectory for m in self.exp.method_specs())
 
     def _trajectory_source(self) -> Path | str | None:
         """Where the base model's trajectory comes from: a folder, ``"record"`` (base trained here), or None."""

@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import resource
 import sys
@@ -634,7 +633,7 @@ class GradFlowScorer(ChannelScorer):
         ``floor(min_width * original width) + 1`` channels. The context's target is ignored (the engine's
         ``ratio=F`` removes F of *every* layer; this is the global count). Channels already masked (masked mode)
         count as removed."""
-        from prunekit.surgery.allocate import allocate_global_count
+        from prunekit.surgery.allocate import allocate_filter_count
 
         p = float(self.prune_percent)
         if p > 1:
@@ -654,12 +653,9 @@ class GradFlowScorer(ChannelScorer):
                 scores[k][torch.as_tensor(idx, dtype=torch.long)] = -torch.inf
                 masked += len(idx)
         n0 = sum(int(original.get(k, len(s))) for k, s in scores.items())
-        alive = sum(len(s) for s in scores.values())
         target_keep = int(round(n0 * (1 - p)))
         floor = float(ctx.budget.floor if ctx.budget is not None else self.min_width)
-        floors = {k: math.floor(floor * int(original.get(k, len(s)))) + 1 for k, s in scores.items()}
-        keep = allocate_global_count(scores, max(0, alive - target_keep), floors)
-        kept = alive - sum(len(scores[k]) - len(idx) for k, idx in keep.items())
+        keep, kept = allocate_filter_count(scores, original, target_keep, floor)
         if kept != target_keep:
             warnings.warn(f"prunekit: {self.name} keeps {kept} of {n0} filters instead of {target_keep}: the "
                           f"per-layer floor ({floor}) leaves nothing more to remove", stacklevel=2)

@@ -801,8 +801,9 @@ def _nm_masks(
 
 
 __all__ = [
-    "allocate_global_count",
     "allocate_channels",
+    "allocate_filter_count",
+    "allocate_global_count",
     "allocate_weights",
     "default_round_to",
     "masked_channels",
@@ -842,3 +843,18 @@ def allocate_global_count(scores: dict[str, torch.Tensor], n_remove: int,
         keep[removed] = False
         out[key] = keep.nonzero().flatten()
     return out
+
+
+def allocate_filter_count(scores: dict[str, torch.Tensor], original_sizes: dict[str, int], target_keep: int,
+                          floor: float) -> tuple[dict[str, torch.Tensor], int]:
+    """Keep ``target_keep`` channels over all scored groups (the gradient-flow "global count" allocator).
+
+    The globally lowest scores go first (:func:`allocate_global_count`); every group keeps
+    ``floor(floor * original width) + 1`` channels. Returns ``(kept indices per group that loses channels,
+    channels kept in all)``; the count is above ``target_keep`` when the floors forbid more removal.
+    """
+    floors = {k: math.floor(floor * int(original_sizes.get(k, len(s)))) + 1 for k, s in scores.items()}
+    alive = sum(len(s) for s in scores.values())
+    keep = allocate_global_count(scores, max(0, alive - int(target_keep)), floors)
+    kept = alive - sum(len(scores[k]) - len(idx) for k, idx in keep.items())
+    return keep, kept

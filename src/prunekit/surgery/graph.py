@@ -10,8 +10,10 @@ depthwise convolutions and free parameters follow them, and -- for every tensor 
 exactly which positions along which dimension belong to each channel. Methods score groups;
 :mod:`prunekit.surgery.apply` removes (or masks) channels group by group.
 
-The same member table gives a fast cost model (:class:`CostModel`): the dense multiply-adds
-and parameter count of any assignment of widths, without building the pruned model.
+The same member table gives a fast cost model (:class:`~prunekit.surgery.cost.CostModel`, in
+:mod:`prunekit.surgery.cost`): the dense multiply-adds and parameter count of any assignment of
+widths, without building the pruned model. The records themselves (:class:`ChannelGroup`,
+:class:`Member`) live in :mod:`prunekit.surgery.groups`; this module traces and builds them.
 
 Groups the engine cannot handle safely (grouped convolutions, layers that see only part of a
 group, attention internals that a channel-to-channel mapping would break) are reported in
@@ -32,237 +34,25 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
 
 from prunekit.errors import PruningError
-
-LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
-NORM_TYPES = (
-    nn.modules.batchnorm._BatchNorm,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.modules.instancenorm._InstanceNorm,
+from prunekit.surgery.cost import CostModel, TensorCost, build_cost_model, cpu_block  # noqa: F401  (re-exported)
+from prunekit.surgery.groups import (  # noqa: F401  (re-exported: the records and predicates live in groups)
+    LAYER_TYPES,
+    NORM_TYPES,
+    ChannelGroup,
+    Member,
+    PruningWarning,
+    _complement,
+    _get_tensor,
+    _has_masks,
+    _is_depthwise,
+    _is_grouped,
+    _matches,
+    _signature,
+    is_attention,
+    tensor_shapes,
 )
-
-
-class PruningWarning(UserWarning):
-    """A layer or channel group the engine leaves untouched; the message names it and says why."""
-
-
-# --------------------------------------------------------------------------------------------- records
-@dataclass
-class Member:
-    """One tensor dimension that follows a channel group.
-
-    ``index[c]`` holds the positions along ``dim`` of tensor ``tensor`` (a parameter or buffer path)
-    that belong to channel ``c`` of the group: one position for a producer row, ``H*W`` positions
-    for a linear layer reading a flattened ``H x W`` map, ``3 * head_dim`` rows of a fused ``qkv``
-    projection for an attention head.
-    """
-
-    tensor: str
-    dim: int
-    index: torch.Tensor  # (group size, positions per channel), int64
-    role: str  # producer | consumer | norm | depthwise | param | act
-
-    @property
-    def per_channel(self) -> int:
-        return int(self.index.shape[1])
-
-    def positions(self, channels: torch.Tensor) -> torch.Tensor:
-        """Sorted positions along ``dim`` of the given channels."""
-        return self.index[channels].reshape(-1).sort().values
-
-
-@dataclass
-class ChannelGroup:
-    """A set of channels that must be removed together.
-
-    ``producers``: conv / linear layers whose output channels (weight dim 0) are these channels, in
-    the group's channel order; ``consumers``: layers whose input dimension reads them
-    (``expansion[path]`` input features per channel: ``H*W`` after a flatten, else 1);
-    ``norms``: BatchNorm / LayerNorm / GroupNorm layers over them; ``depthwise``: depthwise
-    convolutions whose input and output channels follow the group; ``params``: free parameters
-    (e.g. a ViT's ``cls_token`` / ``pos_embed``) with a dimension that follows the group.
-    ``kind`` is ``"channels"`` or ``"heads"`` (a channel is then a whole attention head: the
-    producer's rows for head ``h`` are ``rows(model, path)[h]``). ``members`` lists every tensor
-    dimension involved (see :class:`Member`).
-    """
-
-    key: str
-    size: int
-    producers: list[str] = field(default_factory=list)
-    consumers: list[str] = field(default_factory=list)
-    expansion: dict[str, int] = field(default_factory=dict)
-    norms: list[str] = field(default_factory=list)
-    depthwise: list[str] = field(default_factory=list)
-    params: list[str] = field(default_factory=list)
-    prunable: bool = True
-    reason: str = ""
-    min_keep: int = 1
-    multiple_of: int = 1  # kept counts must be multiples of this (GroupNorm groups)
-    kind: str = "channels"
-    members: list[Member] = field(default_factory=list)
-
-    def layers(self) -> list[str]:
-        """Every conv / linear layer touched by the group."""
-        return list(dict.fromkeys(self.producers + self.depthwise + self.consumers))
-
-    def rows(self, model: nn.Module, path: str) -> torch.Tensor:
-        """Weights of producer (or depthwise) layer ``path`` with one row per channel: ``(size, n)``."""
-        for mb in self.members:
-            if mb.tensor == f"{path}.weight" and mb.role in ("producer", "depthwise"):
-                w = _get_tensor(model, mb.tensor).detach()
-                w = w.movedim(mb.dim, 0)
-                return w[mb.index.reshape(-1).to(w.device)].reshape(self.size, -1)
-        raise PruningError(f"{path!r} is not a producer of channel group {self.key!r}")
-
-    ln_coupled: bool = False  # a LayerNorm / GroupNorm normalises over these channels: removing them changes
-    # its statistics, so masked and physical pruning differ slightly for such groups
-
-
-@dataclass
-class TensorCost:
-    """How the size of one parameter (and the multiply-adds of its layer) depends on group widths."""
-
-    path: str
-    shape: tuple[int, ...]
-    dims: dict[int, tuple[int, list[tuple[str, int]]]]  # dim -> (fixed part, [(group key, per channel)])
-    macs_per_entry: float = 0.0  # multiply-adds per weight entry per example (conv / linear weights)
-    is_param: bool = True
-
-    def sizes(self, widths: dict[str, int]) -> list[float]:
-        """The tensor's shape under ``widths``."""
-        out = []
-        for d, s in enumerate(self.shape):
-            if d in self.dims:
-                fixed, terms = self.dims[d]
-                s = fixed + sum(e * widths[k] for k, e in terms)
-            out.append(s)
-        return out
-
-    def numel(self, widths: dict[str, int]) -> float:
-        return float(math.prod(self.sizes(widths)))
-
-
-# latency proxy (CostModel.latency): CPU convolution kernels (oneDNN) compute output channels in SIMD
-# blocks and read input channels in blocks of the same size (half a block when a layer has fewer input
-# channels than one block), so a partial block costs a whole one; every activation element read or
-# written by a conv / linear layer costs about LATENCY_PER_ELEMENT multiply-adds of memory-bound work
-# (batch norm, ReLU, residual add, layout reorders). Measured on a 2-core AVX-512 machine (batch 64,
-# 2 threads): a 3x3 conv costs the same for 9..16 output channels and for 17..32 input channels, 8 input
-# channels cost half of 16; batch norm + ReLU (+ add) cost 25-85 multiply-add times per element.
-LATENCY_PER_ELEMENT = 32.0
-
-
-def cpu_block() -> int:
-    """Channels per SIMD block of this CPU's float32 kernels: 16 with AVX-512, 8 otherwise (AVX2, NEON)."""
-    try:
-        cap = str(torch.backends.cpu.get_cpu_capability()).upper()
-    except Exception:  # pragma: no cover - very old torch
-        return 8
-    return 16 if "AVX512" in cap else 8
-
-
-LATENCY_BLOCK = cpu_block()
-
-
-def _align(n: float, block: int, partial: bool) -> float:
-    """``n`` channels rounded up to whole blocks; with ``partial``, fewer than one block round up to half
-    a block (kernels for few input channels use half-width blocks)."""
-    if block <= 1 or n <= 0:
-        return n
-    if partial and n < block:
-        half = block // 2
-        return -(-n // half) * half
-    return -(-n // block) * block
-
-
-class CostModel:
-    """Predicts dense multiply-adds (per example) and parameter counts of any width assignment.
-
-    ``flops(widths)`` / ``params(widths)`` take ``{group key: kept channels}`` (missing groups keep
-    their full size). Costs not attributable to a prunable group are a constant measured on the
-    unpruned model, so predictions at full width equal the measured counts.
-    """
-
-    def __init__(
-        self,
-        tensors: list[TensorCost],
-        sizes: dict[str, int],
-        flops: int,
-        params: int,
-        extra: list[tuple[str, float]],
-    ):
-        self.tensors = tensors
-        self.sizes = dict(sizes)
-        self.extra = (
-            extra  # (group key, multiply-adds per kept channel) not tied to a weight (attention matmuls)
-        )
-        full = self.sizes
-        self.base_flops = int(flops)
-        self.base_params = int(params)
-        self._const_flops = (
-            flops
-            - sum(t.macs_per_entry * t.numel(full) for t in tensors)
-            - sum(c * full[k] for k, c in extra)
-        )
-        self._const_params = params - sum(t.numel(full) for t in tensors if t.is_param)
-        self._flop_tensors = [t for t in tensors if t.macs_per_entry and t.dims]
-        self._flop_fixed = sum(
-            t.macs_per_entry * t.numel(full) for t in tensors if t.macs_per_entry and not t.dims
-        )
-        self._param_tensors = [t for t in tensors if t.is_param and t.dims]
-        self._mac_tensors = [t for t in tensors if t.macs_per_entry and len(t.shape) >= 2]
-        self._param_fixed = sum(t.numel(full) for t in tensors if t.is_param and not t.dims)
-
-    def _full(self, widths: dict[str, int] | None) -> dict[str, int]:
-        return {**self.sizes, **(widths or {})}
-
-    def flops(self, widths: dict[str, int] | None = None) -> float:
-        w = self._full(widths)
-        return (
-            self._const_flops
-            + self._flop_fixed
-            + sum(t.macs_per_entry * t.numel(w) for t in self._flop_tensors)
-            + sum(c * w[k] for k, c in self.extra)
-        )
-
-    def params(self, widths: dict[str, int] | None = None) -> float:
-        w = self._full(widths)
-        return self._const_params + self._param_fixed + sum(t.numel(w) for t in self._param_tensors)
-
-    def layer_latency(
-        self, t: TensorCost, w: dict[str, int], block: int | None = None, per_element: float = LATENCY_PER_ELEMENT
-    ) -> float:
-        """The latency proxy of one conv / linear weight ``t`` (see :meth:`latency`) under full widths ``w``."""
-        block = LATENCY_BLOCK if block is None else int(block)
-        sizes = t.sizes(w)
-        out = sizes[0]
-        cin = sizes[1] if len(sizes) > 1 else 0
-        # input channels are blocked too, except for depthwise / grouped kernels with one input per group
-        cin_aligned = _align(cin, block, partial=True) if cin > 1 else cin
-        rest = math.prod(sizes[2:]) if len(sizes) > 2 else 1
-        return t.macs_per_entry * (_align(out, block, partial=False) * cin_aligned * rest + per_element * (out + cin))
-
-    def latency(
-        self, widths: dict[str, int] | None = None, block: int | None = None, per_element: float = LATENCY_PER_ELEMENT
-    ) -> float:
-        """A CPU latency proxy (per example, in multiply-add equivalents) of a width assignment.
-
-        Per conv / linear layer: its multiply-adds with the output channels rounded up to a multiple of
-        ``block`` (default :func:`cpu_block`: 16 floats per SIMD register with AVX-512, 8 with AVX2; a
-        partial block costs a full one) and the input channels rounded up likewise (to half a block when
-        there are fewer than ``block``), plus ``per_element`` for every element of its input and output
-        activations (memory-bound work that does not shrink with multiply-adds: normalisation,
-        activation functions, residual additions, layout reorders). Only relative values matter.
-        """
-        w = self._full(widths)
-        return sum(self.layer_latency(t, w, block, per_element) for t in self._mac_tensors)
-
-    def latency_tensors(self) -> list[TensorCost]:
-        """The conv / linear weights the latency proxy sums over."""
-        return list(self._mac_tensors)
 
 
 # --------------------------------------------------------------------------------------------- the graph
@@ -351,80 +141,7 @@ class ChannelGraph:
         }
 
 
-# --------------------------------------------------------------------------------------------- helpers
-def _complement(keep: torch.Tensor, size: int) -> torch.Tensor:
-    mask = torch.ones(size, dtype=torch.bool)
-    mask[keep] = False
-    return mask.nonzero().flatten()
-
-
-def _get_tensor(model: nn.Module, path: str) -> torch.Tensor:
-    mod_path, _, name = path.rpartition(".")
-    mod = model.get_submodule(mod_path) if mod_path else model
-    return getattr(mod, name)
-
-
-def _signature(model: nn.Module) -> tuple:
-    return tuple((n, tuple(p.shape), id(p)) for n, p in model.named_parameters())
-
-
-def tensor_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Shapes of every parameter and buffer, parametrized tensors under their plain names."""
-    out: dict[str, tuple[int, ...]] = {}
-    for mpath, m in model.named_modules():
-        if ".parametrizations." in f".{mpath}.":
-            continue
-        prefix = f"{mpath}." if mpath else ""
-        for name, t in list(m._parameters.items()) + list(m._buffers.items()):
-            if t is not None:
-                out[prefix + name] = tuple(t.shape)
-        if parametrize.is_parametrized(m):
-            for name, plist in m.parametrizations.items():
-                out[prefix + name] = tuple(plist.original.shape)
-    return out
-
-
-def _is_depthwise(m: nn.Module) -> bool:
-    return (
-        isinstance(m, nn.modules.conv._ConvNd)
-        and m.groups > 1
-        and m.groups == m.in_channels
-        and m.out_channels == m.groups
-    )
-
-
-def _is_grouped(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not _is_depthwise(m)
-
-
-def is_attention(m: nn.Module) -> bool:
-    """A multi-head attention module prunekit can prune by heads: int ``num_heads`` / ``head_dim``,
-    a fused ``qkv`` linear with ``3 * num_heads * head_dim`` outputs and a ``proj`` linear."""
-    h, d = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
-    qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
-    return (
-        isinstance(h, int)
-        and isinstance(d, int)
-        and isinstance(qkv, nn.Linear)
-        and isinstance(proj, nn.Linear)
-        and qkv.out_features == 3 * h * d
-        and proj.in_features == h * d
-    )
-
-
-def _has_masks(model: nn.Module) -> bool:
-    return any(parametrize.is_parametrized(m) for m in model.modules()) or any(
-        b.endswith("_mask") for b, _ in model.named_buffers()
-    )
-
-
-def _matches(path: str, patterns: Iterable[str]) -> str | None:
-    for p in patterns:
-        if path == p or path.startswith(p + "."):
-            return p
-    return None
-
-
+# --------------------------------------------------------------------------------------------- inputs
 def example_batch(model: nn.Module, example_input: Any) -> torch.Tensor:
     """A batch-1 input for tracing: ``example_input`` may be a tensor batch or a shape ``(C, H, W)``."""
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -593,7 +310,7 @@ def analyze(
             warnings.warn(f"prunekit: while tracing the model: {note}", PruningWarning, stacklevel=2)
 
     _sort_members(work, groups)
-    cost = _cost_model(work, x, groups, rec) if costs else None
+    cost = build_cost_model(work, x, groups, rec) if costs else None
     graph = ChannelGraph(
         groups=groups,
         skipped=skipped,
@@ -868,44 +585,6 @@ class _UseRecorder:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-def _totals(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    """Dense multiply-adds per example and parameter count, as :mod:`prunekit.metrics` counts them."""
-    from prunekit.metrics import count_flops, count_params
-
-    return int(count_flops(model, tuple(x.shape[1:]))), int(count_params(model)["params"])
-
-
-def _cost_model(
-    model: nn.Module, x: torch.Tensor, groups: dict[str, ChannelGroup], rec: _UseRecorder
-) -> CostModel:
-    flops, params = _totals(model, x)
-    uses = rec.uses
-    attn_cost = {p: float(n * n * 2 * model.get_submodule(p).head_dim) for p, n in rec.tokens.items()}
-    dims: dict[str, dict[int, list[tuple[str, int]]]] = {}
-    for g in groups.values():
-        if not g.prunable:
-            continue
-        for mb in g.members:
-            dims.setdefault(mb.tensor, {}).setdefault(mb.dim, []).append((g.key, mb.per_channel))
-    sizes = {k: g.size for k, g in groups.items()}
-    tensors: list[TensorCost] = []
-    for name, p in model.named_parameters():
-        shape = tuple(p.shape)
-        td = {
-            d: (shape[d] - sum(sizes[k] * e for k, e in terms), terms)
-            for d, terms in dims.get(name, {}).items()
-        }
-        mod_path, _, pname = name.rpartition(".")
-        per = uses.get(mod_path, 0.0) if pname == "weight" else 0.0
-        tensors.append(TensorCost(name, shape, td, per, True))
-    extra = []
-    for p, c in attn_cost.items():
-        g = groups.get(p)
-        if g is not None and g.kind == "heads" and g.prunable:
-            extra.append((p, c))
-    return CostModel(tensors, sizes, flops, params, extra)
 
 
 __all__ = [

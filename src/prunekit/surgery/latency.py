@@ -39,7 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from prunekit.surgery.graph import ChannelGraph, TensorCost
+    from prunekit.surgery.cost import TensorCost
+    from prunekit.surgery.graph import ChannelGraph
 
 
 @dataclass(frozen=True)

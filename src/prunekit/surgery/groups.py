@@ -1,0 +1,174 @@
+"""The records of the channel engine: a :class:`ChannelGroup` of coupled channels and its :class:`Member`
+tensor dimensions (which positions of which parameter belong to each channel), and small predicates on
+modules and paths that the graph, the allocator and the surgery share."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from prunekit.errors import PruningError
+
+LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+NORM_TYPES = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
+
+
+class PruningWarning(UserWarning):
+    """A layer or channel group the engine leaves untouched; the message names it and says why."""
+
+
+@dataclass
+class Member:
+    """One tensor dimension that follows a channel group.
+
+    ``index[c]`` holds the positions along ``dim`` of tensor ``tensor`` (a parameter or buffer path)
+    that belong to channel ``c`` of the group: one position for a producer row, ``H*W`` positions
+    for a linear layer reading a flattened ``H x W`` map, ``3 * head_dim`` rows of a fused ``qkv``
+    projection for an attention head.
+    """
+
+    tensor: str
+    dim: int
+    index: torch.Tensor  # (group size, positions per channel), int64
+    role: str  # producer | consumer | norm | depthwise | param | act
+
+    @property
+    def per_channel(self) -> int:
+        return int(self.index.shape[1])
+
+    def positions(self, channels: torch.Tensor) -> torch.Tensor:
+        """Sorted positions along ``dim`` of the given channels."""
+        return self.index[channels].reshape(-1).sort().values
+
+
+@dataclass
+class ChannelGroup:
+    """A set of channels that must be removed together.
+
+    ``producers``: conv / linear layers whose output channels (weight dim 0) are these channels, in
+    the group's channel order; ``consumers``: layers whose input dimension reads them
+    (``expansion[path]`` input features per channel: ``H*W`` after a flatten, else 1);
+    ``norms``: BatchNorm / LayerNorm / GroupNorm layers over them; ``depthwise``: depthwise
+    convolutions whose input and output channels follow the group; ``params``: free parameters
+    (e.g. a ViT's ``cls_token`` / ``pos_embed``) with a dimension that follows the group.
+    ``kind`` is ``"channels"`` or ``"heads"`` (a channel is then a whole attention head: the
+    producer's rows for head ``h`` are ``rows(model, path)[h]``). ``members`` lists every tensor
+    dimension involved (see :class:`Member`).
+    """
+
+    key: str
+    size: int
+    producers: list[str] = field(default_factory=list)
+    consumers: list[str] = field(default_factory=list)
+    expansion: dict[str, int] = field(default_factory=dict)
+    norms: list[str] = field(default_factory=list)
+    depthwise: list[str] = field(default_factory=list)
+    params: list[str] = field(default_factory=list)
+    prunable: bool = True
+    reason: str = ""
+    min_keep: int = 1
+    multiple_of: int = 1  # kept counts must be multiples of this (GroupNorm groups)
+    kind: str = "channels"
+    members: list[Member] = field(default_factory=list)
+
+    def layers(self) -> list[str]:
+        """Every conv / linear layer touched by the group."""
+        return list(dict.fromkeys(self.producers + self.depthwise + self.consumers))
+
+    def rows(self, model: nn.Module, path: str) -> torch.Tensor:
+        """Weights of producer (or depthwise) layer ``path`` with one row per channel: ``(size, n)``."""
+        for mb in self.members:
+            if mb.tensor == f"{path}.weight" and mb.role in ("producer", "depthwise"):
+                w = _get_tensor(model, mb.tensor).detach()
+                w = w.movedim(mb.dim, 0)
+                return w[mb.index.reshape(-1).to(w.device)].reshape(self.size, -1)
+        raise PruningError(f"{path!r} is not a producer of channel group {self.key!r}")
+
+    ln_coupled: bool = False  # a LayerNorm / GroupNorm normalises over these channels: removing them changes
+    # its statistics, so masked and physical pruning differ slightly for such groups
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _complement(keep: torch.Tensor, size: int) -> torch.Tensor:
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[keep] = False
+    return mask.nonzero().flatten()
+
+
+def _get_tensor(model: nn.Module, path: str) -> torch.Tensor:
+    mod_path, _, name = path.rpartition(".")
+    mod = model.get_submodule(mod_path) if mod_path else model
+    return getattr(mod, name)
+
+
+def _signature(model: nn.Module) -> tuple:
+    return tuple((n, tuple(p.shape), id(p)) for n, p in model.named_parameters())
+
+
+def tensor_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Shapes of every parameter and buffer, parametrized tensors under their plain names."""
+    out: dict[str, tuple[int, ...]] = {}
+    for mpath, m in model.named_modules():
+        if ".parametrizations." in f".{mpath}.":
+            continue
+        prefix = f"{mpath}." if mpath else ""
+        for name, t in list(m._parameters.items()) + list(m._buffers.items()):
+            if t is not None:
+                out[prefix + name] = tuple(t.shape)
+        if parametrize.is_parametrized(m):
+            for name, plist in m.parametrizations.items():
+                out[prefix + name] = tuple(plist.original.shape)
+    return out
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return (
+        isinstance(m, nn.modules.conv._ConvNd)
+        and m.groups > 1
+        and m.groups == m.in_channels
+        and m.out_channels == m.groups
+    )
+
+
+def _is_grouped(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not _is_depthwise(m)
+
+
+def is_attention(m: nn.Module) -> bool:
+    """A multi-head attention module prunekit can prune by heads: int ``num_heads`` / ``head_dim``,
+    a fused ``qkv`` linear with ``3 * num_heads * head_dim`` outputs and a ``proj`` linear."""
+    h, d = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
+    qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
+    return (
+        isinstance(h, int)
+        and isinstance(d, int)
+        and isinstance(qkv, nn.Linear)
+        and isinstance(proj, nn.Linear)
+        and qkv.out_features == 3 * h * d
+        and proj.in_features == h * d
+    )
+
+
+def _has_masks(model: nn.Module) -> bool:
+    return any(parametrize.is_parametrized(m) for m in model.modules()) or any(
+        b.endswith("_mask") for b, _ in model.named_buffers()
+    )
+
+
+def _matches(path: str, patterns: Iterable[str]) -> str | None:
+    for p in patterns:
+        if path == p or path.startswith(p + "."):
+            return p
+    return None
+
+
+__all__ = ["LAYER_TYPES", "NORM_TYPES", "ChannelGroup", "Member", "PruningWarning", "is_attention", "tensor_shapes"]
