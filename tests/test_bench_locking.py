@@ -150,3 +150,44 @@ def test_sigkill_at_random_moments_then_resume_loses_and_duplicates_nothing(refe
     rows = _rows_exactly_once(out)
     assert set(rows) == set(ref) and _stable(rows) == _stable(ref)
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+_SAVER = """
+import sys
+from prunekit.io import save_with_metrics
+from prunekit.models import create_model
+
+m = create_model("resnet20", num_classes=10, in_channels=3)
+i = 0
+while True:
+    save_with_metrics(m, sys.argv[1], {"i": i})
+    print(i, flush=True)
+    i += 1
+"""
+
+
+def test_sigkill_during_checkpoint_and_metrics_saves_leaves_a_loadable_pair(tmp_path):
+    """A process saving ``model.pt`` + ``metrics.json`` in a loop, killed at random moments: the checkpoint always
+    loads, the metrics either match it or are refused as a mismatched pair, and the leftovers are cleaned."""
+    from prunekit.errors import CheckpointError
+    from prunekit.io import load, read_metrics, save_with_metrics
+    from prunekit.models import create_model
+
+    rng = random.Random(1)
+    out = tmp_path / "o"
+    for _ in range(N_KILLS):
+        p = subprocess.Popen([sys.executable, "-c", _SAVER, str(out)], stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip().isdigit()  # one pair written
+        time.sleep(rng.uniform(0.0, 0.3))
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+        model = load(out / "model.pt")  # never a partial checkpoint
+        try:
+            metrics = read_metrics(out)
+        except CheckpointError as e:  # killed between the two renames: detected, not silently mixed
+            assert "describes another checkpoint" in str(e)
+        else:
+            assert metrics["i"] == model.prunekit_meta["metrics"]["i"]
+    save_with_metrics(create_model("resnet20", num_classes=10, in_channels=3), out, {"i": -1})
+    assert read_metrics(out)["i"] == -1
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.pt"]  # leftovers of the kills cleaned

@@ -245,22 +245,25 @@ def save_with_metrics(model: nn.Module, out: str | os.PathLike, metrics: dict[st
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for n in (model_name, metrics_name):
+    staged = {n: f"{_tmp_prefix(n)}pair{TMP_SUFFIX}" for n in (model_name, metrics_name)}
+    for n in (model_name, metrics_name, *staged.values()):  # a killed earlier run's leftovers, nested ones too
         clean_stale_tmp(out, n)
+    for n in staged.values():
+        (out / n).unlink(missing_ok=True)
     meta = {**(meta or {}), "metrics": json.loads(json.dumps(metrics, default=str))}
-    model_tmp = out / f"{_tmp_prefix(model_name)}pair{TMP_SUFFIX}"
+    model_tmp = out / staged[model_name]
     save(model, model_tmp, meta=meta)
     try:
         metrics = {**metrics, "file_size": model_tmp.stat().st_size, "model_sha256": file_sha256(model_tmp),
                    "model_file": model_name}
-        metrics_tmp = out / f"{_tmp_prefix(metrics_name)}pair{TMP_SUFFIX}"
+        metrics_tmp = out / staged[metrics_name]
         atomic_write_text(metrics_tmp, json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n")
         os.replace(model_tmp, out / model_name)
         os.replace(metrics_tmp, out / metrics_name)
         _fsync_dir(out)
     finally:
-        for t in out.glob(f".*pair{TMP_SUFFIX}"):
-            t.unlink(missing_ok=True)
+        for n in staged.values():
+            (out / n).unlink(missing_ok=True)
     return out / model_name, out / metrics_name
 
 

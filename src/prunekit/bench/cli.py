@@ -6,6 +6,14 @@ Usage::
     prunekit bench merge OUT1 OUT2 ... --out DIR     # merge results (dedupe by cell id), rebuild the report
     prunekit bench report OUT                        # rebuild report.md and the plots of OUT
     prunekit bench list                              # the bundled presets
+
+Exit status: 0 when every cell of the selection is done; 1 when some cells failed (their errors are in
+results.csv and report.md; --retry-failed recomputes them); 2 for bad input (experiment, flags, --out), a
+folder another process is running the same shard into, or results of another base model.
+
+One process per shard and output folder (an OS lock; a second one is refused naming the holder). Several
+shards may run into one folder at once. Rows are bound to the base model's content fingerprint: a replaced
+checkpoint is refused on resume, and `bench merge` refuses shards of different base models.
 """
 
 from __future__ import annotations
