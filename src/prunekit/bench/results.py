@@ -83,9 +83,15 @@ def _fcntl() -> Any:
 def appending(out: Path) -> Iterator[None]:
     """Hold the short exclusive lock under which rows are appended and ``results.csv`` is rebuilt."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrunekitError(f"cannot create {str(out)!r}: {e.strerror or e}") from None
     fcntl = _fcntl()
-    fd = os.open(out / APPEND_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(out / APPEND_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise PrunekitError(f"cannot write in {str(out)!r}: {e.strerror or e}") from None
     try:
         if fcntl is not None:
             try:
