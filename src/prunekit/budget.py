@@ -130,10 +130,19 @@ class PruneContext:
             raise PruningError(f"method {method!r} needs data (a prune set): pass data=... to prunekit.prune or "
                                "--dataset to `prunekit prune`")
 
-    def batches(self, max_samples: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of the prune set moved to the device, at most ``max_samples`` examples."""
+    def batches(self, max_samples: int | None = None,
+                shard: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of the prune set moved to the device, at most ``max_samples`` examples.
+
+        ``shard=True`` (under ``torchrun``): this rank's contiguous slice of every batch, so that the ranks
+        together see exactly the examples one process sees; the method then sums its statistics over the
+        ranks with :meth:`reduce_sums`. Without torchrun both are no-ops.
+        """
         if self.data is None:
             raise PruningError("this method needs data but none was given")
+        from prunekit import distributed
+
+        rank, world = (distributed.rank(), distributed.world_size()) if shard else (0, 1)
         seen = 0
         for x, y in self.data:
             if max_samples is not None and seen >= max_samples:
@@ -141,7 +150,25 @@ class PruneContext:
             if max_samples is not None and seen + len(x) > max_samples:
                 x, y = x[: max_samples - seen], y[: max_samples - seen]
             seen += len(x)
+            if world > 1:
+                step = -(-len(x) // world)
+                x, y = x[rank * step: (rank + 1) * step], y[rank * step: (rank + 1) * step]
+                if not len(x):
+                    continue
             yield x.to(self.device), y.to(self.device)
+
+    @staticmethod
+    def reduce_sums(sums: dict[str, torch.Tensor], count: int) -> tuple[dict[str, torch.Tensor], int]:
+        """``sums`` (tensors, summed in place) and ``count`` summed over the ranks (no-op in one process)."""
+        from prunekit import distributed
+
+        if not distributed.active():
+            return sums, count
+        import torch.distributed as dist
+
+        for v in sums.values():
+            dist.all_reduce(v)
+        return sums, int(round(distributed.all_reduce_sum([float(count)])[0]))
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y)
