@@ -170,9 +170,9 @@ def prepare_out(out: str) -> Path:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    from prunekit.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def print_metrics(m: dict[str, Any], as_json: bool) -> None:
@@ -228,7 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from prunekit import distributed
     from prunekit.data import BatchLoader
-    from prunekit.io import load, save
+    from prunekit.io import load
     from prunekit.models import create_model_for_dataset, get_model_info
     from prunekit.train import TrainConfig, Trainer, config_dict
 
@@ -272,11 +272,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics.update(extra)
     if not distributed.is_main():  # under torchrun only rank 0 writes
         return 0
-    save(model, out / "model.pt", meta={"dataset": args.dataset, "train_config": config_dict(cfg),
-                                         "init_from": args.init_from, **extra,
-                                         "history": history, "metrics": metrics})
-    metrics["file_size"] = (out / "model.pt").stat().st_size
-    write_json(out / "metrics.json", metrics)
+    from prunekit.io import save_with_metrics
+
+    # checkpoint + metrics as a checked pair (temp files, then renamed; metrics record the checkpoint's hash)
+    save_with_metrics(model, out, metrics, meta={"dataset": args.dataset, "train_config": config_dict(cfg),
+                                                 "init_from": args.init_from, **extra, "history": history})
     print_metrics(metrics, False)
     print(f"wrote {out / 'model.pt'} and {out / 'metrics.json'}")
     return 0

@@ -289,15 +289,14 @@ def _write_outputs(model: Any, out: Path, args: argparse.Namespace, metrics: dic
     installed, ``OUT/layers.png`` (widths and multiply-adds per layer, before and after); print the metrics
     (rank 0 only under torchrun)."""
     from prunekit import distributed
-    from prunekit.cli import print_metrics, write_json
-    from prunekit.io import save
+    from prunekit.cli import print_metrics
+    from prunekit.io import save_with_metrics
 
     if not distributed.is_main():
         return 0
+    # checkpoint + metrics as a checked pair (temp files, then renamed; metrics record the checkpoint's hash)
+    save_with_metrics(model.to("cpu"), out, metrics, meta=meta)
     meta = {**meta, "metrics": json.loads(json.dumps(metrics, default=str))}
-    save(model.to("cpu"), out / "model.pt", meta=meta)
-    metrics["file_size"] = (out / "model.pt").stat().st_size
-    write_json(out / "metrics.json", metrics)
     chart = _layer_chart(model, base, input_shape, out / "layers.png", meta) if input_shape else None
     print_metrics(metrics, args.json)
     if not args.json:
