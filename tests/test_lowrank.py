@@ -159,25 +159,3 @@ def test_composition_after_id_iter():
         assert count_params(second.model)["params"] < n_first / 1.25
         with torch.no_grad():
             assert second.model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-
-
-def test_chains_are_built_with_balanced_factors() -> None:
-    # an SVD hands over orthonormal U beside a core carrying the scale; the chain rescales them to equal norms
-    # (the product, hence the function, unchanged): unbalanced chains made fine-tuning diverge
-    from prunekit.surgery.lowrank import LowRankConv2d, balanced_factors
-    from prunekit.surgery.plan import LowRankFactors
-
-    torch.manual_seed(0)
-    layer = nn.Conv2d(6, 8, 3, padding=1)
-    q_in = torch.linalg.qr(torch.randn(6, 3))[0].T  # (3, 6) orthonormal rows
-    q_out = torch.linalg.qr(torch.randn(8, 4))[0]  # (8, 4) orthonormal columns
-    core = 20 * torch.randn(4, 3, 3, 3)
-    f = LowRankFactors(core=core, pre=q_in, post=q_out, bias=torch.randn(8))
-    pre, mid, post = balanced_factors(f)
-    norms = [float(t.norm()) for t in (pre, mid, post)]
-    assert max(norms) / min(norms) < 1 + 1e-5
-    chain = LowRankConv2d.from_factors(layer, f)
-    assert torch.allclose(chain.dense_weight(), f.dense_weight(), atol=1e-4)
-    x = torch.randn(2, 6, 5, 5)
-    ref = torch.nn.functional.conv2d(x, f.dense_weight(), f.bias, padding=1)
-    assert torch.allclose(chain(x), ref, atol=1e-4)

@@ -9,7 +9,6 @@ load without pickled classes.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Any
 
@@ -136,21 +135,6 @@ class LowRankLinear(nn.Sequential):
         return _dense(self, conv=False)
 
 
-def balanced_factors(f: LowRankFactors) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """``(pre, core, post)`` rescaled to equal Frobenius norms (their geometric mean); the chain is linear
-    between its parts and the bias sits on the last one, so the product -- the layer's function -- is
-    unchanged. Methods hand over orthonormal projections beside a core that carries all the scale (an SVD's
-    ``U`` and ``S V^T``); unbalanced, SGD's effective step on the product is badly conditioned and
-    fine-tuning such a chain can diverge."""
-    parts = [t for t in (f.pre, f.core, f.post) if t is not None]
-    norms = [float(t.detach().double().norm()) for t in parts]
-    if len(parts) < 2 or min(norms) <= 0 or not all(math.isfinite(n) for n in norms):
-        return f.pre, f.core, f.post
-    g = math.exp(sum(math.log(n) for n in norms) / len(norms))
-    scaled = iter([t * (g / n) for t, n in zip(parts, norms)])
-    return (next(scaled) if f.pre is not None else None), next(scaled), (next(scaled) if f.post is not None else None)
-
-
 def _load(m: nn.Sequential, f: LowRankFactors, conv: bool) -> None:
     def put(layer: nn.Module, w: torch.Tensor, name: str) -> None:
         target = layer.weight
@@ -164,13 +148,12 @@ def _load(m: nn.Sequential, f: LowRankFactors, conv: bool) -> None:
         with torch.no_grad():
             target.copy_(w)
 
-    pre, core, post = balanced_factors(f)
     with torch.no_grad():
-        if pre is not None:
-            put(m.pre, pre, "pre")
-        put(m.core, core, "core")
-        if post is not None:
-            put(m.post, post, "post")
+        if f.pre is not None:
+            put(m.pre, f.pre, "pre")
+        put(m.core, f.core, "core")
+        if f.post is not None:
+            put(m.post, f.post, "post")
         if f.bias is not None:
             last = m.post if f.post is not None else m.core
             if tuple(f.bias.shape) != tuple(last.bias.shape):
