@@ -371,10 +371,7 @@ def prune(
     prune_s = time.perf_counter() - t_start - run.finetune_s
     report = _report(run.method, run.target, mode, run.ctx.budget, run.rounds, schedule, run.base, pruned,
                      widths_before, model, run.graph, run.ctx, run.plans, prune_s, run.finetune_s, mem, caught)
-    if report["achieved"] is not None and report["achieved"] < 1.0 + 1e-9:
-        raise PruningError(f"{run.method.name} at {run.target} removed nothing from this model (its parameters and "
-                           "multiply-adds are unchanged): nothing prunable is left under the budget's floors, or "
-                           "the method's plan was empty")
+    _check_removed(report, run)
     model.prunekit_report = report
     return PruneResult(model=model, plan=run.plans[-1] if run.plans else Plan(method=run.method.name),
                        report=report, plans=run.plans, graph=run.graph)
@@ -467,6 +464,13 @@ def _prune_to_latency(model: nn.Module, method: str | Method, tgt: Target, data:
                       f"{s:.2f}x (FLOPs targets tried: {', '.join(format(t['flops_target'], '.2f') for t in trials)})",
                       stacklevel=3)
     return res
+
+
+def _check_removed(report: dict[str, Any], run: Any) -> None:
+    if report["achieved"] is not None and report["achieved"] < 1.0 + 1e-9:
+        raise PruningError(f"{run.method.name} at {run.target} removed nothing from this model (its parameters and "
+                           "multiply-adds are unchanged): nothing prunable is left under the budget's floors, or "
+                           "the method's plan was empty")
 
 
 @dataclass
