@@ -41,8 +41,12 @@ while the multiplier / ``eps`` is searched, so the kept size is monotone in it.
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import itertools
 import math
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,11 +86,55 @@ def sensitivities(method: Method, model: nn.Module, ctx: PruneContext, paths: li
     if n is None:
         n = sample_size(model, tuple(ctx.input_shape), method.delta)
         n = -(-n // method.batch_size) * method.batch_size
-    trackers = collect_sensitivities(model, ctx.batches(n), paths, weights, channels, method.batch_size)
+    batches = [x for x, _ in ctx.batches(n)]
+    key = _cache_key(model, paths, batches, weights, channels, method.batch_size)
+    hit = _SENS_CACHE.get(key)
+    if hit is not None:
+        _SENS_CACHE.move_to_end(key)
+        return {p: _rebound(t, model.get_submodule(p)) for p, t in hit.items()}
+    trackers = collect_sensitivities(model, batches, paths, weights, channels, method.batch_size)
     seen = max((t.num_points for t in trackers.values()), default=0)
     if seen == 0:
         raise PruningError(f"method {method.name!r} saw no examples: the prune set is empty")
+    _SENS_CACHE[key] = {p: _rebound(t, None) for p, t in trackers.items()}
+    while len(_SENS_CACHE) > _SENS_CACHE_SIZE:
+        _SENS_CACHE.popitem(last=False)
     return trackers
+
+
+# Sensitivities are a deterministic function of the layers' weights and the sample set: a sweep prunes the
+# same base model with the same prune set at several targets and with several variants (pfp / pfp_rand /
+# pfp_top share the channel scores), so the last few results are kept, keyed by a digest of the weights of
+# every measured layer's module tree and of the sample set. A hit returns copies bound to the caller's
+# modules (the scores read their weights, identical by the key); nothing else is shared.
+_SENS_CACHE: OrderedDict[str, dict[str, LayerSensitivity]] = OrderedDict()
+_SENS_CACHE_SIZE = 4
+
+
+def _cache_key(model: nn.Module, paths: list[str], batches: list[torch.Tensor], weights: bool, channels: bool,
+               batch_size: int) -> str:
+    h = hashlib.sha1(repr((paths, weights, channels, batch_size, model.training)).encode())
+    # every tensor the forward pass can depend on (parameters and buffers, BatchNorm statistics included)
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        h.update(name.encode())
+        _digest(h, t)
+    for x in batches:
+        _digest(h, x)
+    return h.hexdigest()
+
+
+def _digest(h: Any, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(repr((str(t.dtype), tuple(t.shape))).encode())
+    if t.numel():
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _rebound(t: LayerSensitivity, module: nn.Module | None) -> LayerSensitivity:
+    """A shallow copy of ``t`` reading its weight from ``module`` (None: detached, for the cache)."""
+    c = copy.copy(t)
+    c.module = module
+    return c
 
 
 def layer_alpha(t: LayerSensitivity, delta: float) -> float:
