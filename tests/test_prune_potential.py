@@ -73,3 +73,19 @@ def test_filter_methods_use_remaining_parameters_and_report_section():
     assert "| sipp | weight | 50.0 % | `params=2` | 90.00 |" in text
     assert "## Prune potential" in render_report(rows)
     assert prune_potential_section([]) == []
+
+
+def test_provable_preset_grid():
+    """The SiPP / PFP preset validates and holds the comparison of issue 14 with one shared budget."""
+    from prunekit.bench.config import list_presets, load_experiment
+
+    assert "cifar10-resnet20-provable" in list_presets()
+    e = load_experiment("cifar10-resnet20-provable")
+    assert e.model == "resnet20" and e.dataset == "cifar10-jpeg"
+    assert e.base.checkpoint == "benchmarks/checkpoints/resnet20-cifar10.pt"
+    cells = {s.name: e.targets_for(s) for s in e.method_specs()}
+    weight, flops = ["params=2", "params=4", "params=8", "params=16"], ["flops=1.5", "flops=2", "flops=3"]
+    assert cells == {**dict.fromkeys(["sipp", "sipp_rand", "magnitude", "torch_prune_l1"], weight),
+                     **dict.fromkeys(["pfp", "pfp_rand", "pfp_top", "l1", "tp_l1"], flops)}
+    assert 0 < e.finetune.epochs <= 1 and all(not s.options for s in e.method_specs())
+    assert e.measure.eval_subset is None  # the whole test set
