@@ -325,6 +325,7 @@ def test_sensitivity_cache_is_exact_and_keyed_by_weights_and_data(tiny, monkeypa
         first = prunekit.prune(model, "pfp", "flops=2", data, samples=32)
         again = prunekit.prune(copy.deepcopy(model), "pfp", "flops=2", data, samples=32)
         assert len(calls) == 1
+        assert (first.plan.meta["sensitivities"], again.plan.meta["sensitivities"]) == ("computed", "cache")
         assert first.plan.channels.keys() == again.plan.channels.keys()
         for k, v in first.plan.channels.items():
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(again.plan.channels[k]))
@@ -347,5 +348,9 @@ def test_sensitivity_cache_is_exact_and_keyed_by_weights_and_data(tiny, monkeypa
         shifted = [(data[0][0] + 0.01, data[0][1])]
         prunekit.prune(model, "pfp", "flops=2", shifted, samples=32)
         assert len(calls) == 5
+        monkeypatch.setenv("PRUNEKIT_SENSITIVITY_CACHE", "0")  # off: computed every time
+        prunekit.prune(model, "pfp", "flops=2", data, samples=32)
+        assert len(calls) == 6
     assert len(pv._SENS_CACHE) <= pv._SENS_CACHE_SIZE
-    pv._SENS_CACHE.clear()
+    pv.clear_sensitivity_cache()
+    assert not pv._SENS_CACHE

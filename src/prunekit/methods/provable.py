@@ -45,6 +45,7 @@ import copy
 import hashlib
 import itertools
 import math
+import os
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -88,7 +89,9 @@ def sensitivities(method: Method, model: nn.Module, ctx: PruneContext, paths: li
         n = -(-n // method.batch_size) * method.batch_size
     batches = [x for x, _ in ctx.batches(n)]
     key = _cache_key(model, paths, batches, weights, channels, method.batch_size)
-    hit = _SENS_CACHE.get(key)
+    use_cache = os.environ.get("PRUNEKIT_SENSITIVITY_CACHE", "1") != "0"
+    hit = _SENS_CACHE.get(key) if use_cache else None
+    method.sensitivity_source = "cache" if hit is not None else "computed"
     if hit is not None:
         _SENS_CACHE.move_to_end(key)
         return {p: _rebound(t, model.get_submodule(p)) for p, t in hit.items()}
@@ -96,7 +99,8 @@ def sensitivities(method: Method, model: nn.Module, ctx: PruneContext, paths: li
     seen = max((t.num_points for t in trackers.values()), default=0)
     if seen == 0:
         raise PruningError(f"method {method.name!r} saw no examples: the prune set is empty")
-    _SENS_CACHE[key] = {p: _rebound(t, None) for p, t in trackers.items()}
+    if use_cache:
+        _SENS_CACHE[key] = {p: _rebound(t, None) for p, t in trackers.items()}
     while len(_SENS_CACHE) > _SENS_CACHE_SIZE:
         _SENS_CACHE.popitem(last=False)
     return trackers
@@ -106,9 +110,16 @@ def sensitivities(method: Method, model: nn.Module, ctx: PruneContext, paths: li
 # same base model with the same prune set at several targets and with several variants (pfp / pfp_rand /
 # pfp_top share the channel scores), so the last few results are kept, keyed by a digest of the weights of
 # every measured layer's module tree and of the sample set. A hit returns copies bound to the caller's
-# modules (the scores read their weights, identical by the key); nothing else is shared.
+# modules (the scores read their weights, identical by the key); nothing else is shared. The plans of
+# sipp_rand / sipp_hybrid / pfp* say where their scores came from (meta "sensitivities": "cache" or
+# "computed"); PRUNEKIT_SENSITIVITY_CACHE=0 turns the cache off, clear_sensitivity_cache() empties it.
 _SENS_CACHE: OrderedDict[str, dict[str, LayerSensitivity]] = OrderedDict()
 _SENS_CACHE_SIZE = 4
+
+
+def clear_sensitivity_cache() -> None:
+    """Forget the kept sensitivities."""
+    _SENS_CACHE.clear()
 
 
 def _cache_key(model: nn.Module, paths: list[str], batches: list[torch.Tensor], weights: bool, channels: bool,
@@ -217,6 +228,7 @@ def reweight(counts: torch.Tensor, probs: torch.Tensor, m: torch.Tensor) -> torc
 
 # --------------------------------------------------------------------------------------------- SiPP
 class _SiPPBase(WeightScorer):
+    sensitivity_source = "computed"  # "cache" when the last call reused kept sensitivities
     defaults = dict(_DEFAULTS)
     option_help = _HELP
 
@@ -387,8 +399,8 @@ class _SiPPSampled(_SiPPBase):
         else:
             target = sum(r.unit * float(masks[r.param].sum()) for r in rows)
             lam, ms = _fit_multiplier(rows, target, self.hybrid)
-        out = Plan(method=self.name, meta={"multiplier": lam, "samples": {r.param: int(m.sum()) for r, m in
-                                                                          zip(rows, ms)}})
+        out = Plan(method=self.name, meta={"multiplier": lam, "sensitivities": self.sensitivity_source,
+                                           "samples": {r.param: int(m.sum()) for r, m in zip(rows, ms)}})
         facs = [r.factors(m, self.hybrid) for r, m in zip(rows, ms)]
         if ctx.target.kind == "ratio" or ctx.budget.scope == "layerwise":
             facs = [_top_up([r], [f], r.unit * float(masks[r.param].sum()), scores)[0] for r, f in zip(rows, facs)]
@@ -582,6 +594,7 @@ def _fold_scales(model: nn.Module, ctx: PruneContext, picks: dict[str, tuple[tor
 
 
 class _PFPBase(Method):
+    sensitivity_source = "computed"  # "cache" when the last call reused kept sensitivities
     defaults = {**_DEFAULTS, "seed": 0, "align": False}
     option_help = _HELP
     variant = "pfp"
@@ -645,7 +658,8 @@ class _PFPBase(Method):
         info["widths"] = {k: len(keep) for k, (keep, _) in chosen.items()}
         ctx.allocation = info
         weights = _fold_scales(model, ctx, chosen, channels)
-        return Plan(method=self.name, channels=channels, weights=weights, meta={"epsilon": eps})
+        return Plan(method=self.name, channels=channels, weights=weights,
+                    meta={"epsilon": eps, "sensitivities": self.sensitivity_source})
 
 
 _PFP_KW: dict[str, Any] = {"granularity": "channel", "needs_data": True, "family": "provable",
