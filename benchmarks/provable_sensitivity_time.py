@@ -6,9 +6,10 @@ In one process, on the reference ResNet-20 / CIFAR-10 (JPEG copy), with the same
    of the training split, seed 0), ``|S| = ceil(3 ln(8 eta* eta / delta))`` with delta = 1e-16, rounded
    up to the methods' sensitivity batch (32), as ``sipp`` / ``pfp`` do by default;
 2. the sensitivity pass alone (:func:`prunekit.sensitivity.collect_sensitivities`) over every conv /
-   linear layer: per-weight scores (SiPP) and per-input-channel scores (PFP), each timed ``--repeats``
-   times (median reported), and the whole ``prunekit.prune`` call of ``sipp`` at ``params=4`` and ``pfp``
-   at ``flops=2`` (sensitivities + allocation + epsilon / multiplier search + surgery), once each;
+   linear layer: per-weight scores (SiPP, timed ``--repeats`` times) and per-input-channel scores (PFP,
+   ``--pfp-repeats`` times), medians reported; with ``--prune-calls`` also the whole ``prunekit.prune``
+   call of ``sipp`` at ``params=4`` and ``pfp`` at ``flops=2`` (sensitivities + allocation + epsilon /
+   multiplier search + surgery; the sensitivity cache off), once each;
 3. training: ``--epoch-fraction`` of an epoch (default 0.25, i.e. 97 of 390 steps) of a copy of the same
    model with the benchmark's fine-tuning settings (SGD + Nesterov, batch 128, augmentation, channels-last),
    extrapolated linearly to one epoch (``--epoch-fraction 1`` times a whole epoch).
@@ -40,6 +41,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--epoch-fraction", type=float, default=0.25)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pfp-repeats", type=int, default=1)
+    ap.add_argument("--prune-calls", action="store_true")
     ap.add_argument("--delta", type=float, default=1e-16)
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
@@ -73,14 +76,15 @@ def main() -> None:
 
     sens(True, False)  # warm-up (allocator, kernels), not counted
     sipp_s = [sens(True, False) for _ in range(args.repeats)]
-    pfp_s = [sens(False, True) for _ in range(args.repeats)]
+    pfp_s = [sens(False, True) for _ in range(args.pfp_repeats)]
 
     def whole(method: str, target: str) -> float:
         r = prunekit.prune(copy.deepcopy(base), method, target, data=loader, input_shape=shape)
         return float(r.report.get("prune_seconds") or math.nan)
 
-    sipp_prune = whole("sipp", "params=4")
-    pfp_prune = whole("pfp", "flops=2")
+    os.environ["PRUNEKIT_SENSITIVITY_CACHE"] = "0"
+    sipp_prune = whole("sipp", "params=4") if args.prune_calls else math.nan
+    pfp_prune = whole("pfp", "flops=2") if args.prune_calls else math.nan
 
     model = copy.deepcopy(base).train()
     cfg = TrainConfig(epochs=args.epoch_fraction, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4,
@@ -111,12 +115,14 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     print(f"SiPP sensitivities: median {sipp_med:.2f} s  ({', '.join(f'{t:.2f}' for t in sipp_s)})")
     print(f"PFP  sensitivities: median {pfp_med:.2f} s  ({', '.join(f'{t:.2f}' for t in pfp_s)})")
-    print(f"whole prune call: sipp params=4 {sipp_prune:.2f} s, pfp flops=2 {pfp_prune:.2f} s")
+    if args.prune_calls:
+        print(f"whole prune call: sipp params=4 {sipp_prune:.2f} s, pfp flops=2 {pfp_prune:.2f} s")
     print(f"training: {steps} of {trainer.steps_per_epoch} steps in {train_s:.1f} s -> one epoch "
           f"{epoch_s:.1f} s (linear extrapolation x{trainer.steps_per_epoch / steps:.2f})")
     print(f"ratio to one epoch: SiPP sensitivities {out['ratio_sipp_sensitivity']:.4f}, "
-          f"PFP sensitivities {out['ratio_pfp_sensitivity']:.4f}; whole prune call: sipp "
-          f"{out['ratio_sipp_prune_call']:.4f}, pfp {out['ratio_pfp_prune_call']:.4f} (acceptance <= 0.05)")
+          f"PFP sensitivities {out['ratio_pfp_sensitivity']:.4f}"
+          + (f"; whole prune call: sipp {out['ratio_sipp_prune_call']:.4f}, pfp {out['ratio_pfp_prune_call']:.4f}"
+             if args.prune_calls else "") + " (acceptance <= 0.05)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
