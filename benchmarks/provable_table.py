@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prunekit.bench.report import _potential_text, prune_potential, target_sort_key
+from prunekit.bench.report import format_potential, prune_potential, target_sort_key
 from prunekit.bench.results import load_rows
 
 ORDER = ["sipp", "sipp_rand", "magnitude", "torch_prune_l1", "pfp", "pfp_rand", "pfp_top", "l1", "tp_l1"]
@@ -75,8 +75,8 @@ def main() -> None:
     for p in sorted(prune_potential(ok), key=lambda p: rank.get(p["method"], 99)):
         q, w = pruned.get(p["label"]), wide.get(p["label"])
         at_w = f" (`{w['target']}`)" if w and w["target"] else ""
-        print(f"| {p['label']} | {_potential_text(p)} | {('`' + p['target'] + '`') if p['target'] else '–'} | "
-              f"{_potential_text(q) if q else '–'} | {_potential_text(w) + at_w if w else '–'} | "
+        print(f"| {p['label']} | {format_potential(p)} | {('`' + p['target'] + '`') if p['target'] else '–'} | "
+              f"{format_potential(q) if q else '–'} | {format_potential(w) + at_w if w else '–'} | "
               f"{PUBLISHED.get(p['method'], '–')} |")
 
 

@@ -340,7 +340,7 @@ def prune_potential(rows: Sequence[dict[str, Any]], delta: float = PRUNE_POTENTI
     return out
 
 
-def _potential_text(p: dict[str, Any]) -> str:
+def format_potential(p: dict[str, Any]) -> str:
     if p["none_within"]:
         return f"< {100 * p['ratios'][0][1]:.1f} % (none within)"
     return ("≥ " if p["at_grid_edge"] else "") + f"{100 * p['potential']:.1f} %"
@@ -361,9 +361,9 @@ def prune_potential_section(rows: Sequence[dict[str, Any]], delta: float = PRUNE
     for p in sorted(final, key=lambda p: (str(p.get("granularity")), -p["potential"], p["label"])):
         q = pruned.get(p["label"])
         top1 = f"{100 * p['top1']:.2f}" if p["top1"] is not None else "–"
-        lines.append(f"| {p['label']} | {p.get('granularity') or '?'} | {_potential_text(p)} | "
+        lines.append(f"| {p['label']} | {p.get('granularity') or '?'} | {format_potential(p)} | "
                      f"{'`' + p['target'] + '`' if p['target'] else '–'} | {top1} | "
-                     f"{_potential_text(q) if q else '–'} |")
+                     f"{format_potential(q) if q else '–'} |")
     lines.append("")
     return lines
 
@@ -380,5 +380,5 @@ def write_report(rows: Sequence[dict[str, Any]], out: Path) -> Path:
     return path
 
 
-__all__ = ["PRUNE_POTENTIAL_DELTA", "TABLE_COLUMNS", "aggregate", "pareto_front", "prune_potential",
+__all__ = ["PRUNE_POTENTIAL_DELTA", "TABLE_COLUMNS", "aggregate", "format_potential", "pareto_front", "prune_potential",
            "prune_potential_section", "render_report", "target_sort_key", "write_report"]
