@@ -16,7 +16,7 @@ In one process, on the reference ResNet-20 / CIFAR-10 (JPEG copy), with the same
 
 Prints every figure and the ratios sensitivity time / epoch time (acceptance: <= 0.05).
 
-    PRUNEKIT_DATA=../shared/data python benchmarks/provable_sensitivity_time.py [--threads 2]
+    PRUNEKIT_DATA=../shared/data python benchmarks/provable_sensitivity_time.py [--threads 1]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="benchmarks/checkpoints/resnet20-cifar10.pt")
     ap.add_argument("--data-dir", default=os.environ.get("PRUNEKIT_DATA"))
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: two spin-wait on a shared box)")
     ap.add_argument("--epoch-fraction", type=float, default=0.25)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pfp-repeats", type=int, default=1)
