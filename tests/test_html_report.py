@@ -29,6 +29,7 @@ def _rows() -> list[dict]:
                              "compression": v if gran == "weight" else 1.2, "latency_speedup": 0.8 * v,
                              "seed": 0, "seed_group": f"{gran}{m}", "experiment": "t", "model": "lenet5",
                              "dataset": "synthetic", "finetune_epochs": 0.2,
+                             "per_class_base": {"0": 0.95, "1": 0.9}, "per_class_final": {"0": top1, "1": top1 - 0.05},
                              "layers": {"conv1": {"before": [6, 1], "after": [3, 1], "sparsity": 0.0},
                                         "conv2": {"before": [16, 6], "after": [8, 3], "sparsity": 0.0}}})
     rows.append({"status": "failed", "method": "broken", "target": "flops=2", "granularity": "channel"})
@@ -42,7 +43,8 @@ def test_report_html_is_self_contained_and_has_every_panel(tmp_path) -> None:
     assert not re.search(r'src="(?!data:)', text)  # every image inline, nothing fetched
     for title in ("Channel pruning", "Low-rank compression", "Unstructured (weight) pruning"):
         assert f"<h2>{title}</h2>" in text
-    assert text.count("data:image/png;base64,") == 3 * 3 + 2  # 3 panels per granularity + 2 width charts
+    # 3 panels + a per-class damage chart per granularity, + 2 width charts (channel, low rank)
+    assert text.count("data:image/png;base64,") == 3 * 4 + 2 and "per-class damage" in text
     assert text.count('class="sortable"') == 3 and "addEventListener('click'" in text
     assert "96 of 97 cells ok" in text
     # the best method of each granularity is the one with m0 (least damage) and is marked in its table

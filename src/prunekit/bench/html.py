@@ -161,6 +161,33 @@ def _width_chart(row: dict[str, Any]) -> str | None:
     return _png(fig)
 
 
+def _class_damage_chart(rows: Sequence[dict[str, Any]], title: str) -> str | None:
+    """Per-class top-1 drop (base - final, points) of each given row, one group of bars per class."""
+    from matplotlib.figure import Figure
+
+    rows = [r for r in rows if r.get("per_class_final") and r.get("per_class_base")]
+    if not rows:
+        return None
+    classes = sorted(rows[0]["per_class_base"], key=lambda c: int(c) if str(c).isdigit() else str(c))
+    fig = Figure(figsize=(max(6.0, 0.45 * len(classes) * len(rows) / 2 + 2), 3.6))
+    ax = fig.subplots()
+    w = 0.8 / len(rows)
+    colors = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+    for i, r in enumerate(rows):
+        drop = [100 * (r["per_class_base"][c] - r["per_class_final"].get(c, 0.0)) for c in classes]
+        ax.bar([k + (i - (len(rows) - 1) / 2) * w for k in range(len(classes))], drop, width=w,
+               color=colors[i % len(colors)], label=f"{r.get('label') or r['method']} {r['target']}")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xticks(list(range(len(classes))))
+    ax.set_xticklabels(classes, fontsize=8)
+    ax.set_xlabel("class")
+    ax.set_ylabel("top-1 drop (points)")
+    ax.set_title(title, fontsize=11)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def render_html(rows: Sequence[dict[str, Any]]) -> str:
     aggs = aggregate(rows)
     ref = next(iter(rows), {})
@@ -188,6 +215,17 @@ def render_html(rows: Sequence[dict[str, Any]]) -> str:
         parts.append('<div class="panels">' + "".join(f'<img alt="{html.escape(name)} plot" src="{p}">'
                                                       for p in panels if p) + "</div>")
         parts.append(_table(sorted(ga, key=lambda a: (target_sort_key(a["target"]), -(a.get("top1_final") or 0)))))
+        top = _best_labels(ga, 3)
+        at = {}
+        for r in ok:  # each of the best three at its largest target
+            lb = r.get("label") or r["method"]
+            if lb in top and r.get("granularity") == gran and (lb not in at or target_sort_key(r["target"]) >
+                                                                 target_sort_key(at[lb]["target"])):
+                at[lb] = r
+        damage = _class_damage_chart([at[lb] for lb in top if lb in at], f"{name}: per-class damage of the best")
+        if damage:
+            parts.append(f'<div class="panels"><img alt="per-class damage" style="width:auto;max-width:100%" '
+                         f'src="{damage}"></div>')
         if gran != "weight":
             best = _best_labels(ga, 1)
             cand = [r for r in ok if (r.get("label") or r["method"]) in best and r.get("layers")]

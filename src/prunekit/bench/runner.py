@@ -535,7 +535,7 @@ class Runner:
         ev = evaluate(base_model, eval_loader, device=device)
         preds, _ = predictions(base_model, eval_loader, device=device)
         sizes = count_params(base_model)
-        base = {"top1": ev["top1"], "top5": ev["top5"], "params": sizes["params"],
+        base = {"top1": ev["top1"], "top5": ev["top5"], "per_class": ev.get("per_class"), "params": sizes["params"],
                 "nonzero_params": sizes["nonzero_params"], "flops": count_flops(base_model, input_shape),
                 "latency": self._latency(base_model, input_shape, device), "fingerprint": fingerprint}
         if exp.measure.epoch_time:
@@ -836,6 +836,9 @@ class Runner:
                             "agreement_finetuned": ev["agreement"]})
             row["top1_final"] = row.get("top1_finetuned", row["top1_pruned"])
             row["agreement_final"] = row.get("agreement_finetuned", row["agreement_pruned"])
+            if ev.get("per_class") and base.get("per_class"):  # per-class top-1, base and final
+                row["per_class_final"] = ev["per_class"]
+                row["per_class_base"] = base["per_class"]
 
             sizes = count_params(pruned)
             flops_dense = count_flops(pruned, env.input_shape)
