@@ -160,3 +160,30 @@ def test_fuzzed_train_flags_never_give_a_traceback(flag, value) -> None:
             rc = int(e.code or 0)
     assert rc in (0, 2), err.getvalue()
     assert "Traceback" not in err.getvalue()
+
+
+def test_resume_with_another_model_is_a_clear_error(tmp_path, capsys) -> None:
+    from prunekit.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", "lenet5", "--dataset", "synthetic", "--epochs", "1", "--out", str(out),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    rc = main(["train", "--model", "lenet_300_100", "--dataset", "synthetic", "--epochs", "1", "--out", str(out),
+               "--resume", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot resume" in err and "another model" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["0", "-8", "x"])
+def test_round_to_below_one_is_refused(tmp_path, capsys, value) -> None:
+    import prunekit
+    from prunekit.cli import main
+    from prunekit.models import create_model
+
+    base = tmp_path / "base.pt"
+    prunekit.save(create_model("lenet5", in_channels=3, image_size=32), base, meta={"dataset": "synthetic"})
+    rc = main(["prune", "--checkpoint", str(base), "--method", "l1", "--target", "flops=2", "--round-to", value,
+               "--out", str(tmp_path / "o"), "--quiet", "--no-latency"])
+    assert rc == 2 and "--round-to" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "model.pt").exists()

@@ -34,9 +34,12 @@ def _round_to(text: str | None) -> int | str | None:
     if text is None or text == "auto":
         return None
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise PrunekitError(f"--round-to must be an integer or 'auto', got {text!r}") from None
+        raise PrunekitError(f"--round-to must be an integer >= 1 or 'auto', got {text!r}") from None
+    if value < 1:
+        raise PrunekitError(f"--round-to must be an integer >= 1 (1: no rounding) or 'auto', got {value}")
+    return value
 
 
 def _latency_model(args: argparse.Namespace) -> str:

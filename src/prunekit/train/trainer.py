@@ -232,9 +232,19 @@ class Trainer:
         distributed.barrier()
 
     def _load_state(self, path: Path) -> None:
-        st = torch.load(path, map_location=self.device, weights_only=True)
-        self.model.load_state_dict(st["model"])
-        self.optimizer.load_state_dict(st["optimizer"])
+        try:
+            st = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign file: say which and what to do
+            raise PrunekitError(f"cannot resume from {path}: it is not a prunekit training state ({type(e).__name__}); "
+                                "delete it or train into another --out without --resume") from None
+        try:
+            self.model.load_state_dict(st["model"])
+            self.optimizer.load_state_dict(st["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()
+            raise PrunekitError(f"cannot resume from {path}: it was saved for another model or optimizer than this "
+                                f"command builds ({first[-1].strip() if first else type(e).__name__}); resume with the "
+                                "same --model / --model-kwargs / --optimizer, or train into another --out") from None
         self.epoch, self.step = int(st["epoch"]), int(st["step"])
         self.history = json.loads(st["history"])
         torch.set_rng_state(st["torch_rng"].cpu())
