@@ -118,19 +118,40 @@ class PruneContext:
                                "--dataset to `prunekit prune`")
 
     def batches(self, max_samples: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of the prune set moved to the device, at most ``max_samples`` examples."""
+        """Batches of the prune set moved to the device, at most ``max_samples`` examples.
+
+        ``x`` is a tensor, or for a model with several inputs a tuple (positional) / dict (keyword) of
+        tensors, yielded as :class:`prunekit.surgery.inputs.ExampleInputs`: call the model with
+        :func:`prunekit.surgery.inputs.run_model` (``len(x)`` is then not the batch size: use
+        ``x.batch_size``)."""
         if self.data is None:
             raise PruningError("this method needs data but none was given")
         seen = 0
         for x, y in self.data:
+            if not isinstance(x, torch.Tensor):  # several inputs: a tuple (positional) or a dict (keyword)
+                from prunekit.surgery.inputs import as_example_inputs
+
+                x = as_example_inputs(x)
+            n = x.batch_size if not isinstance(x, torch.Tensor) else len(x)
             if max_samples is not None and seen >= max_samples:
                 break
-            if max_samples is not None and seen + len(x) > max_samples:
-                x, y = x[: max_samples - seen], y[: max_samples - seen]
-            seen += len(x)
+            if max_samples is not None and seen + n > max_samples:
+                x, y = (x[: max_samples - seen] if isinstance(x, torch.Tensor) else x.first(max_samples - seen),
+                        y[: max_samples - seen])
+                n = max_samples - seen
+            seen += n
             yield x.to(self.device), y.to(self.device)
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: Any, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the model's output; for a model with several outputs (tuple, dict, dataclass),
+        of its first output tensor (subclass or replace ``loss`` for anything else)."""
+        if not isinstance(logits, torch.Tensor):
+            from prunekit.surgery.inputs import flatten_outputs
+
+            outs = flatten_outputs(logits)
+            if not outs:
+                raise PruningError(f"the model returned {type(logits).__name__} without a tensor: no loss")
+            logits = outs[0]
         return F.cross_entropy(logits, y)
 
     # -- channel groups ------------------------------------------------------------------------------
@@ -146,14 +167,28 @@ class PruneContext:
         Rows of all producer layers (conv / linear output channels) of a coupled group are
         concatenated along the second axis, so that a group-wide norm is a row norm.
         """
-        rows = []
-        for path in group.producers:
-            if hasattr(group, "rows"):  # follows the group's channel -> row mapping (e.g. attention heads)
-                rows.append(group.rows(model, path))
-            else:
-                w = model.get_submodule(path).weight.detach()
-                rows.append(w.reshape(w.shape[0], -1))
-        return torch.cat(rows, 1)
+        return torch.cat([_rows(model, group, path, "producer") for path in group.producers], 1)
+
+    def consumer_columns(self, model: nn.Module, group: Any) -> torch.Tensor:
+        """Weights of the group's consumers that read each channel: ``(size, n)``, all consumers
+        concatenated along the second axis (input features of a conv / linear layer, output
+        channels of a transposed conv's weight: the axis the channel graph recorded)."""
+        cols = [_rows(model, group, path, "consumer") for path in group.consumers]
+        if not cols:
+            return torch.zeros(group.size, 0)
+        return torch.cat(cols, 1)
+
+
+def _rows(model: nn.Module, group: Any, path: str, role: str) -> torch.Tensor:
+    """One layer's weights with one row per channel of ``group``: from the group's member table (the
+    channel axis the graph recorded: transposed convs, heads, flattened maps), else along weight dim 0
+    (producers) / dim 1 (consumers) for hand-made groups without one."""
+    if getattr(group, "members", None):
+        return group.rows(model, path) if role == "producer" else group.columns(model, path)
+    w = model.get_submodule(path).weight.detach()
+    if role != "producer":
+        w = w.movedim(1, 0)
+    return w.reshape(group.size, -1)
 
 
 __all__ = ["BudgetOptions", "PruneContext", "Target"]

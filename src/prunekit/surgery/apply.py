@@ -203,8 +203,14 @@ def _physical(
             remove = _complement(keep, g.size)
             if remove.numel() == 0:
                 continue
-            if g.kind == "heads":
+            if g.kind == "heads" and g.unit_index is None:
                 _prune_heads(model, g, keep)
+            elif g.unit_index is not None:  # whole heads of an attention module: their channels, by Torch-Pruning
+                root = model.get_submodule(g.key)
+                pruner = dg.get_pruner_of_module(root)
+                idx = g.unit_index[remove].reshape(-1).tolist()
+                dg.get_pruning_group(root, pruner.prune_out_channels, idx).prune()
+                _update_head_count(model, g, int(keep.numel()))
             else:
                 root = model.get_submodule(g.key)
                 pruner = dg.get_pruner_of_module(root)
@@ -262,6 +268,22 @@ def _layer(model: nn.Module, path: str) -> nn.Module:
             f"plan.lowrank[{path!r}] must replace a Conv2d or Linear layer, not {type(layer).__name__}"
         )
     return layer
+
+
+def _update_head_count(model: nn.Module, g: ChannelGroup, heads: int) -> None:
+    """The attention module's head count and widths after keeping ``heads`` of its heads."""
+    attn = model.get_submodule(g.attention) if g.attention else None
+    if attn is None:
+        return
+    d = int(g.unit_index.shape[1])
+    for name in ("num_heads", "num_attention_heads"):
+        if isinstance(getattr(attn, name, None), int):
+            setattr(attn, name, heads)
+    for name in ("all_head_size", "inner_dim"):
+        if isinstance(getattr(attn, name, None), int):
+            setattr(attn, name, heads * d)
+    if isinstance(getattr(attn, "split_size", None), int):
+        attn.split_size = heads * d
 
 
 def _prune_heads(model: nn.Module, g: ChannelGroup, keep: torch.Tensor) -> None:

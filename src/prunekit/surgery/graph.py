@@ -53,6 +53,7 @@ from prunekit.surgery.groups import (  # noqa: F401  (re-exported: the records a
     is_attention,
     tensor_shapes,
 )
+from prunekit.surgery.inputs import ExampleInputs, as_example_inputs, flatten_outputs, is_example
 
 
 # --------------------------------------------------------------------------------------------- the graph
@@ -142,11 +143,14 @@ class ChannelGraph:
 
 
 # --------------------------------------------------------------------------------------------- inputs
-def example_batch(model: nn.Module, example_input: Any) -> torch.Tensor:
-    """A batch-1 input for tracing: ``example_input`` may be a tensor batch or a shape ``(C, H, W)``."""
+def example_batch(model: nn.Module, example_input: Any) -> Any:
+    """A batch-1 input for tracing: ``example_input`` may be a tensor batch, a tuple of tensors or a dict of
+    keyword tensors (returned as :class:`~prunekit.surgery.inputs.ExampleInputs`), or a shape ``(C, H, W)``."""
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     if isinstance(example_input, torch.Tensor):
         return example_input[:1].to(dev)
+    if is_example(example_input):
+        return as_example_inputs(example_input).first(1).to(dev)
     if example_input is None:
         example_input = default_input_shape(model)
     shape = tuple(int(s) for s in example_input)
@@ -158,7 +162,8 @@ def default_input_shape(model: nn.Module) -> tuple[int, ...]:
     cfg = getattr(model, "prunekit_config", None)
     if not cfg:
         raise PruningError(
-            "cannot tell the model's input shape: pass input_shape=(C, H, W) (or example_input)"
+            "cannot tell the model's input shape: pass example_inputs=... (a batch: a tensor, a tuple of "
+            "tensors or a dict of keyword tensors) or input_shape=(C, H, W)"
         )
     from prunekit.models import get_model_info
 
@@ -225,7 +230,7 @@ def _output_modules(dg: Any) -> set[Any]:
     return found
 
 
-def _trace(model: nn.Module, x: torch.Tensor) -> tuple[Any, list[str], _UseRecorder]:
+def _trace(model: nn.Module, x: Any) -> tuple[Any, list[str], _UseRecorder]:
     import torch_pruning as tp
 
     dg = tp.DependencyGraph()
@@ -235,7 +240,11 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tuple[Any, list[str], _UseRecor
     try:
         with warnings.catch_warnings(record=True) as caught, torch.enable_grad():
             warnings.simplefilter("always")
-            dg.build_dependency(model, (x,), verbose=True)
+            if isinstance(x, ExampleInputs):
+                dg.build_dependency(model, x.args, forward_fn=lambda m, _: x(m), output_transform=flatten_outputs,
+                                    verbose=True)
+            else:
+                dg.build_dependency(model, (x,), output_transform=flatten_outputs, verbose=True)
         for w in caught:
             msg = str(w.message)
             if "Unwrapped parameters" not in msg:
@@ -243,7 +252,8 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tuple[Any, list[str], _UseRecor
     except Exception as e:  # noqa: BLE001 - tracing arbitrary models can fail in many ways
         raise PruningError(
             f"could not trace the model to find coupled channels ({type(e).__name__}: {e}); "
-            "the model must run on a single tensor input of the given shape"
+            "the model must run on the example inputs (pass example_inputs=... for models taking several "
+            "inputs, keyword inputs or integer tokens)"
         ) from e
     finally:
         rec.remove()
@@ -254,7 +264,7 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tuple[Any, list[str], _UseRecor
 
 def analyze(
     model: nn.Module,
-    example_input: torch.Tensor | Sequence[int] | None = None,
+    example_input: Any = None,
     ignored: Iterable[str | nn.Module] | None = None,
     *,
     heads: bool = False,
@@ -264,8 +274,11 @@ def analyze(
     """Find the coupled channel groups of ``model``.
 
     Args:
-        model: the network (zoo or any ``nn.Module`` taking one tensor).
-        example_input: an example batch or an input shape ``(C, H, W)``; default: the zoo model's size.
+        model: the network (zoo or any ``nn.Module``).
+        example_input: an example batch (a tensor, a tuple of positional tensors or a dict of keyword
+            tensors, batch first; see :class:`~prunekit.surgery.inputs.ExampleInputs`) or an input shape
+            ``(C, H, W)``; default: the zoo model's size. Outputs may be tensors, tuples, dicts or
+            dataclasses (every tensor in them is an output).
         ignored: layers (paths or modules) whose output channels must not be pruned; a group
             containing one of them (as producer, depthwise conv or norm) is not prunable. The
             classifier never is, whatever this says.
@@ -314,7 +327,7 @@ def analyze(
     graph = ChannelGraph(
         groups=groups,
         skipped=skipped,
-        input_shape=tuple(x.shape[1:]),
+        input_shape=x if isinstance(x, ExampleInputs) else tuple(x.shape[1:]),
         cost=cost,
         output_layers=sorted(names[m] for m in outputs if m in names),
         layer_shapes=shapes,
@@ -354,6 +367,8 @@ def _build_groups(work: nn.Module, dg: Any, names: dict[nn.Module, str], shapes:
                     "they are pruned only as whole heads (heads=True)"
                 )
             continue
+        if not bad:
+            bad = _block_heads(work, g)
         if bad:
             g.prunable, g.reason = False, bad
             problems.append((path, bad))
@@ -461,6 +476,13 @@ def _convert(
                 if path not in g.consumers:
                     g.consumers.append(path)
                     g.expansion[path] = int(table.shape[1])
+        elif isinstance(mod, nn.Embedding):
+            # an embedding's output channels are its weight's columns (dim 1); a tied output layer reading
+            # the same matrix is a consumer along the same dimension
+            out_mods.add(mod)
+            bad = bad or add(f"{path}.weight", 1, table, "producer")
+            if path not in g.producers:
+                g.producers.append(path)
         elif isinstance(mod, NORM_TYPES):
             bad = bad or _add_norm(g, mod, path, table, add)
         elif isinstance(mod, nn.PReLU):
@@ -472,6 +494,43 @@ def _convert(
     if not g.producers and not bad:
         bad = "no conv / linear layer produces these channels"
     return g, out_mods, bad
+
+
+def _head_attrs(m: nn.Module) -> tuple[int, int] | None:
+    """``(heads, head_dim)`` of an attention module that splits its projections into heads (Hugging Face
+    ``num_attention_heads`` / ``attention_head_size`` / ``head_dim``, timm ``num_heads`` / ``head_dim``)."""
+    d = next((v for a in ("head_dim", "attention_head_size") if isinstance(v := getattr(m, a, None), int)), None)
+    h = next((v for a in ("num_heads", "num_attention_heads") if isinstance(v := getattr(m, a, None), int)), None)
+    if d is None or d < 1:
+        return None
+    return (h or 0), d
+
+
+def _block_heads(work: nn.Module, g: ChannelGroup) -> str:
+    """Turn a group of attention projection channels (the q / k / v outputs of one module that reshapes them
+    into heads of ``head_dim``) into a group of whole heads: removing single channels would break the
+    reshape, removing whole heads keeps it valid. Returns why the group cannot be pruned ("" if it can)."""
+    parents = {p.rpartition(".")[0] for p in g.producers}
+    if len(parents) != 1:
+        return ""
+    parent = parents.pop()
+    attn = work.get_submodule(parent) if parent else work
+    hd = _head_attrs(attn)
+    if hd is None:
+        return ""
+    heads, d = hd
+    if d == 1 or g.size % d or (heads and g.size not in (heads * d,)):
+        return ""
+    if g.norms or g.depthwise or g.params:
+        return f"attention projections of {parent!r} feed other layers per channel: their heads cannot be pruned"
+    n = g.size // d
+    for mb in g.members:
+        mb.index = mb.index.reshape(n, d * mb.per_channel)
+    g.unit_index = torch.arange(g.size).reshape(n, d)
+    g.size, g.kind = n, "heads"
+    g.expansion = {c: e * d for c, e in g.expansion.items()}
+    g.attention = parent
+    return ""
 
 
 def _add_norm(g: ChannelGroup, mod: nn.Module, path: str, table: torch.Tensor, add: Any) -> str:
