@@ -31,7 +31,7 @@ from prunekit.schedule import FineTuner, cumulative_fractions, target_fraction
 from prunekit.surgery.allocate import latency_mode as _latency_mode
 from prunekit.surgery.apply import apply_plan_
 from prunekit.surgery.graph import LAYER_TYPES, ChannelGraph, analyze, default_input_shape
-from prunekit.surgery.inputs import is_example
+from prunekit.surgery.inputs import accepting_examples, is_example
 from prunekit.surgery.masks import remove_masks_
 from prunekit.surgery.plan import Plan
 
@@ -490,7 +490,11 @@ def _run_rounds(run: _Run) -> None:
         if rt is None:
             continue
         ctx.target = rt
-        plan = run.method.plan(model, ctx)
+        if hasattr(ctx.input_shape, "kwargs"):  # several / keyword inputs: model(x) unpacks ExampleInputs
+            with accepting_examples(model):
+                plan = run.method.plan(model, ctx)
+        else:
+            plan = run.method.plan(model, ctx)
         run.plans.append(plan)
         _apply_and_finetune(run, plan, graph, last=k == run.rounds - 1)
 

@@ -230,6 +230,23 @@ def _output_modules(dg: Any) -> set[Any]:
     return found
 
 
+_KNOWN = (*LAYER_TYPES, *NORM_TYPES, nn.Embedding, nn.PReLU, nn.MultiheadAttention)
+
+
+def unknown_layers(model: nn.Module) -> list[tuple[str, str]]:
+    """``(path, type)`` of modules holding weights of their own whose type the engine does not know
+    (e.g. Hugging Face's ``Conv1D``, a linear layer with a transposed weight): Torch-Pruning cannot tell
+    which of their dimensions are channels."""
+    out = []
+    for path, m in model.named_modules():
+        if isinstance(m, _KNOWN) or not any(p.dim() > 1 for p in m.parameters(recurse=False)):
+            continue
+        if any(path.startswith(k + ".") for k, _ in out):
+            continue
+        out.append((path, type(m).__name__))
+    return out
+
+
 def _trace(model: nn.Module, x: Any) -> tuple[Any, list[str], _UseRecorder]:
     import torch_pruning as tp
 
@@ -250,10 +267,16 @@ def _trace(model: nn.Module, x: Any) -> tuple[Any, list[str], _UseRecorder]:
             if "Unwrapped parameters" not in msg:
                 notes.append(msg.strip())
     except Exception as e:  # noqa: BLE001 - tracing arbitrary models can fail in many ways
-        raise PruningError(
-            f"could not trace the model to find coupled channels ({type(e).__name__}: {e}); "
-            "the model must run on the example inputs (pass example_inputs=... for models taking several "
+        odd = unknown_layers(model)
+        hint = (
+            f"; layers of types the pruning engine does not know, the likely cause: "
+            f"{', '.join(f'{p!r} ({t})' for p, t in odd[:6])}{' ...' if len(odd) > 6 else ''}"
+            if odd
+            else "; the model must run on the example inputs (pass example_inputs=... for models taking several "
             "inputs, keyword inputs or integer tokens)"
+        )
+        raise PruningError(
+            f"could not trace the model to find coupled channels ({type(e).__name__}: {e}){hint}"
         ) from e
     finally:
         rec.remove()
@@ -353,7 +376,14 @@ def _build_groups(work: nn.Module, dg: Any, names: dict[nn.Module, str], shapes:
         if not isinstance(m, LAYER_TYPES) or m in visited or _is_depthwise(m):
             continue
         if m not in dg.module2node:
-            skipped[path] = "not used in the forward pass"
+            parent = work.get_submodule(path.rpartition(".")[0]) if "." in path else work
+            if isinstance(parent, nn.MultiheadAttention):
+                skipped[path] = (
+                    f"output projection of nn.MultiheadAttention {path.rpartition('.')[0]!r} (read as a weight "
+                    "inside it): it changes only with the module's embed_dim"
+                )
+            else:
+                skipped[path] = "not used in the forward pass"
             continue
         pruner = dg.get_pruner_of_module(m)
         n = pruner.get_out_channels(m)
@@ -488,6 +518,13 @@ def _convert(
         elif isinstance(mod, nn.PReLU):
             if mod.num_parameters > 1:
                 bad = bad or add(f"{path}.weight", 0, table, "act")
+        elif isinstance(mod, nn.MultiheadAttention):
+            bad = bad or (
+                f"nn.MultiheadAttention {path!r} (embed_dim={mod.embed_dim}, {mod.num_heads} heads) uses one width "
+                "for its input, its q / k / v heads and its output: pruning it would change head_dim and the "
+                "attention scale, so its embedding channels are kept (its MLPs are pruned); for head pruning "
+                "use an attention module with separate q / k / v projections (timm / Hugging Face style)"
+            )
         else:
             bad = bad or f"layer {path!r} ({type(mod).__name__}) is not supported by the pruning engine"
     g.min_keep = max(1, g.multiple_of)

@@ -10,8 +10,9 @@ counter and the allocators' checks (:func:`run_model`, :func:`example_for`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -57,8 +58,33 @@ class ExampleInputs(tuple):
 
     @property
     def batch_size(self) -> int:
-        t = next(t for t in (*self.args, *self.kwargs.values()) if isinstance(t, torch.Tensor))
-        return int(t.shape[0])
+        return int(self._first.shape[0])
+
+    @property
+    def _first(self) -> torch.Tensor:
+        return next(t for t in (*self.args, *self.kwargs.values()) if isinstance(t, torch.Tensor))
+
+    # batch-like behaviour for methods written for one tensor: ``len(x)`` is the batch size, ``x[:n]``
+    # the first n examples, ``x.shape`` / ``x.device`` those of the first tensor
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return ExampleInputs(tuple(_map(a, lambda t: t[i]) for a in self.args),
+                                 {k: _map(v, lambda t: t[i]) for k, v in self.kwargs.items()})
+        return tuple.__getitem__(self, i)
+
+    def __iter__(self) -> Any:
+        return tuple.__iter__(self)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._first.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self._first.device
 
     def first(self, n: int = 1) -> ExampleInputs:
         """The first ``n`` examples (every tensor sliced along its batch dimension)."""
@@ -71,6 +97,28 @@ class ExampleInputs(tuple):
 
     def __call__(self, model: nn.Module) -> Any:
         return model(*self.args, **self.kwargs)
+
+
+@contextlib.contextmanager
+def accepting_examples(model: nn.Module) -> Iterator[nn.Module]:
+    """While active, ``model(x)`` with ``x`` an :class:`ExampleInputs` runs ``model(*x.args, **x.kwargs)``:
+    methods written for one input tensor then work on models with several / keyword inputs. The model's
+    class is swapped for a subclass with that forward and restored on exit (paths, hooks, parameters
+    are untouched)."""
+    cls = type(model)
+    orig = cls.forward
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if len(args) == 1 and not kwargs and isinstance(args[0], ExampleInputs):
+            return orig(self, *args[0].args, **args[0].kwargs)
+        return orig(self, *args, **kwargs)
+
+    model.__class__ = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    try:
+        yield model
+    finally:
+        if type(model).__bases__ == (cls,):
+            model.__class__ = cls
 
 
 def _map(v: Any, fn: Any) -> Any:
@@ -176,6 +224,7 @@ def max_output_difference(a: Any, b: Any) -> float:
 
 __all__ = [
     "ExampleInputs",
+    "accepting_examples",
     "as_example_inputs",
     "example_for",
     "flatten_outputs",
