@@ -678,3 +678,18 @@ def test_auto_rounding_falls_back_to_finer_multiples():
 def test_baseline_methods_on_a_two_input_model(method):
     """Data-driven scorers run on a model with a tuple of inputs (x of each batch is that tuple)."""
     check_pruned("two_tower", method)
+
+
+def test_grouped_conv_blocks_lose_the_same_positions():
+    model, ex = build("resnext")
+    graph = analyze(model, ex, warn=False)
+    g = graph.groups["a.0"]  # the grouped conv's input channels: 32 in 4 blocks of 8 -> 8 units of 4 channels
+    assert g.prunable and g.size == 8 and g.unit_index.shape == (8, 4)
+    assert torch.equal(g.unit_index[1], torch.tensor([1, 9, 17, 25]))
+    assert g.member("b.0", ("consumer",)).index.flatten().tolist() == list(range(8))
+    keep = torch.tensor([0, 2, 5])
+    pruned = apply_plan(model, prunekit.surgery.Plan(channels={"a.0": keep}), graph, "physical", ex)
+    assert pruned.b[0].groups == 4 and pruned.b[0].in_channels == 12 and pruned.a[0].out_channels == 12
+    masked = apply_plan(model, prunekit.surgery.Plan(channels={"a.0": keep}), graph, "masked", ex)
+    with torch.no_grad():
+        assert max_output_difference(ex(masked), ex(pruned)) < 1e-5

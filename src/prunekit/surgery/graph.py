@@ -438,6 +438,7 @@ def _convert(
     g = ChannelGroup(key=root, size=size)
     out_mods: set[nn.Module] = set()
     bad = ""
+    grouped: list[tuple[str, torch.Tensor, int, int, str]] = []  # grouped convs: (path, unit, block, groups, weight)
 
     def add(tensor: str, dim: int, table: torch.Tensor, role: str) -> str:
         shape = shapes.get(tensor)
@@ -488,7 +489,23 @@ def _convert(
         is_out = dg.is_out_channel_pruning_fn(dep.handler)
         if isinstance(mod, LAYER_TYPES):
             if _is_grouped(mod):
-                bad = bad or f"grouped convolution {path!r} (groups={mod.groups}) is not supported"
+                if mod.transposed or table.shape[1] != 1:
+                    bad = bad or f"grouped convolution {path!r} (groups={mod.groups}) is not supported here"
+                    continue
+                # channels of a grouped conv come in `groups` blocks; every block must lose the same positions
+                if is_out:
+                    block = mod.out_channels // mod.groups
+                    out_mods.add(mod)
+                    bad = bad or add(f"{path}.weight", 0, table, "producer")
+                    if mod.bias is not None:
+                        bad = bad or add(f"{path}.bias", 0, table, "producer")
+                    if path not in g.producers:
+                        g.producers.append(path)
+                    grouped.append((path, table[:, 0] % block, block, mod.groups, ""))
+                else:
+                    block = mod.in_channels // mod.groups
+                    bad = bad or add(f"{path}.weight", 1, table % block, "consumer")
+                    grouped.append((path, table[:, 0] % block, block, mod.groups, f"{path}.weight"))
                 continue
             transposed = isinstance(mod, nn.modules.conv._ConvNd) and mod.transposed
             if _is_depthwise(mod) or is_out:
@@ -530,7 +547,38 @@ def _convert(
     g.min_keep = max(1, g.multiple_of)
     if not g.producers and not bad:
         bad = "no conv / linear layer produces these channels"
+    if grouped and not bad:
+        bad = _block_grouped(g, grouped)
     return g, out_mods, bad
+
+
+def _block_grouped(g: ChannelGroup, grouped: list[tuple[str, torch.Tensor, int, int, str]]) -> str:
+    """Make the group's units the positions inside one block of a grouped convolution it touches: unit ``j``
+    is channel ``j`` of every one of the conv's ``groups`` blocks, so each block loses the same positions
+    (what a dense grouped weight can express). Returns why this is impossible ("" if done)."""
+    path, unit_of, block, n_groups, own = grouped[0]
+    for other, u, b, _, _ in grouped[1:]:
+        if b != block or not torch.equal(u, unit_of):
+            return (f"grouped convolutions {path!r} and {other!r} split the channels into different blocks: "
+                    "unsupported")
+    members = torch.stack([(unit_of == j).nonzero().flatten() for j in range(block)]) \
+        if all(int((unit_of == j).sum()) == n_groups for j in range(block)) else None
+    if members is None or g.size != block * n_groups:
+        return f"grouped convolution {path!r} (groups={n_groups}) sees only part of these channels: unsupported"
+    for mb in g.members:
+        if any(mb.tensor == t for *_, t in grouped if t):
+            mb.index = torch.arange(block).view(block, 1)  # the grouped weight's per-block input position
+        else:
+            mb.index = mb.index[members].reshape(block, -1)
+    for *_, t in grouped:
+        if t:  # its input columns follow the units, but its input tensor is not read per unit
+            c = t.rpartition(".")[0]
+            if c in g.consumers:
+                g.consumers.remove(c)
+                g.expansion.pop(c, None)
+    g.unit_index = members
+    g.size = block
+    return ""
 
 
 def _head_attrs(m: nn.Module) -> tuple[int, int] | None:
