@@ -228,7 +228,7 @@ def test_shards_partition_the_grid_and_merge_dedupes(tmp_path):
     exp = load_experiment(tiny_doc())
     cells = plan_cells(exp)
     a, b = shard_cells(cells, parse_shard("0/2")), shard_cells(cells, parse_shard("1/2"))
-    ids = lambda cs: {c.cell_id for c in cs}  # noqa: E731
+    ids = lambda cs: {c.config_hash for c in cs}  # noqa: E731  (cell ids also need the base model)
     assert ids(a).isdisjoint(ids(b)) and ids(a) | ids(b) == ids(cells) and len(ids(cells)) == len(cells)
     assert shard_cells(cells, (0, 2)) == a  # deterministic
     with pytest.raises(ConfigError):
@@ -237,7 +237,8 @@ def test_shards_partition_the_grid_and_merge_dedupes(tmp_path):
     s1 = run(tiny_doc(), tmp_path / "s1", shard="1/2")
     assert s0.ran + s1.ran == len(cells) and len(CALLS) == len(cells)
     merged = R.merge([tmp_path / "s0", tmp_path / "s1", tmp_path / "s0"], tmp_path / "all")
-    assert len(merged) == len(cells) and {r["cell_id"] for r in merged} == ids(cells)
+    assert len(merged) == len(cells) and {r["cell_config_hash"] for r in merged} == ids(cells)
+    assert len({r["base_fingerprint"] for r in merged}) == 1 and len({r["cell_id"] for r in merged}) == len(cells)
     assert len(R.read_jsonl(tmp_path / "all" / R.JSONL)) == len(cells)
     # a shard then the full grid: the full run only computes what the shard did not
     CALLS.clear()

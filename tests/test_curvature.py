@@ -215,3 +215,19 @@ def test_weight_taps_channel_mode_reproduces_conv() -> None:
     rows = rows.reshape(2, 9, 9, 3)  # (B, L, T, C+1)
     y = torch.einsum("bltc,oct->bol", rows, wt).reshape(2, 4, 3, 3)
     torch.testing.assert_close(y, model.c1(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=3, padding=1, stride=2),
+                                dict(kernel_size=1), dict(kernel_size=3, padding=2, dilation=2, groups=2),
+                                dict(kernel_size=(3, 5), padding=(1, 2), stride=(2, 1), bias=False),
+                                dict(kernel_size=3, padding=1, padding_mode="reflect"),
+                                dict(kernel_size=4, stride=2, padding=0)])
+def test_channel_gram_equals_the_unfolded_rows(kw) -> None:
+    # the fast channel-mode sum (weighted Gram of the input) against rows^T rows of the F.unfold patches
+    torch.manual_seed(0)
+    m = nn.Conv2d(4, 6, **kw).double()
+    x = torch.randn(3, 4, 9, 11, dtype=torch.float64)
+    rows = curvature.input_rows(m, x, "channel")
+    got, count = curvature.channel_gram(m, x)
+    assert count == rows.shape[1]
+    assert torch.allclose(got, rows.transpose(1, 2) @ rows, rtol=1e-10, atol=1e-9)

@@ -151,3 +151,60 @@ def test_tsqr_r_over_two_ranks_equals_the_single_process_r(tmp_path) -> None:
         for block in ("qr", "gram"):
             assert int(got[block + "_rows"]) == 300
             assert torch.allclose(got[block], ref, rtol=1e-8, atol=1e-8 * float(ref.abs().max())), block
+
+
+_PLAN_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    import prunekit
+    from prunekit import distributed
+    from prunekit.models import create_model
+
+    distributed.init_from_env("cpu")
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(4)]
+    out = {}
+    for method, opts in (("l1", {}), ("activation", {}), ("taylor", {}), ("obd", {"fisher": "empirical"}),
+                         ("id_iter", {"samples": 64, "calibrate": 16})):
+        torch.manual_seed(0)
+        model = create_model("resnet20", width=0.25)
+        res = prunekit.prune(model, method, "flops=2", data, **opts)
+        out[method] = {k: v.tolist() for k, v in res.plan.channels.items()}
+    if distributed.is_main():
+        json.dump({"world": distributed.world_size(), "plans": out}, open(sys.argv[1], "w"))
+""")
+
+
+def test_plans_under_two_ranks_equal_the_single_process_plans(tmp_path) -> None:
+    # activation / taylor / obd sum their statistics over the ranks' halves of every batch; l1 needs no data;
+    # id_iter runs on the whole prune set on every rank: every plan must equal the one-process plan
+    script = tmp_path / "plans_ddp.py"
+    script.write_text(_PLAN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.json")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          "29536", str(script), str(tmp_path / "two.json")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one.json").read_text())
+    b = json.loads((tmp_path / "two.json").read_text())
+    assert a["world"] == 1 and b["world"] == 2
+    for method in ("l1", "activation", "taylor", "obd", "id_iter"):
+        assert a["plans"][method], method  # something was pruned
+        assert a["plans"][method] == b["plans"][method], method
+
+
+def test_sharded_prune_batches_cover_the_prune_set_once(monkeypatch) -> None:
+    from prunekit import distributed
+    from prunekit.budget import PruneContext, Target
+
+    x = torch.arange(10.0).reshape(10, 1)
+    data = [(x[:4], torch.zeros(4)), (x[4:8], torch.zeros(4)), (x[8:], torch.zeros(2))]
+    ctx = PruneContext(target=Target("ratio", 0.5), input_shape=(1,), data=data)
+    seen = []
+    for r in range(3):  # three ranks, batches of 4 / 4 / 2 and a 7-example cap
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        monkeypatch.setattr(distributed, "world_size", lambda: 3)
+        seen += [v for b, _ in ctx.batches(7, shard=True) for v in b.flatten().tolist()]
+    assert sorted(seen) == list(range(7))

@@ -14,6 +14,7 @@ fine-tuning between rounds.
 from __future__ import annotations
 
 import copy as _copy
+import math
 import resource
 import sys
 import time
@@ -363,6 +364,9 @@ def prune(
     Raises:
         PruningError: unknown method option, missing data, unreachable target, ...
     """
+    if Target.parse(target).kind == "latency":
+        kw = {k: v for k, v in locals().items() if k not in ("model", "method", "target", "data", "method_options")}
+        return _prune_to_latency(model, method, Target.parse(target), data, kw, method_options)
     t_start = time.perf_counter()
     run = _prepare(model, method, target, data, method_options, mode=mode, rounds=rounds, schedule=schedule,
                    thresholds=thresholds, finetune=finetune, finetune_last=finetune_last, input_shape=input_shape,
@@ -398,6 +402,95 @@ def prune(
 def _reemit(caught: list[Any]) -> None:
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+LATENCY_BATCH = 64  # the batch size latency targets are measured at
+LATENCY_TRIALS = 6  # pruning trials the latency search may take
+
+
+def _measured_speedup(base: nn.Module, pruned: nn.Module, shape: tuple[int, ...], runtime: str) -> float:
+    from prunekit import deploy
+
+    lat = deploy.measure_runtimes({"base": base, "pruned": pruned}, shape, runtimes=[runtime],
+                                  batch_sizes=[LATENCY_BATCH])
+    if runtime in lat["skipped"]:
+        raise PruningError(f"cannot measure latency in {runtime}: {lat['skipped'][runtime]} (name another runtime: "
+                           "latency@eager=X)")
+    res = lat["runtimes"][runtime]
+    return res["base"][str(LATENCY_BATCH)] / res["pruned"][str(LATENCY_BATCH)]
+
+
+def _next_flops(trials: list[dict[str, float]], goal: float) -> float:
+    """The next FLOPs target of the latency search (measured speedup assumed to grow with the FLOPs target).
+
+    Bracketed: between the highest FLOPs target still too slow and the lowest one fast enough, interpolate
+    in log space (kept inside the inner 80 % of the bracket); without a bracket yet, step by the missing
+    factor, at most 2x up or down per trial (timings are noisy, steps stay bounded)."""
+    slow = [t for t in trials if t["latency_speedup"] < goal]
+    fast = [t for t in trials if t["latency_speedup"] >= goal]
+    lo = max(slow, key=lambda t: t["flops_target"]) if slow else None
+    hi = min(fast, key=lambda t: t["flops_target"]) if fast else None
+    if lo is not None and hi is not None:
+        a, b = math.log(lo["flops_target"]), math.log(hi["flops_target"])
+        if a < b:
+            span = math.log(hi["latency_speedup"]) - math.log(lo["latency_speedup"])
+            w = (math.log(goal) - math.log(lo["latency_speedup"])) / span if span > 0 else 0.5
+            return math.exp(a + min(0.9, max(0.1, w)) * (b - a))
+        return math.exp((a + b) / 2)  # noise inverted the order: try between them
+    t = lo if lo is not None else hi
+    step = min(2.0, max(0.5, goal / t["latency_speedup"]))
+    return min(64.0, max(1.01, t["flops_target"] * step))
+
+
+def _prune_to_latency(model: nn.Module, method: str | Method, tgt: Target, data: Any, kw: dict[str, Any],
+                      method_options: dict[str, Any]) -> PruneResult:
+    """Meet ``latency=X``: prune to FLOPs targets found by a secant search until the pruned model, timed
+    against the base in the target's runtime (batch 64, alternately, medians), is X times faster (within
+    the budget's tolerance, default 5 %); the closest trial is kept, then fine-tuned once if asked."""
+    from prunekit import deploy
+
+    if kw["rounds"] != 1:
+        raise PruningError("latency targets are met by a one-shot search over FLOPs targets: use rounds=1")
+    info = method.info if isinstance(method, Method) else get_method_info(method)
+    if info is not None and info.granularity == "weight":
+        raise PruningError(f"method {info.name!r} prunes single weights: dense runtimes do not run it faster, so a "
+                           "latency target cannot be met; use a channel or low-rank method")
+    runtime = tgt.runtime or ("onnxruntime" if deploy._available("onnxruntime") is None else "eager")
+    finetune = kw.pop("finetune")
+    if not kw.pop("copy"):
+        raise PruningError("a latency target prunes a copy per trial and returns the closest: pass copy=True")
+    tol = (kw["budget"] or BudgetOptions()).tolerance
+    t0 = time.perf_counter()
+    base = _copy.deepcopy(model).cpu().eval()
+    shape = _input_shape(model, kw["input_shape"], _as_batches(data), kw.get("example_inputs"))
+    trials: list[dict[str, float]] = []
+    best: tuple[float, PruneResult] | None = None
+    r = tgt.value
+    for _ in range(LATENCY_TRIALS):
+        res = prune(model, method, Target("flops", r), data, copy=True, finetune=None, **kw, **method_options)
+        s = _measured_speedup(base, res.model, shape, runtime)
+        trials.append({"flops_target": r, "flops_speedup": res.report["flops_speedup"], "latency_speedup": s})
+        if best is None or abs(math.log(s / tgt.value)) < abs(math.log(best[0] / tgt.value)):
+            best = (s, res)
+        if abs(s / tgt.value - 1) <= tol:
+            break
+        r = _next_flops(trials, tgt.value)
+    assert best is not None
+    s, res = best
+    tuner = _finetuner(finetune, _as_batches(data), torch.device(kw["device"]))
+    ft_s = 0.0
+    if tuner is not None:
+        t_ft = time.perf_counter()
+        tuner(res.model, getattr(tuner, "epochs", 1.0))
+        ft_s = time.perf_counter() - t_ft
+    res.report.update({"target": str(tgt), "achieved": s, "target_error": s / tgt.value - 1, "finetune_seconds": ft_s,
+                       "prune_seconds": time.perf_counter() - t0 - ft_s,
+                       "latency_search": {"runtime": runtime, "batch": LATENCY_BATCH, "trials": trials}})
+    if abs(s / tgt.value - 1) > tol:
+        warnings.warn(f"prunekit: latency={tgt.value:g} in {runtime}: the closest of {len(trials)} trials is "
+                      f"{s:.2f}x (FLOPs targets tried: {', '.join(format(t['flops_target'], '.2f') for t in trials)})",
+                      stacklevel=3)
+    return res
 
 
 @dataclass

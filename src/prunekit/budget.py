@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from prunekit.errors import PruningError
 
 # --------------------------------------------------------------------------------------------- targets
-_TARGET_RE = re.compile(r"^\s*(flops|params|ratio|sparsity)\s*=\s*([0-9.eE+-]+)\s*$")
+_TARGET_RE = re.compile(r"^\s*(flops|params|ratio|sparsity|latency)(?:@([a-z_]+))?\s*=\s*([0-9.eE+-]+)\s*$")
+LATENCY_RUNTIMES = ("eager", "torchscript", "onnxruntime")  # where a latency= target is measured (deploy.RUNTIMES)
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,15 @@ class Target:
     ``flops=2``: 2x fewer multiply-adds; ``params=4``: 4x fewer (non-zero) parameters;
     ``ratio=0.5``: remove that fraction of every prunable layer's units / weights
     (per-layer overrides in ``per_layer``: layer or group key -> fraction removed);
-    ``sparsity=0.9``: same as ratio, for weight methods.
+    ``sparsity=0.9``: same as ratio, for weight methods;
+    ``latency=1.5``: 1.5x faster, *measured* at batch 64 in ``runtime`` (``latency@eager=1.5``,
+    ``latency@onnxruntime=1.5``; default: ONNX Runtime where installed, else eager PyTorch).
     """
 
     kind: str
     value: float
     per_layer: dict[str, float] = field(default_factory=dict)
+    runtime: str | None = None  # latency targets: the runtime the speedup is measured in
 
     @staticmethod
     def parse(spec: str | Target | dict[str, Any]) -> Target:
@@ -42,31 +46,40 @@ class Target:
         if isinstance(spec, dict):
             per = dict(spec.get("per_layer", {}))
             kind = spec.get("kind", "ratio")
-            return Target._checked(kind, float(spec.get("value", 0.0)), per)
+            return Target._checked(kind, float(spec.get("value", 0.0)), per, spec.get("runtime"))
         m = _TARGET_RE.match(str(spec))
         if not m:
-            raise PruningError(f"cannot parse target {spec!r}: use flops=X or params=X (X > 1, X-fold reduction), "
-                               "or ratio=F / sparsity=F (fraction removed, 0 < F < 1)")
-        return Target._checked(m.group(1), float(m.group(2)), {})
+            raise PruningError(f"cannot parse target {spec!r}: use flops=X, params=X or latency=X (X > 1, X-fold "
+                               "reduction; latency@RUNTIME=X names the runtime), or ratio=F / sparsity=F (fraction "
+                               "removed, 0 < F < 1)")
+        if m.group(2) and m.group(1) != "latency":
+            raise PruningError(f"target {spec!r}: only latency targets name a runtime (latency@onnxruntime=2)")
+        return Target._checked(m.group(1), float(m.group(3)), {}, m.group(2))
 
     @staticmethod
-    def _checked(kind: str, value: float, per_layer: dict[str, float]) -> Target:
+    def _checked(kind: str, value: float, per_layer: dict[str, float], runtime: str | None = None) -> Target:
         if kind == "sparsity":
             kind = "ratio"
-        if kind not in ("flops", "params", "ratio"):
-            raise PruningError(f"unknown target kind {kind!r}; use flops, params, ratio or sparsity")
-        if kind in ("flops", "params") and not value > 1:
+        if kind not in ("flops", "params", "ratio", "latency"):
+            raise PruningError(f"unknown target kind {kind!r}; use flops, params, latency, ratio or sparsity")
+        if runtime is not None and runtime not in LATENCY_RUNTIMES:
+            raise PruningError(f"unknown runtime {runtime!r} in a latency target; choose from "
+                               f"{', '.join(LATENCY_RUNTIMES)}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise PruningError(f"target {kind}={value} is not a finite number")
+        if kind in ("flops", "params", "latency") and not value > 1:
+            what = "faster" if kind == "latency" else "fewer"
             raise PruningError(f"target {kind}={value} must be > 1 (it is the reduction factor: {kind}=2 means 2x "
-                               "fewer)")
+                               f"{what})")
         if kind == "ratio" and not 0 <= value < 1:
             raise PruningError(f"target ratio={value} must be in [0, 1) (the fraction removed)")
         for k, v in per_layer.items():
             if not 0 <= v < 1:
                 raise PruningError(f"per-layer ratio for {k!r} is {v}; it must be in [0, 1)")
-        return Target(kind, value, dict(per_layer))
+        return Target(kind, value, dict(per_layer), runtime if kind == "latency" else None)
 
     def __str__(self) -> str:
-        return f"{self.kind}={self.value:g}"
+        return f"{self.kind}@{self.runtime}={self.value:g}" if self.runtime else f"{self.kind}={self.value:g}"
 
 
 @dataclass
@@ -117,15 +130,23 @@ class PruneContext:
             raise PruningError(f"method {method!r} needs data (a prune set): pass data=... to prunekit.prune or "
                                "--dataset to `prunekit prune`")
 
-    def batches(self, max_samples: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, max_samples: int | None = None,
+                shard: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of the prune set moved to the device, at most ``max_samples`` examples.
 
+        ``shard=True`` (under ``torchrun``): this rank's contiguous slice of every batch, so that the ranks
+        together see exactly the examples one process sees; the method then sums its statistics over the
+        ranks with :meth:`reduce_sums`. Without torchrun both are no-ops.
+
         ``x`` is a tensor, or for a model with several inputs a tuple (positional) / dict (keyword) of
-        tensors, yielded as :class:`prunekit.surgery.inputs.ExampleInputs`: call the model with
-        :func:`prunekit.surgery.inputs.run_model` (``len(x)`` is then not the batch size: use
-        ``x.batch_size``)."""
+        tensors, yielded as :class:`prunekit.surgery.inputs.ExampleInputs` (batch-like: ``len(x)`` is the
+        batch size, ``x[:n]`` the first examples; ``model(x)`` unpacks it while a method plans).
+        """
         if self.data is None:
             raise PruningError("this method needs data but none was given")
+        from prunekit import distributed
+
+        rank, world = (distributed.rank(), distributed.world_size()) if shard else (0, 1)
         seen = 0
         for x, y in self.data:
             if not isinstance(x, torch.Tensor):  # several inputs: a tuple (positional) or a dict (keyword)
@@ -136,11 +157,28 @@ class PruneContext:
             if max_samples is not None and seen >= max_samples:
                 break
             if max_samples is not None and seen + n > max_samples:
-                x, y = (x[: max_samples - seen] if isinstance(x, torch.Tensor) else x.first(max_samples - seen),
-                        y[: max_samples - seen])
+                x, y = x[: max_samples - seen], y[: max_samples - seen]
                 n = max_samples - seen
             seen += n
+            if world > 1:
+                step = -(-n // world)
+                x, y = x[rank * step: (rank + 1) * step], y[rank * step: (rank + 1) * step]
+                if not len(x):
+                    continue
             yield x.to(self.device), y.to(self.device)
+
+    @staticmethod
+    def reduce_sums(sums: dict[str, torch.Tensor], count: int) -> tuple[dict[str, torch.Tensor], int]:
+        """``sums`` (tensors, summed in place) and ``count`` summed over the ranks (no-op in one process)."""
+        from prunekit import distributed
+
+        if not distributed.active():
+            return sums, count
+        import torch.distributed as dist
+
+        for v in sums.values():
+            dist.all_reduce(v)
+        return sums, int(round(distributed.all_reduce_sum([float(count)])[0]))
 
     def loss(self, logits: Any, y: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the model's output; for a model with several outputs (tuple, dict, dataclass),

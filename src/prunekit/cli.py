@@ -1,4 +1,4 @@
-"""The ``prunekit`` command line: train, eval, prune, methods, models, datasets, bench.
+"""The ``prunekit`` command line: train, eval, export, inspect, prune, methods, models, datasets, bench.
 
 Errors caused by the user (unknown names, missing data, bad checkpoints,
 impossible targets) print one clear message and exit with code 2.
@@ -7,11 +7,15 @@ impossible targets) print one clear message and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import time
+import traceback
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,59 @@ from prunekit.errors import PrunekitError
 # OMP_WAIT_POLICY=PASSIVE: spinning threads then slow every process down several-fold (README).
 
 EXIT_USAGE = 2
+
+
+# --------------------------------------------------------------------------------------------- console
+@contextlib.contextmanager
+def console_warnings(verbose: bool = False) -> Iterator[None]:
+    """How the command line shows Python warnings while a command runs.
+
+    Default: each distinct warning once (same category and text: once, wherever it comes from), on one line,
+    ``prunekit: warning: TEXT [Category, from PACKAGE]``; categories Python hides by default (deprecations in
+    library code, ...) stay hidden. ``verbose``: every warning each time, in Python's own format with its source
+    line. Warnings that code records itself (``warnings.catch_warnings(record=True)``, as the benchmark runner
+    does per cell) are not affected."""
+    with warnings.catch_warnings():
+        if verbose:
+            warnings.simplefilter("always")
+            yield
+            return
+        seen: set[tuple[type, str]] = set()
+
+        def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> None:
+            text = str(message).strip()
+            if (category, text) in seen:
+                return
+            seen.add((category, text))
+            out = file if file is not None else sys.stderr
+            first, *rest = text.splitlines() or [""]
+            more = f" (+{len(rest)} line{'s' * (len(rest) > 1)}; --verbose shows all)" if rest else ""
+            try:
+                out.write(f"prunekit: warning: {first}{more} [{category.__name__}, from {_origin(text, filename)}]\n")
+            except (OSError, ValueError):  # stderr closed: nowhere to show it
+                pass
+
+        warnings.showwarning = show
+        yield
+
+
+def _origin(text: str, filename: str) -> str:
+    """The package a warning comes from: its file's top-level package (torch's C++ warnings name torch)."""
+    if "Triggered internally at" in text:
+        return "torch"
+    path = Path(filename)
+    here = Path(__file__).resolve().parent
+    try:
+        path.resolve().relative_to(here)
+        return "prunekit"
+    except (OSError, ValueError):
+        pass
+    parts = path.parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts and parts.index(marker) + 1 < len(parts):
+            return parts[parts.index(marker) + 1].removesuffix(".py")
+    return path.name or "?"
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -113,9 +170,9 @@ def prepare_out(out: str) -> Path:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    from prunekit.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def print_metrics(m: dict[str, Any], as_json: bool) -> None:
@@ -171,7 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from prunekit import distributed
     from prunekit.data import BatchLoader
-    from prunekit.io import load, save
+    from prunekit.io import load
     from prunekit.models import create_model_for_dataset, get_model_info
     from prunekit.train import TrainConfig, Trainer, config_dict
 
@@ -215,11 +272,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics.update(extra)
     if not distributed.is_main():  # under torchrun only rank 0 writes
         return 0
-    save(model, out / "model.pt", meta={"dataset": args.dataset, "train_config": config_dict(cfg),
-                                         "init_from": args.init_from, **extra,
-                                         "history": history, "metrics": metrics})
-    metrics["file_size"] = (out / "model.pt").stat().st_size
-    write_json(out / "metrics.json", metrics)
+    from prunekit.io import save_with_metrics
+
+    # checkpoint + metrics as a checked pair (temp files, then renamed; metrics record the checkpoint's hash)
+    save_with_metrics(model, out, metrics, meta={"dataset": args.dataset, "train_config": config_dict(cfg),
+                                                 "init_from": args.init_from, **extra, "history": history})
     print_metrics(metrics, False)
     print(f"wrote {out / 'model.pt'} and {out / 'metrics.json'}")
     return 0
@@ -340,21 +397,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from prunekit.inspection import inspect_checkpoint, plot_layers
+
+    if args.png:
+        png = Path(args.png)
+        if png.is_dir():
+            raise PrunekitError(f"--png {args.png!r} is a directory; give the file to write, e.g. layers.png")
+    insp = inspect_checkpoint(args.checkpoint, base=args.base, input_shape=args.input_shape, dataset=args.dataset,
+                              latency=not args.no_latency, batch_size=args.latency_batch_size,
+                              repeats=args.repeats, threads=args.threads)
+    if args.png:
+        try:
+            plot_layers(insp, args.png)
+        except ImportError:
+            raise PrunekitError("--png needs matplotlib: pip install matplotlib") from None
+        except OSError as e:
+            raise PrunekitError(f"--png {args.png!r} cannot be written: {e}") from None
+    if args.json:
+        print(json.dumps(insp.as_dict(), indent=2, sort_keys=True))
+        return 0
+    i = insp.info
+    what = ", ".join(f"{k} {i[k]}" for k in ("architecture", "method", "target", "mode", "dataset") if i.get(k))
+    print(f"{args.checkpoint}: {what}")
+    print(insp.table())
+    if args.png:
+        print(f"wrote {args.png}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
-def build_parser() -> argparse.ArgumentParser:
-    from prunekit._version import __version__
-
-    p = argparse.ArgumentParser(prog="prunekit", description="Prune PyTorch networks and measure the result.")
-    p.add_argument("--version", action="version", version=f"prunekit {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    s = sub.add_parser("models", help="list the model zoo")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=cmd_models)
-
-    s = sub.add_parser("datasets", help="list the datasets")
-    s.set_defaults(fn=cmd_datasets)
-
+def _add_train_parser(sub: Any) -> None:
+    """The ``train`` sub-command."""
     s = sub.add_parser("train", help="train a zoo model; writes OUT/model.pt and OUT/metrics.json")
     s.add_argument("--model", required=True)
     _add_data_args(s)
@@ -399,13 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(s)
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("eval", help="evaluate a checkpoint")
-    s.add_argument("--checkpoint", required=True)
-    _add_data_args(s, required=False)
-    s.add_argument("--json", action="store_true")
-    _add_runtime_args(s)
-    s.set_defaults(fn=cmd_eval)
 
+def _add_export_parsers(sub: Any) -> None:
+    """The ``export`` and ``inspect`` sub-commands."""
     s = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (BatchNorm folded, checked "
                                       "against eager PyTorch)")
     s.add_argument("checkpoint", help="a prunekit checkpoint (model.pt)")
@@ -423,9 +493,66 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_export)
 
+    s = sub.add_parser("inspect", help="per-layer widths / ranks / sparsity, parameters, FLOPs and latency of a "
+                                       "(pruned) checkpoint, before and after")
+    s.add_argument("checkpoint", help="a prunekit checkpoint (model.pt)")
+    s.add_argument("--base", default=None, metavar="CHECKPOINT",
+                   help="the unpruned checkpoint to compare with (default: the widths the checkpoint's prune "
+                        "report records, else its zoo architecture as built)")
+    s.add_argument("--png", default=None, metavar="PATH", help="also write a bar chart of the layers to PATH")
+    s.add_argument("--json", action="store_true", help="print the figures as JSON")
+    s.add_argument("--input-shape", type=T.SHAPE, default=None,
+                   help="shape of one example, e.g. 3,32,32 (default: the checkpoint's dataset, else its model's)")
+    s.add_argument("--dataset", default=None, help="take the input shape from this dataset")
+    s.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    s.add_argument("--latency-batch-size", type=T.POSITIVE_INT, default=1, metavar="B",
+                   help="batch size of the latency measurement (default 1)")
+    s.add_argument("--repeats", type=T.POSITIVE_INT, default=20, help="timed forward passes (median kept)")
+    s.add_argument("--threads", type=T.THREADS, default=1, help="torch CPU threads while timing (default 1)")
+    s.set_defaults(fn=cmd_inspect)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from prunekit._version import __version__
+
+    p = argparse.ArgumentParser(prog="prunekit", description="Prune PyTorch networks and measure the result.")
+    p.add_argument("--version", action="version", version=f"prunekit {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("models", help="list the model zoo")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_models)
+
+    s = sub.add_parser("datasets", help="list the datasets")
+    s.set_defaults(fn=cmd_datasets)
+
+    _add_train_parser(sub)
+
+    s = sub.add_parser("eval", help="evaluate a checkpoint")
+    s.add_argument("--checkpoint", required=True)
+    _add_data_args(s, required=False)
+    s.add_argument("--json", action="store_true")
+    _add_runtime_args(s)
+    s.set_defaults(fn=cmd_eval)
+
+    _add_export_parsers(sub)
+
     for extra in _EXTRA_COMMANDS:
         extra(sub)
+    for s in sub.choices.values():
+        _add_output_args(s)
     return p
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    """``--quiet`` / ``--verbose`` on a sub-command that does not define them itself."""
+    have = p._option_string_actions  # noqa: SLF001 - argparse has no public "has option" query
+    if "--quiet" not in have:
+        p.add_argument("--quiet", *[f for f in ("-q",) if f not in have], action="store_true",
+                       help="no progress bars")
+    if "--verbose" not in have:
+        p.add_argument("--verbose", *[f for f in ("-v",) if f not in have], action="store_true",
+                       help="every warning each time it occurs, with its source line; tracebacks with errors")
 
 
 # Later modules (prune, methods, bench) add their sub-commands here.
@@ -445,23 +572,32 @@ def _register_extra_commands() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line. From the ``prunekit`` script (``argv=None``) warnings are shown the console way
+    (:func:`console_warnings`); a program that calls ``main([...])`` keeps its own warning settings."""
     _register_extra_commands()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):
         parser.print_help()
         return EXIT_USAGE
-    try:
-        from prunekit import distributed
+    verbose = bool(getattr(args, "verbose", False))
+    with console_warnings(verbose) if argv is None else contextlib.nullcontext():
+        try:
+            from prunekit import distributed
 
-        distributed.init_from_env(getattr(args, "device", None))  # under torchrun: join the process group
-        return int(args.fn(args) or 0)
-    except PrunekitError as e:
-        print(f"prunekit: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("prunekit: interrupted", file=sys.stderr)
-        return 130
+            distributed.init_from_env(getattr(args, "device", None))  # under torchrun: join the process group
+            return int(args.fn(args) or 0)
+        except PrunekitError as e:
+            if verbose:
+                traceback.print_exc()
+            print(f"prunekit: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print("prunekit: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # `prunekit ... | head`: the reader left; no traceback, no second error at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
 
 
 if __name__ == "__main__":

@@ -242,7 +242,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "report": json.loads(json.dumps(report, default=str)),
         "layers": json.loads(json.dumps(rep["layers"])),
         "base_checkpoint": str(args.checkpoint),
-    })
+    }, base=base, input_shape=shape)
 
 
 def _one_shot_metrics(args: argparse.Namespace, info: Any, result: Any, base: Any, base_metrics: dict[str, Any],
@@ -284,23 +284,49 @@ def _one_shot_metrics(args: argparse.Namespace, info: Any, result: Any, base: An
 
 
 def _write_outputs(model: Any, out: Path, args: argparse.Namespace, metrics: dict[str, Any],
-                   meta: dict[str, Any]) -> int:
-    """Write ``OUT/model.pt`` (with ``meta`` and the metrics) and ``OUT/metrics.json``; print the metrics
+                   meta: dict[str, Any], base: Any = None, input_shape: tuple[int, ...] | None = None) -> int:
+    """Write ``OUT/model.pt`` (with ``meta`` and the metrics), ``OUT/metrics.json`` and, where matplotlib is
+    installed, ``OUT/layers.png`` (widths and multiply-adds per layer, before and after); print the metrics
     (rank 0 only under torchrun)."""
     from prunekit import distributed
-    from prunekit.cli import print_metrics, write_json
-    from prunekit.io import save
+    from prunekit.cli import print_metrics
+    from prunekit.io import save_with_metrics
 
     if not distributed.is_main():
         return 0
+    # checkpoint + metrics as a checked pair (temp files, then renamed; metrics record the checkpoint's hash)
+    save_with_metrics(model.to("cpu"), out, metrics, meta=meta)
     meta = {**meta, "metrics": json.loads(json.dumps(metrics, default=str))}
-    save(model.to("cpu"), out / "model.pt", meta=meta)
-    metrics["file_size"] = (out / "model.pt").stat().st_size
-    write_json(out / "metrics.json", metrics)
+    chart = _layer_chart(model, base, input_shape, out / "layers.png", meta) if input_shape else None
     print_metrics(metrics, args.json)
     if not args.json:
-        print(f"wrote {out / 'model.pt'} and {out / 'metrics.json'}")
+        files = [out / "model.pt", out / "metrics.json", *([chart] if chart else [])]
+        print(f"wrote {', '.join(map(str, files[:-1]))} and {files[-1]}")
     return 0
+
+
+def _layer_chart(model: Any, base: Any, input_shape: tuple[int, ...], path: Path, meta: dict[str, Any]
+                 ) -> Path | None:
+    """``OUT/layers.png`` (:func:`prunekit.inspection.plot_layers`, no latency panel); None without matplotlib.
+    The pruned model is already saved: a chart that cannot be drawn is a note, not a failure."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    from prunekit.inspection import inspect_model, plot_layers
+
+    try:
+        insp = inspect_model(model.to("cpu").eval(), input_shape, base=None if base is None else base.to("cpu"),
+                             original_widths=None if base is not None else meta.get("layers"), latency=False)
+        rep = meta.get("report") or {}
+        arch = (getattr(model, "prunekit_config", {}) or {}).get("name")
+        method = rep.get("method") or (meta.get("metrics") or {}).get("method")
+        target = rep.get("target") or (meta.get("metrics") or {}).get("target")
+        return plot_layers(insp, path, title=" ".join(str(v) for v in (arch, method, target) if v) or None)
+    except (PrunekitError, RuntimeError, ValueError, OSError) as e:
+        print(f"prunekit: note: {path.name} not written: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
 
 
 def cmd_prune_train(args: argparse.Namespace, options: dict[str, Any], device: str) -> int:
@@ -393,7 +419,7 @@ def cmd_prune_train(args: argparse.Namespace, options: dict[str, Any], device: s
     out.mkdir(parents=True, exist_ok=True)
     return _write_outputs(model, out, args, metrics, {
         "dataset": args.dataset, "prune_train": json.loads(json.dumps(history, default=str)),
-        "base_checkpoint": str(args.checkpoint) if args.checkpoint else None})
+        "base_checkpoint": str(args.checkpoint) if args.checkpoint else None}, base=base, input_shape=shape)
 
 
 # --------------------------------------------------------------------------------------------- parser

@@ -110,6 +110,44 @@ def conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.unfold(x, module.kernel_size, module.dilation, (ph, pw), module.stride)
 
 
+def _tap_counts(size: int, out: int, k: int, d: int, s: int, pad: int) -> torch.Tensor:
+    """How many (tap, output position) pairs of a conv read each input position along one axis."""
+    n = torch.zeros(size, dtype=torch.float64)
+    for i in range(k):
+        pos = torch.arange(out) * s + i * d - pad
+        pos = pos[(pos >= 0) & (pos < size)]
+        n.index_add_(0, pos, torch.ones(len(pos), dtype=torch.float64))
+    return n
+
+
+def channel_gram(module: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The channel-mode K-FAC input sum ``rows^T rows`` of a conv (``rows = input_rows(module, x)``) without
+    building the patches: every patch row is the input at one position, and position ``p`` appears in
+    ``n(p) = n_h(h) n_w(w)`` rows (the taps and output positions reading it), so the sum is the Gram
+    matrix of ``x * sqrt(n)`` -- ``kh*kw`` times less work and memory than ``F.unfold``. Returns the
+    ``(groups, d, d)`` sum and the row count ``B * L * kh*kw``."""
+    ph, pw = _conv_padding(module)
+    if module.padding_mode != "zeros" and (ph or pw):
+        x = F.pad(x, (pw, pw, ph, ph), mode=module.padding_mode)
+        ph = pw = 0
+    b, c, h, w = x.shape
+    (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    n = _tap_counts(h, ho, kh, dh, sh, ph)[:, None] * _tap_counts(w, wo, kw, dw, sw, pw)[None, :]
+    groups = module.groups
+    xw = x * n.sqrt().to(x.dtype)
+    rows = xw.reshape(b, groups, c // groups, h * w).permute(1, 0, 3, 2).reshape(groups, b * h * w, c // groups)
+    cov = (rows.transpose(1, 2) @ rows).double()
+    count = b * ho * wo * kh * kw
+    if module.bias is not None:  # the bias column: 1/taps in every row
+        const = 1.0 / (kh * kw)
+        col = (x.double() * n.to(x.device)).sum((0, 2, 3)).reshape(groups, c // groups) * const
+        corner = torch.full((groups, 1, 1), const * const * count, dtype=torch.float64, device=x.device)
+        cov = torch.cat([torch.cat([cov, col[:, :, None]], 2), torch.cat([col[:, None, :], corner], 2)], 1)
+    return cov, count
+
+
 def input_rows(module: nn.Module, x: torch.Tensor, mode: str = "channel") -> torch.Tensor:
     """K-FAC input samples ``(groups, rows, d)`` of a layer (see :class:`KFACFactors` for ``d``).
 
@@ -162,9 +200,11 @@ class _Stats:
         self.seen = False
 
     def add_input(self, rows: torch.Tensor) -> None:
-        cov = (rows.transpose(1, 2) @ rows).double()
+        self.add_input_sum((rows.transpose(1, 2) @ rows).double(), rows.shape[1])
+
+    def add_input_sum(self, cov: torch.Tensor, rows: int) -> None:
         self.batch_a = cov if self.batch_a is None else self.batch_a + cov
-        self.batch_a_rows += rows.shape[1]
+        self.batch_a_rows += rows
 
     def add_grad(self, rows: torch.Tensor) -> None:
         cov = (rows.T @ rows).double()
@@ -248,15 +288,21 @@ def _generator(fisher: str, seed: int, device: torch.device | str) -> torch.Gene
 
 def kfac_factors(model: nn.Module, batches: Batches, paths: list[str], loss: LossFn | None = None,
                  mode: str = "channel", fisher: str = "true", seed: int = 0, average: str = "sum",
-                 decay: float = 0.9) -> dict[str, KFACFactors]:
+                 decay: float = 0.9, reduce: bool = False) -> dict[str, KFACFactors]:
     """K-FAC factors of the layers at ``paths`` over the batches of a loader (one pass).
 
     ``loss(logits, y)`` is the mean loss of a batch (default: cross-entropy); ``fisher="true"``
     draws ``y`` from the model's softmax (generator seeded with ``seed``), ``"empirical"`` uses the
     loader's labels. ``average="sum"`` weighs every sample alike; ``"ema"`` folds the per-batch
     factors into an exponential moving average with weight ``decay`` on the past.
+
+    ``reduce=True`` (under ``torchrun``, with ``batches`` holding each rank's slice of the prune set): the
+    factor sums are added up over the ranks before they are normalised (``average="sum"`` only; an EMA
+    depends on the order of the batches). With ``fisher="true"`` each rank draws its own labels.
     """
     _check_options(mode, fisher, average, decay)
+    if reduce and average != "sum":
+        raise PruningError("curvature: factors reduced over ranks need average='sum'")
     loss = loss or F.cross_entropy
     modules = {p: model.get_submodule(p) for p in paths}
     for p, m in modules.items():
@@ -268,7 +314,10 @@ def kfac_factors(model: nn.Module, batches: Batches, paths: list[str], loss: Los
         def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
             x = args[0].detach()
             with torch.no_grad():
-                stats[path].add_input(input_rows(module, x.float(), mode))
+                if mode == "channel" and isinstance(module, nn.Conv2d):
+                    stats[path].add_input_sum(*channel_gram(module, x.float()))
+                else:
+                    stats[path].add_input(input_rows(module, x.float(), mode))
             stats[path].in_pos, stats[path].out_pos = _positions(module, x), _positions(module, out)
             captured.append((path, out))
             return out.clone()  # keeps the captured output safe from in-place ops downstream
@@ -298,9 +347,28 @@ def kfac_factors(model: nn.Module, batches: Batches, paths: list[str], loss: Los
     finally:
         for h in handles:
             h.remove()
+    if reduce:
+        _reduce_stats(stats)
     if all(s.n == 0 for s in stats.values()) and paths:
         raise PruningError("curvature: the prune set is empty (no examples reached the layers)")
     return {p: s.factors(modules[p], p, mode) for p, s in stats.items()}
+
+
+def _reduce_stats(stats: dict[str, _Stats]) -> None:
+    """Sum every layer's factor totals and counts over the ranks (no-op in one process)."""
+    from prunekit import distributed
+
+    if not distributed.active():
+        return
+    import torch.distributed as dist
+
+    for s in stats.values():
+        if s.a is None or s.g is None:
+            raise PruningError("curvature: a rank saw no examples of a layer; give every rank a part of the "
+                               "prune set (at least one example per rank in every batch)")
+        dist.all_reduce(s.a)
+        dist.all_reduce(s.g)
+        s.a_rows, s.n = (int(round(v)) for v in distributed.all_reduce_sum([float(s.a_rows), float(s.n)]))
 
 
 # --------------------------------------------------------------------------------------------- algebra
@@ -451,5 +519,6 @@ def ekfac_eigenvalues(model: nn.Module, batches: Batches, bases: dict[str, tuple
     return {p: (s / n).clamp_min(1e-15) for p, s in sums.items()}
 
 
-__all__ = ["KFACFactors", "conv_patches", "damp", "eigh", "ekfac_eigenvalues", "input_rows", "kfac_factors",
+__all__ = ["KFACFactors", "channel_gram", "conv_patches", "damp", "eigh", "ekfac_eigenvalues", "input_rows",
+           "kfac_factors",
            "output_rows", "pi_damping", "rotate", "sampled_labels", "statistics_mode", "weight_taps"]

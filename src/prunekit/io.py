@@ -93,18 +93,204 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None 
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    clean_stale_tmp(path.parent, path.name, min_age_s=600)  # a killed save's leftovers (not a live writer's)
+    with atomic_file(path) as f:
+        torch.save(payload, f)
     return path
+
+
+# --------------------------------------------------------------------------------------------- atomic files
+TMP_SUFFIX = ".tmp"
+
+
+def _tmp_prefix(name: str) -> str:
+    return f".{name}."
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class atomic_file:  # noqa: N801 - used like open()
+    """``with atomic_file(path) as f: f.write(...)``: write ``path`` as a whole or not at all.
+
+    The data goes to a hidden temporary file beside ``path`` (``.NAME.<random>.tmp``), is flushed and
+    fsynced, gets the usual permissions (``0666`` minus the umask, not mkstemp's ``0600``), and then
+    replaces ``path`` with ``os.replace``; an exception removes the temporary file. A process killed
+    mid-write leaves ``path`` as it was and at most a ``*.tmp`` file, which :func:`clean_stale_tmp`
+    removes and every reader ignores.
+    """
+
+    def __init__(self, path: str | os.PathLike, mode: str = "wb"):
+        if mode not in ("wb", "w"):
+            raise ValueError("atomic_file writes: mode 'w' or 'wb'")
+        self.path, self.mode = Path(path), mode
+        self.tmp: str | None = None
+
+    def __enter__(self) -> Any:
+        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=_tmp_prefix(self.path.name),
+                                        suffix=TMP_SUFFIX)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+        except (AttributeError, OSError):  # pragma: no cover - not POSIX
+            pass
+        self.f = os.fdopen(fd, self.mode, **({"encoding": "utf-8", "newline": ""} if self.mode == "w" else {}))
+        return self.f
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        assert self.tmp is not None
+        try:
+            if exc_type is None:
+                self.f.flush()
+                os.fsync(self.f.fileno())
+            self.f.close()
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+                _fsync_dir(self.path.parent)
+        finally:
+            if os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see :class:`atomic_file`); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def clean_stale_tmp(directory: str | os.PathLike, name: str | None = None, min_age_s: float = 0.0) -> list[Path]:
+    """Remove temporary files an interrupted :class:`atomic_file` left in ``directory`` (for the file
+    ``name`` only, when given; only those older than ``min_age_s`` seconds); returns what was removed."""
+    import time
+
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    pattern = f"{_tmp_prefix(name)}*{TMP_SUFFIX}" if name else f".*{TMP_SUFFIX}"
+    removed = []
+    now = time.time()
+    for p in d.glob(pattern):
+        try:
+            if p.is_file() and now - p.stat().st_mtime >= min_age_s:
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over a model's state dict (sorted names, dtypes, shapes and the tensors' bytes).
+
+    Identifies a model by its *content*: the same weights give the same fingerprint wherever the file
+    lives, and any changed weight, buffer or shape gives another one. Masked models are fingerprinted with
+    their masks folded in, so a masked and a baked copy of one pruned model agree.
+    """
+    import hashlib
+
+    try:
+        state, _ = _effective_state_dict(_unwrap(model))
+    except Exception:  # noqa: BLE001 - a model prunekit cannot bake: its plain state dict
+        state = _unwrap(model).state_dict()
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(state[name].shape)}:{t.dtype};".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_with_metrics(model: nn.Module, out: str | os.PathLike, metrics: dict[str, Any],
+                      meta: dict[str, Any] | None = None, model_name: str = "model.pt",
+                      metrics_name: str = "metrics.json") -> tuple[Path, Path]:
+    """Write ``OUT/model.pt`` and ``OUT/metrics.json`` as a pair.
+
+    Both are written to temporary files first (fsynced, usual permissions); then the checkpoint and the
+    metrics are renamed into place. The metrics record the checkpoint's ``model_sha256`` (and the
+    checkpoint's meta holds the metrics), so a reader can tell a matching pair from one a killed run left
+    half-replaced (:func:`read_metrics` checks it). Leftover temporary files of an earlier killed run are
+    removed first.
+    """
+    import json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    staged = {n: f"{_tmp_prefix(n)}pair{TMP_SUFFIX}" for n in (model_name, metrics_name)}
+    for n in (model_name, metrics_name, *staged.values()):  # a killed earlier run's leftovers, nested ones too
+        clean_stale_tmp(out, n)
+    for n in staged.values():
+        (out / n).unlink(missing_ok=True)
+    meta = {**(meta or {}), "metrics": json.loads(json.dumps(metrics, default=str))}
+    model_tmp = out / staged[model_name]
+    save(model, model_tmp, meta=meta)
+    try:
+        metrics = {**metrics, "file_size": model_tmp.stat().st_size, "model_sha256": file_sha256(model_tmp),
+                   "model_file": model_name}
+        metrics_tmp = out / staged[metrics_name]
+        atomic_write_text(metrics_tmp, json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(model_tmp, out / model_name)
+        os.replace(metrics_tmp, out / metrics_name)
+        _fsync_dir(out)
+    finally:
+        for n in staged.values():
+            (out / n).unlink(missing_ok=True)
+    return out / model_name, out / metrics_name
+
+
+def read_metrics(out: str | os.PathLike, metrics_name: str = "metrics.json") -> dict[str, Any]:
+    """``OUT/metrics.json``, checked against the checkpoint it describes (``model_sha256``).
+
+    Raises :class:`~prunekit.errors.CheckpointError` when the file is missing or unreadable, or when the
+    checkpoint beside it is not the one the metrics were computed for (a run killed between the two renames).
+    """
+    import json
+
+    out = Path(out)
+    path = out / metrics_name
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{str(path)!r} is missing or not valid JSON: {e}") from None
+    if not isinstance(metrics, dict):
+        raise CheckpointError(f"{str(path)!r} does not hold a JSON object")
+    sha = metrics.get("model_sha256")
+    if sha:
+        model_path = out / str(metrics.get("model_file", "model.pt"))
+        if not model_path.is_file() or file_sha256(model_path) != sha:
+            raise CheckpointError(f"{str(path)!r} describes another checkpoint than {str(model_path)!r} "
+                                  f"(sha256 {sha[:12]} recorded): the run that wrote them was interrupted; "
+                                  "rerun it")
+    return metrics
 
 
 def _build_base(cfg: dict[str, Any]) -> nn.Module:

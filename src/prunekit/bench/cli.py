@@ -6,11 +6,20 @@ Usage::
     prunekit bench merge OUT1 OUT2 ... --out DIR     # merge results (dedupe by cell id), rebuild the report
     prunekit bench report OUT                        # rebuild report.md and the plots of OUT
     prunekit bench list                              # the bundled presets
+
+Exit status: 0 when every cell of the selection is done; 1 when some cells failed (their errors are in
+results.csv and report.md; --retry-failed recomputes them); 2 for bad input (experiment, flags, --out), a
+folder another process is running the same shard into, or results of another base model.
+
+One process per shard and output folder (an OS lock; a second one is refused naming the holder). Several
+shards may run into one folder at once. Rows are bound to the base model's content fingerprint: a replaced
+checkpoint is refused on resume, and `bench merge` refuses shards of different base models.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +61,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not args.out:
         raise PrunekitError("prunekit bench needs --out DIR")
     from prunekit.bench.config import load_experiment
-    from prunekit.bench.runner import Runner, parse_shard
+    from prunekit.bench.runner import Runner, check_out_dir, parse_shard
 
+    # everything a user typed is checked before any work: the experiment (methods' typed options included),
+    # the shard, the method filter and the output folder
     exp = load_experiment(args.experiment, args.overrides)
     shard = parse_shard(args.shard)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
@@ -61,15 +72,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     source=_source(args.experiment), overrides=args.overrides)
     if args.dry_run:
         cells = runner.cells(shard, methods)
+        bound = bool(cells) and bool(cells[0].base_fingerprint)
         for c in cells:
-            print(f"{c.cell_id}  {c.label:<20} {c.target:<12} seed={c.seed}")
-        print(f"{len(cells)} cell(s)")
+            print(f"{c.cell_id if bound else c.config_hash}  {c.label:<20} {c.target:<12} seed={c.seed}")
+        print(f"{len(cells)} cell(s)" + ("" if bound or not cells else
+                                         " (config hashes: the base model is not trained yet, so the cell ids "
+                                         "are not known)"))
         return 0
+    check_out_dir(Path(args.out))
+    runner.cells(shard, methods)  # --methods names checked before the base model is trained
     s = runner.run(shard=shard, methods=methods)
+    extra = f", {s.elsewhere} left to another process" if s.elsewhere else ""
     print(f"bench: {s.total} cell(s): {s.ok} ok, {s.failed} failed, {s.skipped} skipped, "
-          f"{s.done_before} already done; {s.seconds:.0f} s")
+          f"{s.done_before} already done{extra}; {s.seconds:.0f} s")
     print(f"bench: results in {Path(args.out) / 'results.csv'}, report in {Path(args.out) / 'report.md'}")
+    if s.failed_total:
+        print(f"bench: {s.failed_total} of {s.total} cell(s) failed ({s.failed} in this run, {s.failed_before} "
+              f"earlier); their errors are in the error/traceback columns of {Path(args.out) / 'results.csv'} and "
+              f"under 'Failed cells' in {Path(args.out) / 'report.md'} (rerun with --retry-failed to recompute them)",
+              file=sys.stderr)
+        return EXIT_CELLS_FAILED
     return 0
+
+
+#: exit status of a sweep in which some cells failed (bad input is 2, as everywhere in prunekit)
+EXIT_CELLS_FAILED = 1
 
 
 def _source(experiment: str) -> str:
@@ -86,36 +113,52 @@ def _cmd_list() -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from prunekit.bench.results import merge
-    from prunekit.bench.runner import build_outputs
+    from prunekit.bench.results import appending, merge
+    from prunekit.bench.runner import build_outputs, check_out_dir
 
     if not args.inputs or not args.out:
         raise PrunekitError("usage: prunekit bench merge OUT1 OUT2 ... --out DIR")
     out = Path(args.out)
+    for d in args.inputs:
+        if not Path(d).is_dir():
+            raise PrunekitError(f"bench merge: {d!r} is not a directory (give benchmark output directories)")
+    check_out_dir(out)
     rows = merge([Path(p) for p in args.inputs], out)
     _copy_config(args.inputs, out)
-    build_outputs(out)
+    with appending(out):
+        build_outputs(out)
     print(f"bench: merged {len(rows)} cell(s) from {len(args.inputs)} director(ies) into {out}")
     return 0
 
 
 def _copy_config(inputs: list[str], out: Path) -> None:
+    from prunekit.io import atomic_write_text
+
     if (out / "config.yaml").exists():
         return
     for d in inputs:
         src = Path(d) / "config.yaml"
         if src.is_file():
-            (out / "config.yaml").write_text(src.read_text())
+            atomic_write_text(out / "config.yaml", src.read_text(encoding="utf-8", errors="replace"))
             return
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from prunekit.bench.results import JSONL, appending, is_benchmark_dir
     from prunekit.bench.runner import build_outputs
 
     dirs = args.inputs or ([args.out] if args.out else [])
     if len(dirs) != 1:
         raise PrunekitError("usage: prunekit bench report OUT")
-    for p in build_outputs(Path(dirs[0])):
+    d = Path(dirs[0])
+    if not d.is_dir():
+        raise PrunekitError(f"bench report: {str(d)!r} is not a directory")
+    if not is_benchmark_dir(d):
+        raise PrunekitError(f"bench report: {str(d)!r} is not a benchmark output directory (no {JSONL}); "
+                            "give the --out of a `prunekit bench` run")
+    with appending(d):
+        written = build_outputs(d)
+    for p in written:
         print(p)
     return 0
 

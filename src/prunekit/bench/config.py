@@ -401,6 +401,22 @@ class Experiment(_Strict):
     def config_hash(self) -> str:
         return stable_hash(self.relevant())
 
+    def cell_relevant(self) -> dict[str, Any]:
+        """What every cell's result depends on besides its method, target, seed *and the base model*: like
+        :meth:`relevant`, without where the base comes from (checkpoint path, training spec) -- a cell is bound
+        to the base model by its content fingerprint instead, so a moved checkpoint keeps its results and a
+        replaced one at the same path does not."""
+        d = self.relevant()
+        d.pop("base")
+        if self.base.trajectory:
+            d["base_trajectory"] = self.base.trajectory
+        return d
+
+    def cell_config(self, spec: MethodSpec, target: str, seed: int) -> dict[str, Any]:
+        """The resolved configuration of one cell (without the base model): hashed into its config hash."""
+        return {"experiment": self.cell_relevant(), "method": spec.name, "options": dict(spec.options),
+                "target": target, "seed": seed, "then": [t.model_dump(mode="json") for t in spec.then]}
+
 
 def _check_name_options(name: str, options: dict[str, Any], where: str, valid: Sequence[str]) -> None:
     """A registered method name, and options that method accepts (checked when it is available)."""
@@ -450,7 +466,13 @@ def read_experiment_file(name_or_path: str | Path) -> tuple[dict[str, Any], str]
     """The raw YAML document of a preset name or an experiment file, and where it came from."""
     p = Path(name_or_path)
     if p.is_file():
-        text, source = p.read_text(), str(p)
+        try:
+            text, source = p.read_text(encoding="utf-8"), str(p)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"experiment file {str(p)!r} is not UTF-8 text (byte {e.start}: "
+                              f"{e.object[e.start:e.start + 1]!r}); save it as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"experiment file {str(p)!r} cannot be read: {e.strerror or e}") from None
     elif p.suffix in (".yaml", ".yml") or p.parent != Path("."):
         raise ConfigError(f"experiment file {str(p)!r} does not exist (bundled presets: {', '.join(list_presets())})")
     else:
@@ -590,19 +612,14 @@ def load_experiment(name_or_path: str | Path | dict[str, Any], overrides: Sequen
 
 
 def dump_experiment(exp: Experiment, path: Path, header: str = "") -> None:
-    """Write the resolved configuration (``methods: all`` expanded) as YAML, atomically."""
-    import os
-    import tempfile
+    """Write the resolved configuration (``methods: all`` expanded) as YAML, atomically (usual permissions)."""
+    from prunekit.io import atomic_write_text
 
     d = exp.model_dump(mode="json")
     d["methods"] = [s.model_dump(mode="json", exclude_defaults=True) for s in exp.method_specs()]
     d["exclude_methods"] = []
     text = (header + "\n" if header else "") + yaml.safe_dump(d, sort_keys=False, default_flow_style=None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 __all__ = ["BaseSpec", "Experiment", "MeasureSpec", "MethodSpec", "PruneSpec", "PruneTrainSpec", "TargetGrid",

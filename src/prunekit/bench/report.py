@@ -48,13 +48,21 @@ def target_sort_key(target: str) -> tuple[str, float]:
 
 
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and std over seeds of every metric, per (method label, target), for successful cells."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    """Mean and std over seeds of every metric, per (method label, target), for successful cells.
+
+    Only rows that differ in their seed alone are averaged (same ``seed_group``: base model and resolved
+    configuration); rows of one label and target under other settings (another fine-tuning budget, say)
+    get a line of their own, labelled with their group."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
         if r.get("status") == STATUS_OK:
-            groups.setdefault((r.get("label") or r["method"], r["target"]), []).append(r)
+            groups.setdefault((r.get("label") or r["method"], r["target"], str(r.get("seed_group") or "")),
+                              []).append(r)
+    shared = {(lb, t) for lb, t, _ in groups if sum(1 for g in groups if g[:2] == (lb, t)) > 1}
     out = []
-    for (label, target), rs in groups.items():
+    for (label, target, group), rs in groups.items():
+        if (label, target) in shared:  # several configurations under one label: keep them apart
+            label = f"{label} [{group[:6] or 'unbound'}]"
         agg: dict[str, Any] = {"label": label, "target": target, "method": rs[0]["method"],
                                "granularity": rs[0].get("granularity"), "n": len(rs),
                                "target_kind": rs[0].get("target_kind"), "target_value": rs[0].get("target_value")}

@@ -9,6 +9,13 @@ shared by all methods, evaluates again and measures size, FLOPs and latency. The
 is appended to ``results.jsonl`` before the next cell starts, so a killed run loses at most the
 cell in progress and a rerun of the same command skips every finished cell (by ``cell_id``).
 A cell that raises is recorded as ``failed`` with the error and the sweep goes on.
+
+Every row is bound to its inputs: ``base_fingerprint`` (SHA-256 of the base model's state dict,
+computed once per run), ``cell_config_hash`` (the cell's resolved configuration) and ``cell_id``
+(both together), so a replaced checkpoint at the same path is never taken for the old one. One
+process runs one shard of a folder (an OS lock, :class:`~prunekit.bench.results.RunLock`); processes
+running different shards into one folder share it (appends are locked, and a cell another process
+is computing is left to it).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import torch.nn as nn
 from prunekit.bench import results as R
 from prunekit.bench.config import Experiment, MethodSpec, dump_experiment, stable_hash
 from prunekit.errors import ConfigError, PrunekitError
+from prunekit.io import atomic_file, atomic_write_text, clean_stale_tmp
 
 PruneFn = Callable[..., Any]
 PREDICTIONS_FILE = "base_predictions.pt"
@@ -42,7 +50,12 @@ PREDICTIONS_FILE = "base_predictions.pt"
 # --------------------------------------------------------------------------------------------- cells
 @dataclass(frozen=True)
 class Cell:
-    """One unit of work: a method (with options) at one target for one seed."""
+    """One unit of work: a method (with options) at one target for one seed, on one base model.
+
+    ``config_hash`` hashes the cell's resolved configuration (base model excluded); ``cell_id`` hashes it
+    together with the base model's content fingerprint; ``seed_group`` hashes everything but the seed and the
+    target: cells of one target and one seed group differ in their seed alone (the report averages those).
+    """
 
     method: str
     label: str
@@ -53,31 +66,38 @@ class Cell:
     family: str
     cell_id: str
     then: tuple[dict[str, Any], ...] = ()  # methods applied after this one ({name, target, options})
+    config_hash: str = ""
+    seed_group: str = ""
+    base_fingerprint: str = ""
 
     def describe(self) -> str:
         return f"{self.label} {self.target} seed={self.seed}"
 
 
-def cell_id(method: str, options: dict[str, Any], target: str, seed: int, config_hash: str,
-            then: Sequence[dict[str, Any]] = ()) -> str:
-    """Hash of everything a cell's result depends on."""
-    return stable_hash({"method": method, "options": options, "target": target, "seed": seed,
-                        "config": config_hash, **({"then": list(then)} if then else {})})
+def cell_id(config_hash: str, base_fingerprint: str) -> str:
+    """The id of a cell: its resolved configuration and the content of its base model."""
+    return stable_hash({"cell": config_hash, "base": base_fingerprint}, n=16)
 
 
-def plan_cells(exp: Experiment) -> list[Cell]:
-    """Every cell of the experiment, in a stable order (methods, then targets, then seeds)."""
+def plan_cells(exp: Experiment, base_fingerprint: str = "") -> list[Cell]:
+    """Every cell of the experiment, in a stable order (methods, then targets, then seeds).
+
+    ``base_fingerprint`` (see :func:`model_fingerprint`) binds the cells to one base model; without it the
+    ids are provisional (a dry run before the base model exists).
+    """
     from prunekit.methods import get_method_info
 
-    h = exp.config_hash()
     cells = []
     for spec in exp.method_specs():
         info = get_method_info(spec.name)
         then = tuple(t.model_dump(mode="json") for t in spec.then)
         for target in exp.targets_for(spec):
             for seed in exp.seeds:
+                cfg = exp.cell_config(spec, target, seed)
+                h = stable_hash(cfg, n=16)
+                group = stable_hash({**cfg, "seed": None, "target": None, "base": base_fingerprint}, n=16)
                 cells.append(Cell(spec.name, spec.display, dict(spec.options), target, seed, info.granularity,
-                                  info.family, cell_id(spec.name, spec.options, target, seed, h, then), then))
+                                  info.family, cell_id(h, base_fingerprint), then, h, group, base_fingerprint))
     return cells
 
 
@@ -95,11 +115,11 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def shard_cells(cells: Sequence[Cell], shard: tuple[int, int] | None) -> list[Cell]:
-    """The ``i``-th of every ``n`` cells sorted by id: shards ``0/n .. n-1/n`` partition the grid."""
+    """The ``i``-th of every ``n`` cells sorted by config hash: shards ``0/n .. n-1/n`` partition the grid."""
     if shard is None:
         return list(cells)
     i, n = shard
-    return sorted(cells, key=lambda c: c.cell_id)[i::n]
+    return sorted(cells, key=lambda c: c.config_hash)[i::n]  # independent of the base model
 
 
 def filter_methods(cells: Sequence[Cell], methods: Sequence[str] | None) -> list[Cell]:
@@ -158,9 +178,17 @@ class RunSummary:
     ok: int = 0
     failed: int = 0
     skipped: int = 0
+    failed_before: int = 0  # recorded as failed in an earlier run and not retried
+    elsewhere: int = 0  # being computed by another process (another shard into the same folder)
     seconds: float = 0.0
     out: str = ""
+    base_fingerprint: str = ""
     outputs: list[str] = field(default_factory=list)
+
+    @property
+    def failed_total(self) -> int:
+        """Cells of the selected grid whose recorded result is a failure (this run's and earlier ones)."""
+        return self.failed + self.failed_before
 
 
 @dataclass
@@ -210,29 +238,51 @@ class Runner:
         self.log = log or _log
         self.make_report = make_report
         self.machine = machine_info()
+        self._fingerprint = ""  # the base model's content fingerprint, computed once per run
+        self._base_source = ""
+        self._base_loaded: nn.Module | None = None
 
     # -- public -------------------------------------------------------------------------------------
     def cells(self, shard: tuple[int, int] | None = None, methods: Sequence[str] | None = None) -> list[Cell]:
-        return filter_methods(shard_cells(plan_cells(self.exp), shard), methods)
+        """The selected cells, bound to the base model when it is already available (else provisional ids)."""
+        fp = self._fingerprint or self._peek_fingerprint()
+        return filter_methods(shard_cells(plan_cells(self.exp, fp), shard), methods)
 
     def run(self, shard: tuple[int, int] | str | None = None, methods: Sequence[str] | None = None) -> RunSummary:
-        """Run every pending cell of the (sharded, filtered) grid; returns a summary."""
-        from prunekit.methods import get_method_info
+        """Run every pending cell of the (sharded, filtered) grid; returns a summary.
 
+        Raises :class:`~prunekit.bench.results.LockHeld` when another process runs the same selection into
+        ``out``, and :class:`~prunekit.errors.PrunekitError` when ``out`` holds results of another base model.
+        """
         t_start = time.time()
         if isinstance(shard, str):
             shard = parse_shard(shard)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._write_config()
+        check_out_dir(self.out)
+        with R.RunLock(self.out, _lock_key(shard, methods)):
+            summary = self._run_locked(shard, methods)
+        summary.seconds = time.time() - t_start
+        return summary
+
+    def _run_locked(self, shard: tuple[int, int] | None, methods: Sequence[str] | None) -> RunSummary:
+        from prunekit.methods import get_method_info
+
+        with R.appending(self.out):
+            _clean_leftovers(self.out)  # every writer of these files holds this lock
+            self._write_config()
+        env: _Env | None = None
+        model = self._available_base()
+        if model is None:  # the base model must be trained first (the data is needed anyway)
+            env = self._prepare()
         cells = self.cells(shard, methods)
-        existing = {r["cell_id"]: r for r in R.load_rows(self.out)}
+        existing = {r["cell_id"]: r for r in self._rows_checked()}
         finished = {R.STATUS_OK} if self.retry_failed else {R.STATUS_OK, R.STATUS_FAILED}
-        summary = RunSummary(total=len(cells), out=str(self.out))
+        summary = RunSummary(total=len(cells), out=str(self.out), base_fingerprint=self._fingerprint)
         pending: list[Cell] = []
         for c in cells:
             prev = existing.get(c.cell_id)
             if prev is not None and prev.get("status") in finished:
                 summary.done_before += 1
+                summary.failed_before += prev.get("status") == R.STATUS_FAILED
                 continue
             reason = self._skip_reason(get_method_info(c.method))
             if reason:
@@ -251,35 +301,109 @@ class Runner:
             try:
                 if self.exp.threads:
                     torch.set_num_threads(self.exp.threads)
-                env = self._prepare()
+                env = env or self._prepare()
                 bar = self._bar(len(pending))
-                for c in pending:
-                    if bar is not None:
-                        bar.set_postfix_str(c.describe(), refresh=True)
-                    with warnings.catch_warnings(record=True) as caught:
-                        warnings.simplefilter("always")
-                        row = self.run_cell(c, env, prune_fn)
-                    if caught:  # kept with the row instead of cluttering the progress display
-                        msgs = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
-                        row["warnings"] = " | ".join(msgs)[:2000]
-                    self._append(row)
-                    summary.ran += 1
-                    if row["status"] == R.STATUS_OK:
-                        summary.ok += 1
-                    else:
-                        summary.failed += 1
-                        self.log(f"bench: cell {c.describe()} failed: {row['error']}")
-                    if bar is not None:
-                        bar.update(1)
+                with _CellLocks(self.out) as locks:
+                    for c in pending:
+                        if bar is not None:
+                            bar.set_postfix_str(c.describe(), refresh=True)
+                        status = self._run_one(c, env, prune_fn, locks, finished)
+                        if status == "elsewhere":
+                            summary.elsewhere += 1
+                        elif status == "done":
+                            summary.done_before += 1
+                        else:
+                            summary.ran += 1
+                            summary.ok += status == R.STATUS_OK
+                            summary.failed += status != R.STATUS_OK
+                        if bar is not None:
+                            bar.update(1)
             finally:
                 if bar is not None:
                     bar.close()
                 torch.set_num_threads(threads_before)
-        R.write_csv(self.out)
-        if self.make_report:
-            summary.outputs = self.report()
-        summary.seconds = time.time() - t_start
+        if summary.elsewhere:
+            self.log(f"bench: {summary.elsewhere} cell(s) were being computed by another process writing into "
+                     f"{self.out}; their rows appear when it finishes")
+        with R.appending(self.out):
+            R.write_csv(self.out)
+            if self.make_report:
+                summary.outputs = self.report()
         return summary
+
+    def _run_one(self, c: Cell, env: _Env, prune_fn: PruneFn, locks: _CellLocks, finished: set[str]) -> str:
+        """Run one cell unless another process is computing it or finished it meanwhile; returns its status,
+        ``"elsewhere"`` or ``"done"``."""
+        if not locks.try_lock(c.cell_id):
+            return "elsewhere"
+        try:
+            prev = {r["cell_id"]: r for r in R.load_rows(self.out)}.get(c.cell_id)
+            if prev is not None and prev.get("status") in finished:
+                return "done"
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                row = self.run_cell(c, env, prune_fn)
+            if caught:  # kept with the row instead of cluttering the progress display
+                msgs = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
+                row["warnings"] = " | ".join(msgs)[:2000]
+            self._append(row)
+        finally:
+            locks.unlock(c.cell_id)
+        if row["status"] != R.STATUS_OK:
+            self.log(f"bench: cell {c.describe()} failed: {row['error']}")
+        return str(row["status"])
+
+    def _adopt_legacy_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows an older prunekit wrote (no base fingerprint, path-based cell ids), bound to this run's base.
+
+        They are adopted only when the folder's ``base_metrics.json`` names this very base model (by the old
+        fingerprint) and every such row is a cell of this experiment; ``results.jsonl`` is then rewritten with
+        the new ids and columns (atomically, under the append lock). Otherwise they cannot be trusted: refused.
+        """
+        legacy = [r for r in rows if not r.get("base_fingerprint")]
+        old_base = read_base_metrics(self.out) or {}
+        assert self._base_loaded is not None
+        if old_base.get("fingerprint") != _legacy_fingerprint(self._base_loaded):
+            raise PrunekitError(
+                f"{self.out / R.JSONL} holds {len(legacy)} row(s) written by an older prunekit without a base-model "
+                f"fingerprint, and {self.out / BASE_METRICS} does not show they come from this run's base model "
+                f"({self._base_source}); use a new --out directory (or move the old results away)")
+        by_old_id = {_legacy_cell_id(self.exp, c): c for c in plan_cells(self.exp, self._fingerprint)}
+        unknown = [r for r in legacy if r["cell_id"] not in by_old_id]
+        if unknown:
+            raise PrunekitError(
+                f"{self.out / R.JSONL} holds {len(unknown)} row(s) written by an older prunekit for cells that are "
+                f"not in this experiment (e.g. {unknown[0].get('label') or unknown[0].get('method')} "
+                f"{unknown[0].get('target')} seed={unknown[0].get('seed')}); they cannot be bound to a base model: "
+                "use a new --out directory")
+        upgraded = []
+        for r in rows:
+            c = by_old_id.get(r["cell_id"]) if not r.get("base_fingerprint") else None
+            if c is not None:
+                r = {**r, "cell_id": c.cell_id, "legacy_cell_id": r["cell_id"], "base_fingerprint": c.base_fingerprint,
+                     "cell_config_hash": c.config_hash, "seed_group": c.seed_group}
+            upgraded.append(r)
+        R.write_rows_jsonl(self.out, upgraded)
+        self.log(f"bench: bound {len(legacy)} row(s) of an older prunekit to this base model "
+                 f"({self._fingerprint[:16]}) in {self.out / R.JSONL}")
+        return R.dedupe(upgraded)
+
+    def _rows_checked(self) -> list[dict[str, Any]]:
+        """The rows of ``out``, refused when they come from another base model than this run's."""
+        rows = R.load_rows(self.out)
+        fps = R.base_fingerprints(rows)
+        if "none" in fps:
+            rows = self._adopt_legacy_rows(rows)
+            fps = R.base_fingerprints(rows)
+        other = [fp for fp in fps if fp != self._fingerprint]
+        if other:
+            old = other[0]
+            raise PrunekitError(
+                f"the base model differs from the one the finished cells in {self.out} were computed from "
+                f"(weights fingerprint {old[:16]} in {self.out / R.JSONL}, {self._fingerprint[:16]} for this run's "
+                f"base from {self._base_source}: was the checkpoint replaced or retrained?); use a new --out "
+                "directory, or delete the old results to recompute them all")
+        return rows
 
     def report(self) -> list[str]:
         """Rebuild report.md, the plots and TensorBoard scalars from the results; returns the files written."""
@@ -307,8 +431,7 @@ class Runner:
         dump_experiment(self.exp, path, header)
 
     def _append(self, row: dict[str, Any]) -> None:
-        R.append_row(self.out, row)
-        R.write_csv(self.out)
+        R.append_row(self.out, row, rebuild_csv=True)
 
     def _skip_reason(self, info: Any) -> str | None:
         if not info.available():
@@ -323,7 +446,7 @@ class Runner:
     def _needs_trajectory(self) -> bool:
         from prunekit.methods import get_method_info
 
-        return any(get_method_info(m.name).needs_trajectory for m in self.exp.methods)
+        return any(get_method_info(m.name).needs_trajectory for m in self.exp.method_specs())
 
     def _trajectory_source(self) -> Path | str | None:
         """Where the base model's trajectory comes from: a folder, ``"record"`` (base trained here), or None."""
@@ -374,6 +497,7 @@ class Runner:
             "model": self.exp.model, "dataset": self.exp.dataset, "seed": c.seed, "target": c.target,
             "target_kind": t.kind, "target_value": t.value, "finetune_epochs": ft.epochs, "finetune_lr": ft.lr,
             "config_hash": self.exp.config_hash(), "experiment": self.exp.name, "flops_unit": "MACs",
+            "base_fingerprint": c.base_fingerprint, "cell_config_hash": c.config_hash, "seed_group": c.seed_group,
             **self.machine,
         }
 
@@ -399,9 +523,14 @@ class Runner:
         info = train_ds.info
         input_shape = tuple(int(s) for s in info.input_size)
         eval_loader = BatchLoader(test_ds, batch_size=exp.measure.eval_batch_size, device=device)
-        base_model = self._base_model(train_ds, test_ds, device).to(device).eval()
-        fingerprint = model_fingerprint(base_model)
-        self._check_same_base(fingerprint)
+        if self._base_loaded is not None:
+            base_model = self._base_loaded
+        else:
+            base_model = self._base_model(train_ds, test_ds, device)
+            self._set_base(base_model, self._base_source or "the base model trained here")
+        base_model = base_model.to(device).eval()
+        fingerprint = self._fingerprint
+        self._rows_checked()  # before anything is written: refuse results of another base model
         self.log("bench: measuring the base model")
         ev = evaluate(base_model, eval_loader, device=device)
         preds, _ = predictions(base_model, eval_loader, device=device)
@@ -412,8 +541,7 @@ class Runner:
         if exp.measure.epoch_time:
             base["epoch_seconds"] = self._epoch_seconds(base_model, train_ds, device)
             self.log(f"bench: one training epoch of the base model took {base['epoch_seconds']:.1f} s")
-        torch.save(preds, self.out / PREDICTIONS_FILE)
-        (self.out / "base_metrics.json").write_text(json.dumps(base, indent=2, default=str) + "\n")
+        self._write_base_files(base, preds)
         self.log(f"bench: base model top1={base['top1']:.4f} params={base['params']:,} flops={base['flops']:,}")
         env = _Env(device, info, input_shape, train_ds, eval_loader, base_model, base, preds)
         env.trajectory = self._load_trajectory()
@@ -451,45 +579,85 @@ class Runner:
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
-    def _check_same_base(self, fingerprint: str) -> None:
-        """Refuse to add cells computed from a different base model to finished ones (e.g. a replaced checkpoint)."""
-        path = self.out / "base_metrics.json"
-        if not path.is_file() or not R.load_rows(self.out):
-            return
+    def _write_base_files(self, base: dict[str, Any], preds: torch.Tensor) -> None:
+        """``base_metrics.json`` and ``base_predictions.pt``, each atomically, under the append lock; an existing
+        ``base_metrics.json`` of another base model (no rows refer to it: checked before) is replaced with a note."""
+        path = self.out / BASE_METRICS
+        with R.appending(self.out):
+            old = read_base_metrics(self.out)
+            if old is not None and old.get("fingerprint") not in (
+                    base["fingerprint"], self._base_loaded is not None and _legacy_fingerprint(self._base_loaded)):
+                self.log(f"bench: note: {path} described another base model (fingerprint "
+                         f"{str(old.get('fingerprint'))[:16]}); replacing it")
+            with atomic_file(self.out / PREDICTIONS_FILE) as f:
+                torch.save(preds, f)
+            atomic_write_text(path, json.dumps(base, indent=2, default=str) + "\n")
+
+    def _set_base(self, model: nn.Module, source: str) -> None:
+        self._base_loaded = model
+        self._fingerprint = model_fingerprint(model)
+        self._base_source = source
+
+    def _available_base(self) -> nn.Module | None:
+        """The base model when it exists on disk (the checkpoint, or the cached trained one), loaded and
+        fingerprinted; None when it has to be trained first."""
+        from prunekit.io import load
+
+        if self._base_loaded is not None:
+            return self._base_loaded
+        spec = self.exp.base
+        path = self._resolve_checkpoint(spec.checkpoint) if spec.checkpoint else None
+        if path is None and spec.train is not None:
+            cached = self._cached_base_path()
+            path = cached if cached.is_file() else None
+        if path is None:
+            if spec.train is None:
+                raise ConfigError(f"base.checkpoint {spec.checkpoint!r} does not exist and no base.train spec is given")
+            return None
+        self.log(f"bench: base model from {path}")
+        model = load(path)
+        self._check_base(model, str(path))
+        self._set_base(model.eval(), str(path))
+        return model
+
+    def _peek_fingerprint(self) -> str:
+        """The base fingerprint when the base model is on disk, else "" (nothing is trained for a dry run)."""
         try:
-            old = json.loads(path.read_text()).get("fingerprint")
-        except (OSError, ValueError):
-            return
-        if old and old != fingerprint:
-            raise PrunekitError(
-                f"the base model differs from the one the finished cells in {self.out} were computed from "
-                f"(weights fingerprint {old[:12]} then, {fingerprint[:12]} now: was the checkpoint replaced or "
-                "retrained?); use a new --out directory, or delete the old results to recompute them all")
+            return self._fingerprint if self._available_base() is not None else ""
+        except PrunekitError:
+            return ""
 
     def _base_model(self, train_ds: Any, test_ds: Any, device: torch.device) -> nn.Module:
-        from prunekit.io import load, save
-        from prunekit.models import create_model_for_dataset
-        from prunekit.train import config_dict, seed_everything
-
-        exp = self.exp
-        spec = exp.base
+        """The base model: the checkpoint when it exists, else trained here (once: cached by configuration)."""
+        spec = self.exp.base
         if spec.checkpoint:
             path = self._resolve_checkpoint(spec.checkpoint)
             if path is not None:
-                self.log(f"bench: base model from {path}")
-                model = load(path)
-                self._check_base(model, str(path))
+                model = self._available_base()
+                assert model is not None
                 return model
             if spec.train is None:
                 raise ConfigError(f"base.checkpoint {spec.checkpoint!r} does not exist and no base.train spec is given")
             self.log(f"bench: {spec.checkpoint} not found; training the base model instead")
         assert spec.train is not None
         path = self._cached_base_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(path.with_name(f".{path.name}.lock")):  # one process trains, the others wait for it
+            return self._train_base(path, train_ds, device)
+
+    def _train_base(self, path: Path, train_ds: Any, device: torch.device) -> nn.Module:
+        from prunekit.io import load, save
+        from prunekit.models import create_model_for_dataset
+        from prunekit.train import config_dict, seed_everything
+
+        exp, spec = self.exp, self.exp.base
+        assert spec.train is not None
         key = path.stem.rpartition("-")[2]
         if path.is_file():
             self.log(f"bench: base model from cache {path}")
             model = load(path)
             self._check_base(model, str(path))
+            self._base_source = str(path)
             return model
         self.log(f"bench: training base model {exp.model} on {exp.dataset} for {spec.train.epochs:g} epoch(s)")
         seed_everything(spec.train.seed)
@@ -510,6 +678,7 @@ class Runner:
         save(model, path, meta={"dataset": exp.dataset, "train_config": config_dict(cfg),
                                 "train_seconds": round(time.time() - t0, 1), "bench_key": key})
         self.log(f"bench: base model trained in {time.time() - t0:.0f} s, cached at {path}")
+        self._base_source = str(path)
         return model
 
     def _cached_base_path(self) -> Path:
@@ -807,13 +976,139 @@ def _score_memory_columns(metas: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------- helpers
 def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over a model's state dict (names, shapes, values): identifies the base model of a run."""
+    """SHA-256 over a model's state dict (sorted names, dtypes, shapes, bytes): the base model's content
+    fingerprint (see :func:`prunekit.io.state_fingerprint`)."""
+    from prunekit.io import state_fingerprint
+
+    return state_fingerprint(model)
+
+
+BASE_METRICS = "base_metrics.json"
+
+
+def _legacy_fingerprint(model: nn.Module) -> str:
+    """The base fingerprint prunekit wrote into ``base_metrics.json`` before rows carried one (to adopt old rows)."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         t = t.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _legacy_cell_id(exp: Experiment, c: Cell) -> str:
+    """The path-based cell id of prunekit before rows were bound to their base model (to adopt old rows)."""
+    return stable_hash({"method": c.method, "options": c.options, "target": c.target, "seed": c.seed,
+                        "config": exp.config_hash(), **({"then": list(c.then)} if c.then else {})})
+
+
+def read_base_metrics(out: Path, fingerprint: str | None = None) -> dict[str, Any] | None:
+    """``OUT/base_metrics.json``, or None when it is missing, unreadable or -- with ``fingerprint`` -- of
+    another base model."""
+    try:
+        d = json.loads((Path(out) / BASE_METRICS).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(d, dict) or (fingerprint is not None and d.get("fingerprint") != fingerprint):
+        return None
+    return d
+
+
+def check_out_dir(out: Path) -> None:
+    """``--out``: a directory that can be created and written, checked before any work (else exit 2)."""
+    import tempfile
+
+    out = Path(out)
+    try:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {str(out)!r} is an existing file, not a directory; give a directory")
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".prunekit-write-test-"):
+            pass
+    except PrunekitError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--out {str(out)!r} cannot be written: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _clean_leftovers(out: Path) -> list[Path]:
+    """Temporary files a killed run left in ``out`` (hidden ``.NAME.*.tmp``, and the ``NAME*.tmp`` of older
+    versions for the files the benchmark writes); call with the append lock held."""
+    removed = clean_stale_tmp(out)
+    for name in (R.JSONL, R.CSV, "config.yaml", "report.md", BASE_METRICS, PREDICTIONS_FILE):
+        for p in out.glob(f"{name}*.tmp"):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
+def _lock_key(shard: tuple[int, int] | None, methods: Sequence[str] | None) -> str:
+    """The run-lock name of a selection: the shard, and the method filter when there is one."""
+    key = "all" if shard is None else f"shard{shard[0]}of{shard[1]}"
+    return key + (f"-{stable_hash(sorted(methods), n=8)}" if methods else "")
+
+
+class _file_lock:  # noqa: N801 - a context manager
+    """A blocking exclusive ``flock`` on ``path`` (created); released on exit."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> _file_lock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl = R._fcntl()
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+            except OSError as e:
+                os.close(self.fd)
+                raise PrunekitError(R._no_locks(self.path.parent, e)) from None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        os.close(self.fd)
+
+
+class _CellLocks:
+    """Non-blocking per-cell locks: a byte-range lock per cell id in ``OUT/.cells.lock`` (one file, however
+    many cells). A cell another process holds is left to it."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / ".cells.lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> _CellLocks:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases every lock of this process on the file
+            self.fd = None
+
+    @staticmethod
+    def _offset(cid: str) -> int:
+        return int(hashlib.sha1(cid.encode()).hexdigest()[:8], 16)
+
+    def try_lock(self, cid: str) -> bool:
+        fcntl = R._fcntl()
+        if fcntl is None or self.fd is None:
+            return True
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self._offset(cid))
+        except OSError as e:
+            if not R._busy(e):
+                raise PrunekitError(R._no_locks(self.path.parent, e)) from None
+            return False
+        return True
+
+    def unlock(self, cid: str) -> None:
+        fcntl = R._fcntl()
+        if fcntl is not None and self.fd is not None:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self._offset(cid))
 
 
 def train_config(spec: Any, seed: int) -> Any:
@@ -928,6 +1223,12 @@ def build_outputs(out: Path, log: Callable[[str], None] | None = None) -> list[s
 
     log = log or (lambda m: print(m, file=sys.stderr))
     rows = R.load_rows(out)
+    fps = R.base_fingerprints(rows)
+    if len(fps) > 1:
+        listed = ", ".join(f"{fp[:16]} ({n} row(s))" for fp, n in sorted(fps.items()))
+        raise PrunekitError(f"{out / R.JSONL} mixes results of {len(fps)} base models (fingerprints {listed}); "
+                            "a report would compare them as one: split the rows by base_fingerprint into separate "
+                            "folders first")
     written: list[str] = []
     for name, fn in (("report", write_report), ("plots", write_plots), ("tensorboard", write_tensorboard)):
         try:
@@ -936,7 +1237,20 @@ def build_outputs(out: Path, log: Callable[[str], None] | None = None) -> list[s
             log(f"bench: warning: could not write the {name}: {type(e).__name__}: {e}")
             continue
         written.extend(str(p) for p in (res if isinstance(res, list) else [res]) if p)
+    _usual_permissions([Path(p) for p in written])
     return written
+
+
+def _usual_permissions(paths: Sequence[Path]) -> None:
+    """Give files written through ``mkstemp`` (0600) the permissions the umask asks for."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in paths:
+        try:
+            if p.is_file() and (p.stat().st_mode & 0o777) == 0o600:
+                p.chmod(0o666 & ~mask)
+        except OSError:
+            pass
 
 
 def run_experiment(exp: Experiment, out: str | os.PathLike, **kwargs: Any) -> RunSummary:
@@ -946,5 +1260,6 @@ def run_experiment(exp: Experiment, out: str | os.PathLike, **kwargs: Any) -> Ru
     return Runner(exp, out, **kwargs).run(shard=shard, methods=methods)
 
 
-__all__ = ["Cell", "MethodSpec", "RunSummary", "Runner", "build_outputs", "cell_id", "filter_methods",
-           "machine_info", "parse_shard", "plan_cells", "run_experiment", "shard_cells", "train_config"]
+__all__ = ["Cell", "MethodSpec", "RunSummary", "Runner", "build_outputs", "cell_id", "check_out_dir", "filter_methods",
+           "machine_info", "model_fingerprint", "parse_shard", "plan_cells", "read_base_metrics", "run_experiment",
+           "shard_cells", "train_config"]

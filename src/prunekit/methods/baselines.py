@@ -359,9 +359,10 @@ class Activation(ChannelScorer):
                     else:
                         handles.append(mod.register_forward_hook(self._writer(g, sums, path, role)))
             n = 0
-            for x, _ in ctx.batches(self.samples):
+            for x, _ in ctx.batches(self.samples, shard=True):  # under torchrun: sums over the ranks' slices
                 run_model(model, x)
-                n += len(x) if isinstance(x, torch.Tensor) else x.batch_size
+                n += len(x)
+        sums, n = ctx.reduce_sums(sums, n)
         _need_samples(n, self.name)
         return {k: v / (n * max(n_sites[k], 1)) for k, v in sums.items()}
 
@@ -432,7 +433,7 @@ class Taylor(ChannelScorer):
                 for path in sites:
                     hook = _capture_outputs(captured, (g, path, role))
                     handles.append(model.get_submodule(path).register_forward_hook(hook))
-            for x, y in ctx.batches(self.samples):
+            for x, y in ctx.batches(self.samples, shard=True):  # under torchrun: sums over the ranks' slices
                 captured.clear()
                 loss = _sum_loss(model, ctx, x, y)
                 grads = torch.autograd.grad(loss, [t for _, _, t in captured], allow_unused=True)
@@ -444,6 +445,7 @@ class Taylor(ChannelScorer):
                     sums[g.key] += _gather(per, index).sum((0, 2)).double().cpu()
                 n += len(x) if isinstance(x, torch.Tensor) else x.batch_size
             captured.clear()
+        sums, n = ctx.reduce_sums(sums, n)
         _need_samples(n, self.name)
         return {k: v / n for k, v in sums.items()}
 
@@ -465,8 +467,8 @@ def kfac_factors(model: nn.Module, ctx: PruneContext, paths: list[str], samples:
 
     ``A`` is ``(groups, d, d)`` with ``d = in/groups * kh * kw (+1 for a bias)``; ``G`` is ``(out, out)``.
     """
-    factors = curvature.kfac_factors(model, ctx.batches(samples), paths, loss=ctx.loss, mode="patch",
-                                     fisher=fisher, seed=seed)
+    factors = curvature.kfac_factors(model, ctx.batches(samples, shard=True), paths, loss=ctx.loss, mode="patch",
+                                     fisher=fisher, seed=seed, reduce=True)
     return {p: (f.A, f.G) for p, f in factors.items()}
 
 

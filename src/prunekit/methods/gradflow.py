@@ -68,12 +68,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import resource
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -199,6 +200,70 @@ def class_balanced_batches(
     return [(X[i: i + bs], Y[i: i + bs]) for i in range(0, len(X), bs)], counts
 
 
+# libkineto (torch's profiler back end) writes a line such as
+#   USDT:2026-01-01 12:00:00 123:123 SyncActivityProfilerHandler.cpp:52] profiler_start
+# straight to the C++ std::cerr at every profiler start and stop: message type USDT (5), at or above the
+# default threshold. It reads its threshold once, from $KINETO_LOG_LEVEL, when the first profiler of the process
+# starts; a level above every message type (6) silences it at the source. Where the user set KINETO_LOG_LEVEL,
+# their choice stands and nothing is filtered.
+_KINETO_LEVEL_ENV = "KINETO_LOG_LEVEL"
+_KINETO_QUIET_LEVEL = "6"
+_kineto_level_ours = False
+_KINETO_CHATTER = re.compile(rb"^(?:USDT|STAGE):\d{4}-\d\d-\d\d \d\d:\d\d:\d\d .*\] ")
+
+
+def _quiet_kineto() -> bool:
+    """Raise libkineto's log threshold above its start / stop chatter unless the user chose one; True when
+    prunekit owns the level (then the chatter may also be filtered out of stderr)."""
+    global _kineto_level_ours
+    if _kineto_level_ours:
+        return True
+    if _KINETO_LEVEL_ENV in os.environ:
+        return False
+    os.environ[_KINETO_LEVEL_ENV] = _KINETO_QUIET_LEVEL
+    _kineto_level_ours = True
+    return True
+
+
+@contextlib.contextmanager
+def _kineto_chatter_filtered(active: bool = True) -> Iterator[None]:
+    """Around a profiler start / stop: file descriptor 2 goes to a temporary file, and on exit everything written
+    there except libkineto's own ``USDT:`` / ``STAGE:`` lines is written back to stderr, in order.
+
+    The backstop for a process whose profiler was first started (so its log threshold fixed) before prunekit
+    could raise it. Output of other threads in that window is delayed, not lost."""
+    if not active:
+        yield
+        return
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable fd 2 (e.g. a closed or replaced stderr)
+        yield
+        return
+    tmp = tempfile.TemporaryFile()
+    try:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(saved, 2)
+            tmp.seek(0)
+            kept = b"".join(line for line in tmp.read().splitlines(keepends=True) if not _KINETO_CHATTER.match(line))
+            view = memoryview(kept)
+            while view:
+                view = view[os.write(2, view):]
+    finally:
+        os.close(saved)
+        tmp.close()
+
+
 class PeakMemory:
     """Peak memory used inside a ``with`` block.
 
@@ -248,9 +313,10 @@ class PeakMemory:
         try:
             from torch.profiler import ProfilerActivity, profile
 
-            os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no start / stop chatter on stderr
+            quiet = _quiet_kineto()
             prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            prof.__enter__()
+            with _kineto_chatter_filtered(quiet):
+                prof.__enter__()
             self._prof = prof
         except Exception:  # noqa: BLE001 - e.g. a profiler is already running: fall back to the RSS
             self._prof = None
@@ -260,7 +326,8 @@ class PeakMemory:
         if prof is None:
             return None
         try:
-            prof.__exit__(None, None, None)
+            with _kineto_chatter_filtered(_quiet_kineto()):
+                prof.__exit__(None, None, None)
             events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
                       and e.device_type() == torch.autograd.DeviceType.CPU]
         except Exception:  # noqa: BLE001 - profiler internals differ between torch versions
