@@ -29,6 +29,7 @@ import prunekit  # noqa: E402
 from prunekit.errors import PruningError  # noqa: E402
 from prunekit.metrics import count_flops  # noqa: E402
 from prunekit.surgery import analyze, apply_plan  # noqa: E402
+from prunekit.surgery.convert import linearize_  # noqa: E402
 from prunekit.surgery.inputs import ExampleInputs, flatten_outputs, max_output_difference  # noqa: E402
 
 TARGET = 2.0
@@ -47,6 +48,7 @@ def run_prunekit(name: str) -> dict[str, Any]:
     model, ex = suite.build(name)
     with torch.no_grad():
         ref = ex(model)
+    linearize_(model)  # as prune does (Hugging Face Conv1D -> nn.Linear), for the masked comparison
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():

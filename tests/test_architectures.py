@@ -24,6 +24,7 @@ from prunekit.errors import PruningError
 from prunekit.methods.baselines import l1_scores
 from prunekit.methods.registry import get_method_info, list_methods
 from prunekit.surgery import analyze, apply_plan
+from prunekit.surgery.convert import linearize_, transposed_linears
 from prunekit.surgery.inputs import ExampleInputs, as_example_inputs, flatten_outputs, max_output_difference
 
 
@@ -471,7 +472,8 @@ def _hf_models() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], Any]]]
     def gpt2():
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16)
+        cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16, use_cache=False,
+                         bos_token_id=0, eos_token_id=0)  # no key/value cache while pruning
         return GPT2LMHeadModel(cfg)
 
     def vit():
@@ -515,6 +517,7 @@ def check_pruned(name: str, method: str = "l1", target: float = 2.0, **kw: Any) 
     model, ex = build(name)
     with torch.no_grad():
         ref = ex(model)
+    linearize_(model)  # what prune does to Hugging Face Conv1D layers; the masked model below needs it too
     info = get_method_info(method)
     data = None
     if info.needs_data:  # (x, y) batches; x is the tuple / dict of inputs for a model with several
@@ -693,3 +696,33 @@ def test_grouped_conv_blocks_lose_the_same_positions():
     masked = apply_plan(model, prunekit.surgery.Plan(channels={"a.0": keep}), graph, "masked", ex)
     with torch.no_grad():
         assert max_output_difference(ex(masked), ex(pruned)) < 1e-5
+
+
+def test_hf_conv1d_becomes_an_equal_linear():
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(8, 5), nn.ReLU(), Conv1D(3, 8))
+    x = torch.randn(2, 4, 5)
+    ref = model(x)
+    assert transposed_linears(model) == ["0", "2"]
+    assert linearize_(model) == ["0", "2"] and isinstance(model[0], nn.Linear)
+    assert torch.allclose(model(x), ref, atol=1e-6)
+    assert transformers is not None
+
+
+def test_gpt2_prunes_whole_heads_with_heads_true():
+    pytest.importorskip("transformers")
+    model, ex = build("hf_gpt2")
+    with torch.no_grad():
+        ref = ex(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = prunekit.prune(model, "l1", "flops=2", example_inputs=ex, heads=True)
+    assert res.report["flops_speedup"] == pytest.approx(2.0, rel=0.05)
+    with torch.no_grad():
+        out = ex(res.model)
+    assert type(out) is type(ref) and out.logits.shape == ref.logits.shape
+    attn = res.model.transformer.h[0].attn
+    assert attn.c_attn.out_features == 3 * attn.num_heads * attn.head_dim == 3 * attn.split_size

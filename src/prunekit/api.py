@@ -31,7 +31,7 @@ from prunekit.methods.registry import MethodInfo, get_method_info
 from prunekit.schedule import FineTuner, cumulative_fractions, target_fraction
 from prunekit.surgery.allocate import latency_mode as _latency_mode
 from prunekit.surgery.apply import apply_plan_
-from prunekit.surgery.graph import LAYER_TYPES, ChannelGraph, analyze, default_input_shape
+from prunekit.surgery.graph import LAYER_TYPES, ChannelGraph, PruningWarning, analyze, default_input_shape
 from prunekit.surgery.inputs import accepting_examples, is_example
 from prunekit.surgery.masks import remove_masks_
 from prunekit.surgery.plan import Plan
@@ -539,6 +539,11 @@ def _prepare(model: nn.Module, method: str | Method, target: Any, data: Any, met
     if copy:
         model = _copy.deepcopy(model)
     model.to(dev)
+    from prunekit.surgery.convert import linearize_
+
+    if linearize_(model):  # Hugging Face Conv1D (GPT-2) -> the equal nn.Linear, so the graph can be traced
+        warnings.warn("prunekit: Hugging Face Conv1D layers were replaced by the equal nn.Linear layers",
+                      PruningWarning, stacklevel=3)
     shape = _input_shape(model, input_shape, loader, example_inputs)
     if hasattr(shape, "kwargs"):  # ExampleInputs: on the model's device
         shape = shape.to(dev)

@@ -23,7 +23,15 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from prunekit.errors import PruningError
-from prunekit.surgery.graph import ChannelGraph, ChannelGroup, _complement, _has_masks, analyze, tensor_shapes
+from prunekit.surgery.graph import (
+    ChannelGraph,
+    ChannelGroup,
+    _complement,
+    _has_masks,
+    analyze,
+    attention_parts,
+    tensor_shapes,
+)
 from prunekit.surgery.lowrank import factors_to_module
 from prunekit.surgery.masks import apply_masks_, get_masks, remove_masks_
 from prunekit.surgery.plan import Plan
@@ -294,9 +302,12 @@ def _prune_heads(model: nn.Module, g: ChannelGroup, keep: torch.Tensor) -> None:
         idx = mb.positions(keep).to(t.device)
         new = nn.Parameter(t.detach().index_select(mb.dim, idx).clone(), requires_grad=t.requires_grad)
         setattr(mod, name, new)
-    attn.qkv.out_features = int(attn.qkv.weight.shape[0])
-    attn.proj.in_features = int(attn.proj.weight.shape[1])
+    q, o = attention_parts(attn) or ("qkv", "proj")
+    getattr(attn, q).out_features = int(getattr(attn, q).weight.shape[0])
+    getattr(attn, o).in_features = int(getattr(attn, o).weight.shape[1])
     attn.num_heads = int(keep.numel())
+    if isinstance(getattr(attn, "split_size", None), int):  # GPT-2 splits its fused projection at split_size
+        attn.split_size = int(keep.numel()) * int(attn.head_dim)
 
 
 # --------------------------------------------------------------------------------------------- masked

@@ -50,6 +50,7 @@ from prunekit.surgery.groups import (  # noqa: F401  (re-exported: the records a
     _is_grouped,
     _matches,
     _signature,
+    attention_parts,
     is_attention,
     tensor_shapes,
 )
@@ -275,6 +276,8 @@ def _trace(model: nn.Module, x: Any) -> tuple[Any, list[str], _UseRecorder]:
             else "; the model must run on the example inputs (pass example_inputs=... for models taking several "
             "inputs, keyword inputs or integer tokens)"
         )
+        if getattr(getattr(model, "config", None), "use_cache", False):
+            hint += "; for a Hugging Face model set model.config.use_cache = False (its key/value cache concatenates)"
         raise PruningError(
             f"could not trace the model to find coupled channels ({type(e).__name__}: {e}){hint}"
         ) from e
@@ -326,7 +329,7 @@ def analyze(
     model_names = {m: n for n, m in model.named_modules()}
     ignored_paths = [model_names.get(i, "?") if isinstance(i, nn.Module) else str(i) for i in (ignored or ())]
     attn = {p: m for p, m in work.named_modules() if is_attention(m)}
-    attn_qkv = {f"{p}.qkv": p for p in attn}
+    attn_qkv = {f"{p}.{attention_parts(m)[0]}": p for p, m in attn.items()}
     outputs = _output_modules(dg)
     shapes = tensor_shapes(work)
 
@@ -669,6 +672,7 @@ def _mixing(node: Any) -> str:
 
 
 def _head_group(path: str, m: nn.Module) -> ChannelGroup:
+    q, o = attention_parts(m)
     h, d = int(m.num_heads), int(m.head_dim)
     inner = h * d
     heads = torch.arange(h).unsqueeze(1) * d + torch.arange(d).unsqueeze(0)  # (h, d)
@@ -676,15 +680,15 @@ def _head_group(path: str, m: nn.Module) -> ChannelGroup:
     g = ChannelGroup(
         key=path,
         size=h,
-        producers=[f"{path}.qkv"],
-        consumers=[f"{path}.proj"],
-        expansion={f"{path}.proj": d},
+        producers=[f"{path}.{q}"],
+        consumers=[f"{path}.{o}"],
+        expansion={f"{path}.{o}": d},
         kind="heads",
     )
-    g.members.append(Member(f"{path}.qkv.weight", 0, qkv_rows, "producer"))
-    if m.qkv.bias is not None:
-        g.members.append(Member(f"{path}.qkv.bias", 0, qkv_rows, "producer"))
-    g.members.append(Member(f"{path}.proj.weight", 1, heads, "consumer"))
+    g.members.append(Member(f"{path}.{q}.weight", 0, qkv_rows, "producer"))
+    if getattr(m, q).bias is not None:
+        g.members.append(Member(f"{path}.{q}.bias", 0, qkv_rows, "producer"))
+    g.members.append(Member(f"{path}.{o}.weight", 1, heads, "consumer"))
     return g
 
 

@@ -175,19 +175,30 @@ def _is_grouped(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not _is_depthwise(m)
 
 
+# (fused q/k/v linear, output projection) attribute names of attention modules: timm, GPT-2 (c_attn / c_proj
+# once its Conv1D layers are linear, see prunekit.surgery.convert)
+ATTENTION_PARTS = (("qkv", "proj"), ("c_attn", "c_proj"))
+
+
+def attention_parts(m: nn.Module) -> tuple[str, str] | None:
+    """The names of the fused ``qkv`` linear (``3 * num_heads * head_dim`` outputs) and the output
+    projection of a multi-head attention module with int ``num_heads`` / ``head_dim``; None otherwise."""
+    h, d = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
+    if not isinstance(h, int) or not isinstance(d, int):
+        return None
+    for q, o in ATTENTION_PARTS:
+        qkv, proj = getattr(m, q, None), getattr(m, o, None)
+        if (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and qkv.out_features == 3 * h * d
+                and proj.in_features == h * d):
+            return q, o
+    return None
+
+
 def is_attention(m: nn.Module) -> bool:
     """A multi-head attention module prunekit can prune by heads: int ``num_heads`` / ``head_dim``,
-    a fused ``qkv`` linear with ``3 * num_heads * head_dim`` outputs and a ``proj`` linear."""
-    h, d = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
-    qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
-    return (
-        isinstance(h, int)
-        and isinstance(d, int)
-        and isinstance(qkv, nn.Linear)
-        and isinstance(proj, nn.Linear)
-        and qkv.out_features == 3 * h * d
-        and proj.in_features == h * d
-    )
+    a fused ``qkv`` (or ``c_attn``) linear with ``3 * num_heads * head_dim`` outputs and a ``proj``
+    (or ``c_proj``) linear."""
+    return attention_parts(m) is not None
 
 
 def _has_masks(model: nn.Module) -> bool:
