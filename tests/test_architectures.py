@@ -662,11 +662,13 @@ def test_max_output_difference_compares_every_output():
 
 # --------------------------------------------------------------------------------------------- refusals
 def test_refusal_names_layer_and_reason():
-    model, ex = build("resnext")
+    model, ex = build("vit_mha")
     with pytest.raises(PruningError) as e:
-        prunekit.prune(model, "l1", "flops=50", example_inputs=ex)
-    msg = str(e.value)
-    assert "'b.0'" in msg and "grouped convolution" in msg
+        prunekit.prune(model, "l1", "flops=20", example_inputs=ex)
+    msg = str(e.value)  # the target is missed: the analysis warnings say which layers were kept and why
+    assert "'blocks.0.attn'" in msg and "nn.MultiheadAttention" in msg and "'patch'" in msg
+    with pytest.warns(UserWarning, match="nn.MultiheadAttention 'blocks.0.attn'"):  # and when it succeeds
+        prunekit.prune(model, "l1", "flops=2", example_inputs=ex)
 
 
 # --------------------------------------------------------------------------------------------- rounding
