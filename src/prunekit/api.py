@@ -337,7 +337,9 @@ def prune(
         ignored: layer paths whose output channels (channel methods) / weights (weight methods) are not
             pruned; the classifier never is.
         floor / cap / normalize / nm: see :class:`BudgetOptions`; ``budget`` passes them all at once.
-        heads: also prune whole attention heads (ViT).
+        heads: also prune whole attention heads of fused-qkv attention modules (the zoo's ViT, timm, GPT-2's
+            ``c_attn``). Attention modules with separate q / k / v projections that reshape them into heads
+            (Hugging Face BERT / ViT) are always pruned by whole heads; ``nn.MultiheadAttention`` keeps its width.
         rounds / schedule / thresholds: iterative pruning (:mod:`prunekit.schedule`).
         finetune: ``None``; a number of epochs per round (trains on ``data``); a :class:`FineTuner`;
             or any callable ``fn(model, epochs)``. Runs between rounds and, if ``finetune_last``,

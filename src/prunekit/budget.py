@@ -107,7 +107,7 @@ class PruneContext:
     """Everything a method may use besides the model itself."""
 
     target: Target
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]  # one example's shape, or prunekit.surgery.inputs.ExampleInputs (a tuple too)
     budget: BudgetOptions = field(default_factory=BudgetOptions)
     data: Any = None  # iterable of (x, y) batches: the prune set (training split or a held-out part of it)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
