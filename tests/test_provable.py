@@ -308,3 +308,49 @@ def test_default_sample_set_and_bad_options(tiny):
         prunekit.prune(model, "sipp_rand", "params=2", data, draw_cap=0)
     r = prunekit.prune(model, "sipp", "params=2", data)  # |S| from the formula: the 32 examples there are
     assert r.report["compression"] == pytest.approx(2, rel=0.05)
+
+
+def test_sensitivity_cache_is_exact_and_keyed_by_weights_and_data(tiny, monkeypatch):
+    """A sweep re-prunes the same base with the same sample set: the second call reuses the sensitivities
+    (same plan), a changed weight, BatchNorm statistic or sample set computes them again."""
+    import copy
+
+    model, data = tiny
+    pv._SENS_CACHE.clear()
+    calls = []
+    real = pv.collect_sensitivities
+    monkeypatch.setattr(pv, "collect_sensitivities", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = prunekit.prune(model, "pfp", "flops=2", data, samples=32)
+        again = prunekit.prune(copy.deepcopy(model), "pfp", "flops=2", data, samples=32)
+        assert len(calls) == 1
+        assert (first.plan.meta["sensitivities"], again.plan.meta["sensitivities"]) == ("computed", "cache")
+        assert first.plan.channels.keys() == again.plan.channels.keys()
+        for k, v in first.plan.channels.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(again.plan.channels[k]))
+        prunekit.prune(model, "pfp_top", "flops=3", data, samples=32)  # the same channel scores
+        assert len(calls) == 1
+        w1 = prunekit.prune(model, "sipp", "params=4", data, samples=32)
+        w2 = prunekit.prune(model, "sipp", "params=4", data, samples=32)
+        assert len(calls) == 2  # weight scores: another kind of tracker
+        for k in w1.plan.masks:
+            assert torch.equal(w1.plan.masks[k], w2.plan.masks[k])
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            other.get_submodule("fc").weight.mul_(1.5)
+        prunekit.prune(other, "pfp", "flops=2", data, samples=32)
+        assert len(calls) == 3
+        bn = copy.deepcopy(model)
+        next(m for m in bn.modules() if isinstance(m, nn.BatchNorm2d)).running_mean.add_(0.1)
+        prunekit.prune(bn, "pfp", "flops=2", data, samples=32)
+        assert len(calls) == 4
+        shifted = [(data[0][0] + 0.01, data[0][1])]
+        prunekit.prune(model, "pfp", "flops=2", shifted, samples=32)
+        assert len(calls) == 5
+        monkeypatch.setenv("PRUNEKIT_SENSITIVITY_CACHE", "0")  # off: computed every time
+        prunekit.prune(model, "pfp", "flops=2", data, samples=32)
+        assert len(calls) == 6
+    assert len(pv._SENS_CACHE) <= pv._SENS_CACHE_SIZE
+    pv.clear_sensitivity_cache()
+    assert not pv._SENS_CACHE

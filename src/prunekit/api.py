@@ -276,6 +276,9 @@ def _round_target(
             want = int(round(orig * (1 - ck)))
             per[key] = 0.0 if want >= hi else max(0.0, 1.0 - want / hi)
         return Target("ratio", 0.0, per)
+    if base_cost <= 0:
+        raise PruningError(f"target {tgt} cannot apply: the model has no non-zero "
+                           f"{'multiply-adds' if tgt.kind == 'flops' else 'parameters'} left to remove")
     goal = base_cost * (1 - c)
     rel = current_cost / goal
     if rel <= 1.0 + 1e-6:
@@ -396,6 +399,7 @@ def prune(
     prune_s = time.perf_counter() - t_start - run.finetune_s
     report = _report(run.method, run.target, mode, run.ctx.budget, run.rounds, schedule, run.base, pruned,
                      widths_before, model, run.graph, run.ctx, run.plans, prune_s, run.finetune_s, mem, caught)
+    _check_removed(report, run)
     model.prunekit_report = report
     return PruneResult(model=model, plan=run.plans[-1] if run.plans else Plan(method=run.method.name),
                        report=report, plans=run.plans, graph=run.graph)
@@ -495,6 +499,13 @@ def _prune_to_latency(model: nn.Module, method: str | Method, tgt: Target, data:
     return res
 
 
+def _check_removed(report: dict[str, Any], run: Any) -> None:
+    if report["achieved"] is not None and report["achieved"] < 1.0 + 1e-9:
+        raise PruningError(f"{run.method.name} at {run.target} removed nothing from this model (its parameters and "
+                           "multiply-adds are unchanged): nothing prunable is left under the budget's floors, or "
+                           "the method's plan was empty")
+
+
 @dataclass
 class _Run:
     """What one call of :func:`prune` works with (checked inputs) and collects (plans, costs, time)."""
@@ -581,12 +592,15 @@ def _run_rounds(run: _Run) -> None:
             rem = masked_channels(model, graph)
             ctx.removed_channels = rem
             removed = {key: int(len(v)) for key, v in rem.items()}
+        if k == 0 and run.granularity == "channel":
+            _count_masked_channels_removed(run, model, graph)
         current = 0.0
         if tgt.kind != "ratio":
             current = run.base[cost_key] if k == 0 else _measure(model, shape, graph)[cost_key]
+        # targets are relative to the model as given, its zeros counted as removed (a sparse or masked model
+        # pruned again is pruned further)
         rt = _round_target(tgt, run.granularity, k, run.cum, graph, run.originals, removed, current,
-                           run.base["flops" if tgt.kind == "flops" else "params"], run.rounds, run.schedule,
-                           run.thresholds)
+                           run.base[cost_key], run.rounds, run.schedule, run.thresholds)
         if rt is None:
             continue
         ctx.target = rt
@@ -597,6 +611,20 @@ def _run_rounds(run: _Run) -> None:
             plan = run.method.plan(model, ctx)
         run.plans.append(plan)
         _apply_and_finetune(run, plan, graph, last=k == run.rounds - 1)
+
+
+def _count_masked_channels_removed(run: _Run, model: nn.Module, graph: ChannelGraph) -> None:
+    """A model given with masked channels costs what its physically pruned equivalent costs (the consumers'
+    columns reading a masked channel are not zero, so zero-skipping counts overstate it): the base of the
+    targets and of the report is that cost, so pruning such a model again halves *that* at flops=2."""
+    from prunekit.surgery.allocate import masked_channels
+
+    rem = masked_channels(model, graph)
+    if not any(len(v) for v in rem.values()):
+        return
+    widths = {key: g.size - int(len(rem.get(key, ()))) for key, g in graph.groups.items()}
+    run.base["effective_flops"] = int(min(run.base["effective_flops"], round(graph.cost.flops(widths))))
+    run.base["nonzero_params"] = int(min(run.base["nonzero_params"], round(graph.cost.params(widths))))
 
 
 def _apply_and_finetune(run: _Run, plan: Plan, graph: ChannelGraph, last: bool) -> None:
@@ -652,8 +680,9 @@ def _report(
         p: {"before": w, "after": after.get(p, w), "sparsity": round(sparsity.get(p, 0.0), 6)}
         for p, w in widths_before.items()
     }
-    flops_speedup = base["flops"] / max(1, pruned["effective_flops"])
-    compression = base["params"] / max(1, pruned["nonzero_params"])
+    # relative to the model as given (its zero weights / masked channels already count as removed)
+    flops_speedup = base["effective_flops"] / max(1, pruned["effective_flops"])
+    compression = base["nonzero_params"] / max(1, pruned["nonzero_params"])
     achieved = flops_speedup if tgt.kind == "flops" else compression if tgt.kind == "params" else None
     report: dict[str, Any] = {
         "method": meth.name,

@@ -274,9 +274,11 @@ def _one_shot_metrics(args: argparse.Namespace, info: Any, result: Any, base: An
         "dataset": args.dataset, "checkpoint": str(args.checkpoint), "mode": args.mode, "rounds": args.rounds,
         "seed": args.seed, "base_top1": base_metrics.get("top1"), "base_top5": base_metrics.get("top5"),
         "base_params": rep["base_params"], "base_flops": base_flops,
-        "flops_speedup": base_flops / max(1, metrics["effective_flops"]),
+        # relative to the checkpoint as given (its zeros / masked channels count as removed), as the targets are
+        "flops_speedup": rep["base_effective_flops"] / max(1, metrics["effective_flops"]),
         "dense_flops_speedup": base_flops / max(1, metrics["flops"]),
-        "compression": rep["base_params"] / max(1, metrics["nonzero_params"]),
+        "compression": rep["base_nonzero_params"] / max(1, metrics["nonzero_params"]),
+        "dense_compression": rep["base_params"] / max(1, metrics["params"]),
         "prune_seconds": rep["prune_seconds"], "finetune_seconds": rep["finetune_seconds"],
         "peak_memory_mb": rep.get("peak_memory_mb"), "prune_samples": n_prune,
     })

@@ -227,6 +227,7 @@ def render_report(rows: Sequence[dict[str, Any]]) -> str:
         lines += [f"| {p['flops_speedup']:.2f} | {100 * p['top1_final']:.2f} | {p['label']} | `{p['target']}` |"
                   for p in front]
         lines.append("")
+    lines += prune_potential_section(ok)
     lines += _scoring_section(ok)
     timed: dict[str, list[dict[str, Any]]] = {}
     for r in ok + failed:
@@ -291,6 +292,90 @@ def _scoring_section(ok: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+# --------------------------------------------------------------------------------------------- prune potential
+#: torchprune's tolerance: a pruned network "keeps" the base accuracy when its top-1 is within this many
+#: (fractional) points of the base model's, 0.005 = 0.5 percentage points
+PRUNE_POTENTIAL_DELTA = 0.005
+
+
+def prune_potential(rows: Sequence[dict[str, Any]], delta: float = PRUNE_POTENTIAL_DELTA,
+                    key: str = "top1_final") -> list[dict[str, Any]]:
+    """Prune potential per method: the largest fraction of the parameters removed, over the method's targets,
+    whose top-1 (``key``) stays within ``delta`` of the base model's (torchprune's definition, with the
+    targets of the sweep as the grid of prune ratios).
+
+    The fraction removed is ``1 - params_nonzero / params_base`` (what is left counted as non-zero weights, so
+    masked and physically removed models compare alike). Rows are successful cells; several seeds of one
+    (method label, target) are averaged first (top-1, base top-1 and parameters). One entry per label, in the
+    order of first appearance: ``potential`` (0.0 when no target qualifies), the ``target`` reaching it, its
+    ``top1`` and ``top1_base``, ``ratios`` (every target's fraction removed and whether it qualified),
+    ``at_grid_edge`` (the largest tested fraction qualified: the potential is only a lower bound) and
+    ``none_within`` (no tested target qualified: the potential is below the smallest tested fraction).
+    """
+    groups: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in rows:
+        if r.get("status") != STATUS_OK:
+            continue
+        groups.setdefault(r.get("label") or r["method"], {}).setdefault(r["target"], []).append(r)
+    out = []
+    for label, by_target in groups.items():
+        points = []
+        for target, rs in by_target.items():
+            def mean(k: str, rs: list[dict[str, Any]] = rs) -> float | None:
+                vals = [x for x in (_num(r.get(k)) for r in rs) if x is not None]
+                return statistics.fmean(vals) if vals else None
+
+            top1, base, kept, total = mean(key), mean("top1_base"), mean("params_nonzero"), mean("params_base")
+            if top1 is None or base is None or kept is None or not total:
+                continue
+            frac = 1.0 - kept / total
+            points.append({"target": target, "fraction": frac, "top1": top1, "top1_base": base,
+                           "within": top1 >= base - delta - 1e-12})
+        if not points:
+            continue
+        points.sort(key=lambda q: q["fraction"])
+        good = [q for q in points if q["within"]]
+        best = max(good, key=lambda q: q["fraction"]) if good else None
+        first = next(iter(by_target.values()))[0]
+        out.append({
+            "label": label, "method": first["method"], "granularity": first.get("granularity"), "delta": delta,
+            "key": key, "potential": best["fraction"] if best else 0.0,
+            "target": best["target"] if best else None, "top1": best["top1"] if best else None,
+            "top1_base": (best or points[0])["top1_base"],
+            "ratios": [(q["target"], q["fraction"], q["within"]) for q in points],
+            "at_grid_edge": bool(best is not None and best is points[-1]), "none_within": best is None,
+        })
+    return out
+
+
+def format_potential(p: dict[str, Any]) -> str:
+    if p["none_within"]:
+        return f"< {100 * p['ratios'][0][1]:.1f} % (none within)"
+    return ("≥ " if p["at_grid_edge"] else "") + f"{100 * p['potential']:.1f} %"
+
+
+def prune_potential_section(rows: Sequence[dict[str, Any]], delta: float = PRUNE_POTENTIAL_DELTA) -> list[str]:
+    """The report's "Prune potential" table: per method, after fine-tuning and right after pruning."""
+    final = prune_potential(rows, delta, "top1_final")
+    if not final:
+        return []
+    pruned = {p["label"]: p for p in prune_potential(rows, delta, "top1_pruned")}
+    lines = ["## Prune potential", "",
+             f"Largest share of the parameters removed (over the targets of this sweep) whose top-1 stays within "
+             f"{100 * delta:.1f} points of the base model's (torchprune's prune potential); `≥` = the largest "
+             "target tested still qualifies, `<` = none does.", "",
+             "| method | granularity | potential (fine-tuned) | at target | top-1 % | potential (pruned, no FT) |",
+             "|---|---|---|---|---|---|"]
+    for p in sorted(final, key=lambda p: (str(p.get("granularity")), -p["potential"], p["label"])):
+        q = pruned.get(p["label"])
+        top1 = f"{100 * p['top1']:.2f}" if p["top1"] is not None else "–"
+        lines.append(f"| {p['label']} | {p.get('granularity') or '?'} | {format_potential(p)} | "
+                     f"{'`' + p['target'] + '`' if p['target'] else '–'} | {top1} | "
+                     f"{format_potential(q) if q else '–'} |")
+    lines.append("")
+    return lines
+
+
 def write_report(rows: Sequence[dict[str, Any]], out: Path) -> Path:
     """Write ``out/report.md`` atomically; returns its path."""
     out = Path(out)
@@ -303,4 +388,5 @@ def write_report(rows: Sequence[dict[str, Any]], out: Path) -> Path:
     return path
 
 
-__all__ = ["TABLE_COLUMNS", "aggregate", "pareto_front", "render_report", "target_sort_key", "write_report"]
+__all__ = ["PRUNE_POTENTIAL_DELTA", "TABLE_COLUMNS", "aggregate", "format_potential", "pareto_front", "prune_potential",
+           "prune_potential_section", "render_report", "target_sort_key", "write_report"]

@@ -860,6 +860,9 @@ class Runner:
                     row[f"report_{k}"] = v
             if report.get("warnings"):
                 row["report_warnings"] = len(report["warnings"])
+            if isinstance(report.get("layers"), dict):  # per layer [out, in] before / after, weight sparsity
+                row["layers"] = {p: {"before": v.get("before"), "after": v.get("after"),
+                                     "sparsity": v.get("sparsity")} for p, v in report["layers"].items()}
             row["status"] = R.STATUS_OK
             row["error"] = None
         except Exception as e:  # noqa: BLE001 - a failing cell is recorded, the sweep goes on
@@ -1217,7 +1220,8 @@ def _runtime_row(lat: dict[str, Any], row: dict[str, Any], batch_sizes: list[int
 
 
 def build_outputs(out: Path, log: Callable[[str], None] | None = None) -> list[str]:
-    """report.md, plots and TensorBoard scalars from ``out/results.jsonl``; failures only warn."""
+    """report.md, report.html, plots and TensorBoard scalars from ``out/results.jsonl``; failures only warn."""
+    from prunekit.bench.html import write_html
     from prunekit.bench.plots import write_plots, write_tensorboard
     from prunekit.bench.report import write_report
 
@@ -1230,7 +1234,8 @@ def build_outputs(out: Path, log: Callable[[str], None] | None = None) -> list[s
                             "a report would compare them as one: split the rows by base_fingerprint into separate "
                             "folders first")
     written: list[str] = []
-    for name, fn in (("report", write_report), ("plots", write_plots), ("tensorboard", write_tensorboard)):
+    for name, fn in (("report", write_report), ("html report", write_html), ("plots", write_plots),
+                     ("tensorboard", write_tensorboard)):
         try:
             res = fn(rows, out)
         except Exception as e:  # noqa: BLE001 - results are safe on disk; the report can be rebuilt

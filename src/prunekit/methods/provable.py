@@ -41,8 +41,13 @@ while the multiplier / ``eps`` is searched, so the kept size is monotone in it.
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import itertools
 import math
+import os
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,11 +87,65 @@ def sensitivities(method: Method, model: nn.Module, ctx: PruneContext, paths: li
     if n is None:
         n = sample_size(model, tuple(ctx.input_shape), method.delta)
         n = -(-n // method.batch_size) * method.batch_size
-    trackers = collect_sensitivities(model, ctx.batches(n), paths, weights, channels, method.batch_size)
+    batches = [x for x, _ in ctx.batches(n)]
+    key = _cache_key(model, paths, batches, weights, channels, method.batch_size)
+    use_cache = os.environ.get("PRUNEKIT_SENSITIVITY_CACHE", "1") != "0"
+    hit = _SENS_CACHE.get(key) if use_cache else None
+    method.sensitivity_source = "cache" if hit is not None else "computed"
+    if hit is not None:
+        _SENS_CACHE.move_to_end(key)
+        return {p: _rebound(t, model.get_submodule(p)) for p, t in hit.items()}
+    trackers = collect_sensitivities(model, batches, paths, weights, channels, method.batch_size)
     seen = max((t.num_points for t in trackers.values()), default=0)
     if seen == 0:
         raise PruningError(f"method {method.name!r} saw no examples: the prune set is empty")
+    if use_cache:
+        _SENS_CACHE[key] = {p: _rebound(t, None) for p, t in trackers.items()}
+    while len(_SENS_CACHE) > _SENS_CACHE_SIZE:
+        _SENS_CACHE.popitem(last=False)
     return trackers
+
+
+# Sensitivities are a deterministic function of the layers' weights and the sample set: a sweep prunes the
+# same base model with the same prune set at several targets and with several variants (pfp / pfp_rand /
+# pfp_top share the channel scores), so the last few results are kept, keyed by a digest of the weights of
+# every measured layer's module tree and of the sample set. A hit returns copies bound to the caller's
+# modules (the scores read their weights, identical by the key); nothing else is shared. The plans of
+# sipp_rand / sipp_hybrid / pfp* say where their scores came from (meta "sensitivities": "cache" or
+# "computed"); PRUNEKIT_SENSITIVITY_CACHE=0 turns the cache off, clear_sensitivity_cache() empties it.
+_SENS_CACHE: OrderedDict[str, dict[str, LayerSensitivity]] = OrderedDict()
+_SENS_CACHE_SIZE = 4
+
+
+def clear_sensitivity_cache() -> None:
+    """Forget the kept sensitivities."""
+    _SENS_CACHE.clear()
+
+
+def _cache_key(model: nn.Module, paths: list[str], batches: list[torch.Tensor], weights: bool, channels: bool,
+               batch_size: int) -> str:
+    h = hashlib.sha1(repr((paths, weights, channels, batch_size, model.training)).encode())
+    # every tensor the forward pass can depend on (parameters and buffers, BatchNorm statistics included)
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        h.update(name.encode())
+        _digest(h, t)
+    for x in batches:
+        _digest(h, x)
+    return h.hexdigest()
+
+
+def _digest(h: Any, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(repr((str(t.dtype), tuple(t.shape))).encode())
+    if t.numel():
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _rebound(t: LayerSensitivity, module: nn.Module | None) -> LayerSensitivity:
+    """A shallow copy of ``t`` reading its weight from ``module`` (None: detached, for the cache)."""
+    c = copy.copy(t)
+    c.module = module
+    return c
 
 
 def layer_alpha(t: LayerSensitivity, delta: float) -> float:
@@ -169,6 +228,7 @@ def reweight(counts: torch.Tensor, probs: torch.Tensor, m: torch.Tensor) -> torc
 
 # --------------------------------------------------------------------------------------------- SiPP
 class _SiPPBase(WeightScorer):
+    sensitivity_source = "computed"  # "cache" when the last call reused kept sensitivities
     defaults = dict(_DEFAULTS)
     option_help = _HELP
 
@@ -339,8 +399,8 @@ class _SiPPSampled(_SiPPBase):
         else:
             target = sum(r.unit * float(masks[r.param].sum()) for r in rows)
             lam, ms = _fit_multiplier(rows, target, self.hybrid)
-        out = Plan(method=self.name, meta={"multiplier": lam, "samples": {r.param: int(m.sum()) for r, m in
-                                                                          zip(rows, ms)}})
+        out = Plan(method=self.name, meta={"multiplier": lam, "sensitivities": self.sensitivity_source,
+                                           "samples": {r.param: int(m.sum()) for r, m in zip(rows, ms)}})
         facs = [r.factors(m, self.hybrid) for r, m in zip(rows, ms)]
         if ctx.target.kind == "ratio" or ctx.budget.scope == "layerwise":
             facs = [_top_up([r], [f], r.unit * float(masks[r.param].sum()), scores)[0] for r, f in zip(rows, facs)]
@@ -534,6 +594,7 @@ def _fold_scales(model: nn.Module, ctx: PruneContext, picks: dict[str, tuple[tor
 
 
 class _PFPBase(Method):
+    sensitivity_source = "computed"  # "cache" when the last call reused kept sensitivities
     defaults = {**_DEFAULTS, "seed": 0, "align": False}
     option_help = _HELP
     variant = "pfp"
@@ -597,7 +658,8 @@ class _PFPBase(Method):
         info["widths"] = {k: len(keep) for k, (keep, _) in chosen.items()}
         ctx.allocation = info
         weights = _fold_scales(model, ctx, chosen, channels)
-        return Plan(method=self.name, channels=channels, weights=weights, meta={"epsilon": eps})
+        return Plan(method=self.name, channels=channels, weights=weights,
+                    meta={"epsilon": eps, "sensitivities": self.sensitivity_source})
 
 
 _PFP_KW: dict[str, Any] = {"granularity": "channel", "needs_data": True, "family": "provable",

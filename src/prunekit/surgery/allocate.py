@@ -274,6 +274,9 @@ def allocate_channels(
                     PruningWarning,
                     stacklevel=2,
                 )
+    if "measured" not in info and abs(info["predicted"] / target.value - 1) > ctx.budget.tolerance:
+        warnings.warn(f"prunekit: {target} reached as {info['predicted']:.3g}x (cost model; the per-layer floors "
+                      "and channel multiples leave no more to remove)", PruningWarning, stacklevel=2)
     info["widths"] = prob.widths(counts)
     ctx.allocation = info
     return keep
@@ -685,6 +688,9 @@ def allocate_weights(
         if not torch.isfinite(s).all():
             raise PruningError(f"scores for {p!r} are not all finite")
         a = existing[p].cpu().bool() if p in existing else torch.ones(s.shape, dtype=torch.bool)
+        # weights that are exactly zero (a sparse model saved with its zeros baked in) count as removed, so a
+        # target is relative to the model as given and pruning a pruned model prunes further
+        a = a & (params[p].detach().cpu() != 0)
         sc[p], alive[p] = s, a
     nm = ctx.budget.nm
     if nm:
