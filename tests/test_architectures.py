@@ -662,12 +662,12 @@ def test_max_output_difference_compares_every_output():
 
 # --------------------------------------------------------------------------------------------- refusals
 def test_refusal_names_layer_and_reason():
-    model, ex = build("vit_mha")
+    model, ex = build("split_residual")
     with pytest.raises(PruningError) as e:
         prunekit.prune(model, "l1", "flops=20", example_inputs=ex)
     msg = str(e.value)  # the target is missed: the analysis warnings say which layers were kept and why
-    assert "'blocks.0.attn'" in msg and "nn.MultiheadAttention" in msg and "'patch'" in msg
-    with pytest.warns(UserWarning, match="nn.MultiheadAttention 'blocks.0.attn'"):  # and when it succeeds
+    assert "'stem'" in msg and "'right' sees the channels unevenly" in msg and "'left'" in msg
+    with pytest.warns(UserWarning, match="'right' sees the channels unevenly"):  # and when it succeeds
         prunekit.prune(model, "l1", "flops=2", example_inputs=ex)
 
 
@@ -732,3 +732,37 @@ def test_gpt2_prunes_whole_heads_with_heads_true():
     assert type(out) is type(ref) and out.logits.shape == ref.logits.shape
     attn = res.model.transformer.h[0].attn
     assert attn.c_attn.out_features == 3 * attn.num_heads * attn.head_dim == 3 * attn.split_size
+
+
+class TinyAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.attn = nn.MultiheadAttention(32, 8, batch_first=True)
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+
+def test_multihead_attention_prunes_whole_heads():
+    """nn.MultiheadAttention's embedding shrinks by whole heads: head_dim and the scale stay, masked == physical."""
+    torch.manual_seed(0)
+    model, x = TinyAttention().eval(), torch.randn(2, 5, 16)
+    graph = analyze(model, x, warn=False)
+    g = graph.groups["inp"]
+    assert g.prunable and g.kind == "channels" and g.size == 8 and g.mha == ["attn"]
+    assert "attn.out_proj" in graph.skipped and "whole heads" in graph.skipped["attn.out_proj"]
+    plan = prunekit.surgery.Plan(channels={"inp": torch.tensor([0, 2])})
+    phys = apply_plan(model, plan, graph, "physical", x)
+    assert (phys.attn.num_heads, phys.attn.head_dim, phys.attn.embed_dim) == (2, 4, 8)
+    masked = apply_plan(model, plan, graph, "masked", x)
+    with torch.no_grad():
+        assert (phys(x) - masked(x)).abs().max() < 1e-5
+    assert graph.predict({"inp": 2})["flops"] == prunekit.metrics.count_flops(phys, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 8 heads on 5 tokens: 2x lies between two head counts
+        res = prunekit.prune(model, "l1", "flops=2", example_inputs=x)
+    a = res.model.attn
+    assert a.head_dim == 4 and a.embed_dim == a.num_heads * 4 < 32 and res.model(x).shape == (2, 10)

@@ -167,7 +167,8 @@ def _measure(
         zero = 0.0
         for t in graph.cost.tensors:
             if t.macs_per_entry:
-                w = model.get_submodule(t.path.rpartition(".")[0]).weight
+                mod_path, _, pname = t.path.rpartition(".")
+                w = getattr(model.get_submodule(mod_path), pname)  # weight, or MultiheadAttention's in_proj_weight
                 zero += t.macs_per_entry * (w.numel() - int(torch.count_nonzero(w)))
         return {**out, "flops": int(dense), "effective_flops": int(max(0, dense - round(zero)))}
     try:

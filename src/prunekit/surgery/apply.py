@@ -217,7 +217,12 @@ def _physical(
                 root = model.get_submodule(g.key)
                 pruner = dg.get_pruner_of_module(root)
                 idx = g.unit_index[remove].reshape(-1).tolist()
+                mhas = [model.get_submodule(p) for p in g.mha]
+                for m in mhas:  # Torch-Pruning keeps the head count and shrinks head_dim; prunekit removes heads
+                    m.num_heads = 1
                 dg.get_pruning_group(root, pruner.prune_out_channels, idx).prune()
+                for m, (_, d, _) in zip(mhas, g.mha_heads):
+                    m.num_heads, m.head_dim = int(m.embed_dim) // d, d
                 _update_head_count(model, g, int(keep.numel()))
             else:
                 root = model.get_submodule(g.key)

@@ -189,10 +189,15 @@ def build_cost_model(
             for d, terms in dims.get(name, {}).items()
         }
         mod_path, _, pname = name.rpartition(".")
-        per = uses.get(mod_path, 0.0) if pname == "weight" else 0.0
+        per = uses.get(mod_path, 0.0) if pname in ("weight", "in_proj_weight") else 0.0
         tensors.append(TensorCost(name, shape, td, per, id(p) not in seen))
         seen.add(id(p))
     extra = []
+    for g in groups.values():  # nn.MultiheadAttention products q k^T and a v: 2 L S multiply-adds per channel
+        if g.prunable and g.mha:
+            d = g.mha_heads[0][1]
+            extra += [(g.key, 2.0 * d * nq * nk) for p in g.mha if (nq_nk := getattr(rec, "mha_tokens", {}).get(p))
+                      for nq, nk in [nq_nk]]
     for p, c in attn_cost.items():
         g = groups.get(p)
         if g is not None and g.kind == "heads" and g.prunable:

@@ -383,7 +383,7 @@ def _build_groups(work: nn.Module, dg: Any, names: dict[nn.Module, str], shapes:
             if isinstance(parent, nn.MultiheadAttention):
                 skipped[path] = (
                     f"output projection of nn.MultiheadAttention {path.rpartition('.')[0]!r} (read as a weight "
-                    "inside it): it changes only with the module's embed_dim"
+                    "inside it): pruned with the module's embedding, by whole heads"
                 )
             else:
                 skipped[path] = "not used in the forward pass"
@@ -454,7 +454,7 @@ def _convert(
                 f"{size} channels x {table.shape[1]} (an operation between the layers mixes channels)"
             )
         owner = tensor.rpartition(".")[0]
-        if role != "consumer" and table.shape[1] != 1:
+        if role not in ("consumer", "attn") and table.shape[1] != 1:
             return f"{owner!r} maps one channel to {table.shape[1]} entries: unsupported"
         if role == "producer" and shape[d] != size:
             return f"{owner!r} produces {shape[d]} channels, the group has {size}: unsupported"
@@ -539,12 +539,7 @@ def _convert(
             if mod.num_parameters > 1:
                 bad = bad or add(f"{path}.weight", 0, table, "act")
         elif isinstance(mod, nn.MultiheadAttention):
-            bad = bad or (
-                f"nn.MultiheadAttention {path!r} (embed_dim={mod.embed_dim}, {mod.num_heads} heads) uses one width "
-                "for its input, its q / k / v heads and its output: pruning it would change head_dim and the "
-                "attention scale, so its embedding channels are kept (its MLPs are pruned); for head pruning "
-                "use an attention module with separate q / k / v projections (timm / Hugging Face style)"
-            )
+            bad = bad or _add_mha(g, mod, path, table, add)
         else:
             bad = bad or f"layer {path!r} ({type(mod).__name__}) is not supported by the pruning engine"
     g.min_keep = max(1, g.multiple_of)
@@ -552,7 +547,50 @@ def _convert(
         bad = "no conv / linear layer produces these channels"
     if grouped and not bad:
         bad = _block_grouped(g, grouped)
+    if g.mha and not bad:
+        bad = _block_mha(g, work_modules=names)
     return g, out_mods, bad
+
+
+def _add_mha(g: ChannelGroup, mod: nn.MultiheadAttention, path: str, table: torch.Tensor, add: Any) -> str:
+    """An ``nn.MultiheadAttention`` whose embedding channels are the group's: its packed q / k / v rows
+    (``c``, ``E + c``, ``2E + c``), its input columns and its output projection's rows and columns."""
+    e, h = int(mod.embed_dim), int(mod.num_heads)
+    if not mod._qkv_same_embed_dim or mod.bias_k is not None or table.shape[1] != 1:
+        return (f"nn.MultiheadAttention {path!r} with separate key / value widths or bias_k / bias_v: its embedding "
+                "channels are kept")
+    rows = torch.cat([table, table + e, table + 2 * e], 1)
+    bad = add(f"{path}.in_proj_weight", 0, rows, "attn") or add(f"{path}.in_proj_weight", 1, table, "attn")
+    if mod.in_proj_bias is not None:
+        bad = bad or add(f"{path}.in_proj_bias", 0, rows, "attn")
+    bad = bad or add(f"{path}.out_proj.weight", 0, table, "attn") or add(f"{path}.out_proj.weight", 1, table, "attn")
+    if mod.out_proj.bias is not None:
+        bad = bad or add(f"{path}.out_proj.bias", 0, table, "attn")
+    if path not in g.mha:
+        g.mha.append(path)
+        g.mha_heads.append((h, e // h, table[:, 0]))
+    return bad
+
+
+def _block_mha(g: ChannelGroup, work_modules: Any) -> str:
+    """Units of whole heads for a group that is the embedding of ``nn.MultiheadAttention`` modules: removing
+    head ``j`` removes embedding channels ``[j*d, (j+1)*d)`` (their q / k / v rows, input columns and output
+    projection), so ``head_dim`` and the attention scale stay and masked == physical. Every module must split
+    the channels into the same heads."""
+    h, d, pos = g.mha_heads[0]
+    for (_h2, d2, pos2), p in zip(g.mha_heads[1:], g.mha[1:]):
+        if d2 != d or not torch.equal(pos2 // d2, pos // d):
+            return f"nn.MultiheadAttention {g.mha[0]!r} and {p!r} split the embedding into different heads: unsupported"
+    if g.size != h * d:
+        return f"nn.MultiheadAttention {g.mha[0]!r} sees only part of these channels: unsupported"
+    unit_of = pos // d
+    members = torch.stack([(unit_of == j).nonzero().flatten() for j in range(h)])
+    for mb in g.members:
+        mb.index = mb.index[members].reshape(h, -1)
+    g.expansion = {c: e * d for c, e in g.expansion.items()}
+    g.unit_index = members
+    g.size = h
+    return ""
 
 
 def _block_grouped(g: ChannelGroup, grouped: list[tuple[str, torch.Tensor, int, int, str]]) -> str:
@@ -699,12 +737,15 @@ class _UseRecorder:
     def __init__(self, model: nn.Module):
         self.uses: dict[str, float] = {}
         self.tokens: dict[str, int] = {}
+        self.mha_tokens: dict[str, tuple[float, float]] = {}
         self.handles = []
         for path, m in model.named_modules():
             if isinstance(m, LAYER_TYPES):
                 self.handles.append(m.register_forward_hook(self._layer_hook(path)))
             elif is_attention(m):
                 self.handles.append(m.register_forward_pre_hook(self._attn_hook(path)))
+            elif isinstance(m, nn.MultiheadAttention):
+                self.handles.append(m.register_forward_pre_hook(self._mha_hook(path), with_kwargs=True))
 
     def _layer_hook(self, path: str) -> Any:
         def hook(m: nn.Module, args: tuple, out: Any) -> None:
@@ -720,6 +761,23 @@ class _UseRecorder:
                     ref.numel() / max(1, math.prod(ref.shape[-spatial - 1 :]))
                 )
             self.uses[path] = self.uses.get(path, 0.0) + per / max(1, batch)
+
+        return hook
+
+    def _mha_hook(self, path: str) -> Any:
+        """Per example: the query / key token counts of an nn.MultiheadAttention (its projections and the
+        attention products are read inside the module, not through hooked layers)."""
+
+        def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
+            q = args[0] if args else kwargs.get("query")
+            k = args[1] if len(args) > 1 else kwargs.get("key", q)
+            if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
+                return
+            batch = (q.shape[0] if m.batch_first else q.shape[1]) if q.dim() == 3 else 1
+            nq, nk = q.numel() / m.embed_dim / batch, k.numel() / m.kdim / batch
+            self.uses[path] = self.uses.get(path, 0.0) + nq  # in_proj rows meet every query token (q, k, v
+            self.uses[f"{path}.out_proj"] = self.uses.get(f"{path}.out_proj", 0.0) + nq  # of self-attention)
+            self.mha_tokens[path] = (nq, nk)
 
         return hook
 

@@ -85,6 +85,8 @@ class ChannelGroup:
     # fused-qkv head groups and for channel groups
     unit_index: torch.Tensor | None = None
     attention: str = ""  # the attention module whose heads these are
+    mha: list[str] = field(default_factory=list)  # nn.MultiheadAttention modules whose embedding these are
+    mha_heads: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (heads, head_dim, positions)
 
     def layers(self) -> list[str]:
         """Every conv / linear layer touched by the group."""
