@@ -155,7 +155,7 @@ class Grouped(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.g = nn.ConvTranspose2d(8, 8, 3, padding=1, groups=2)  # grouped transposed: still unsupported
         self.fc = nn.Linear(8, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

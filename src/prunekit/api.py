@@ -31,7 +31,8 @@ from prunekit.methods.registry import MethodInfo, get_method_info
 from prunekit.schedule import FineTuner, cumulative_fractions, target_fraction
 from prunekit.surgery.allocate import latency_mode as _latency_mode
 from prunekit.surgery.apply import apply_plan_
-from prunekit.surgery.graph import LAYER_TYPES, ChannelGraph, analyze, default_input_shape
+from prunekit.surgery.graph import LAYER_TYPES, ChannelGraph, PruningWarning, analyze, default_input_shape
+from prunekit.surgery.inputs import accepting_examples, is_example
 from prunekit.surgery.masks import remove_masks_
 from prunekit.surgery.plan import Plan
 
@@ -102,15 +103,26 @@ def _as_batches(data: Any, batch_size: int = 128) -> Any:
     return data
 
 
-def _input_shape(model: nn.Module, input_shape: Any, data: Any) -> tuple[int, ...]:
+def _input_shape(model: nn.Module, input_shape: Any, data: Any, example_inputs: Any = None) -> tuple[int, ...]:
+    """What the engine traces and counts with: a per-example shape ``(C, H, W)``, or -- for ``example_inputs``
+    and for data whose ``x`` is a tuple / dict or not a float tensor -- :class:`ExampleInputs` (one example)."""
+    from prunekit.surgery.inputs import ExampleInputs, as_example_inputs
+
+    if example_inputs is not None:
+        return as_example_inputs(example_inputs).first(1)
     if input_shape is not None:
+        if is_example(input_shape):  # a batch passed as the shape
+            return as_example_inputs(input_shape).first(1)
         return tuple(int(s) for s in input_shape)
     if getattr(model, "prunekit_config", None):
         return default_input_shape(model)
     if data is not None:
         for x, _ in data:
-            return tuple(int(s) for s in x.shape[1:])
-    raise PruningError("cannot tell the model's input shape: pass input_shape=(C, H, W)")
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                return tuple(int(s) for s in x.shape[1:])
+            return ExampleInputs((x,)).first(1) if isinstance(x, torch.Tensor) else as_example_inputs(x).first(1)
+    raise PruningError("cannot tell the model's input shape: pass example_inputs=... (a batch: a tensor, a tuple of "
+                       "tensors or a dict of keyword tensors) or input_shape=(C, H, W)")
 
 
 def _layer_widths(model: nn.Module) -> dict[str, list[int]]:
@@ -155,7 +167,8 @@ def _measure(
         zero = 0.0
         for t in graph.cost.tensors:
             if t.macs_per_entry:
-                w = model.get_submodule(t.path.rpartition(".")[0]).weight
+                mod_path, _, pname = t.path.rpartition(".")
+                w = getattr(model.get_submodule(mod_path), pname)  # weight, or MultiheadAttention's in_proj_weight
                 zero += t.macs_per_entry * (w.numel() - int(torch.count_nonzero(w)))
         return {**out, "flops": int(dense), "effective_flops": int(max(0, dense - round(zero)))}
     try:
@@ -298,6 +311,7 @@ def prune(
     finetune: Any = None,
     finetune_last: bool = True,
     input_shape: Any = None,
+    example_inputs: Any = None,
     device: str | torch.device = "cpu",
     copy: bool = True,
     trajectory: Any = None,
@@ -308,7 +322,7 @@ def prune(
     """Prune ``model`` with ``method`` to ``target``.
 
     Args:
-        model: a zoo model (``prunekit.create_model``) or any ``nn.Module`` taking one tensor.
+        model: a zoo model (``prunekit.create_model``) or any ``nn.Module`` (see ``example_inputs``).
         method: a registered method name (``prunekit.list_methods()``) or a :class:`Method` instance.
         target: ``"flops=2"`` (2x fewer multiply-adds), ``"params=4"``, ``"ratio=0.5"`` (fraction removed
             per layer), or a :class:`Target`.
@@ -327,12 +341,19 @@ def prune(
         ignored: layer paths whose output channels (channel methods) / weights (weight methods) are not
             pruned; the classifier never is.
         floor / cap / normalize / nm: see :class:`BudgetOptions`; ``budget`` passes them all at once.
-        heads: also prune whole attention heads (ViT).
+        heads: also prune whole attention heads of fused-qkv attention modules (the zoo's ViT, timm, GPT-2's
+            ``c_attn``). Attention modules with separate q / k / v projections that reshape them into heads
+            (Hugging Face BERT / ViT) are always pruned by whole heads; ``nn.MultiheadAttention`` keeps its width.
         rounds / schedule / thresholds: iterative pruning (:mod:`prunekit.schedule`).
         finetune: ``None``; a number of epochs per round (trains on ``data``); a :class:`FineTuner`;
             or any callable ``fn(model, epochs)``. Runs between rounds and, if ``finetune_last``,
             after the last.
         input_shape: ``(C, H, W)``; default: the zoo model's input size, else the data's.
+        example_inputs: an example batch instead of a shape, as Torch-Pruning takes it: a tensor, a tuple
+            of positional tensors (``model(*inputs)``) or a dict of keyword tensors (``model(**inputs)``);
+            needed for models with several inputs, keyword inputs or integer tokens. Outputs may be a
+            tensor, a tuple, a dict or a dataclass (Hugging Face ``ModelOutput``). Data for data-driven
+            methods stays ``(x, y)`` batches; for such models ``x`` is the tuple / dict of inputs.
         device: where pruning runs. copy: prune a deep copy (default) or ``model`` itself.
         trajectory: a recorded parameter trajectory (Koopman methods). verify: measure the pruned
             FLOPs / parameters during channel allocation and correct the search if needed.
@@ -355,19 +376,27 @@ def prune(
     t_start = time.perf_counter()
     run = _prepare(model, method, target, data, method_options, mode=mode, rounds=rounds, schedule=schedule,
                    thresholds=thresholds, finetune=finetune, finetune_last=finetune_last, input_shape=input_shape,
-                   device=device, copy=copy, trajectory=trajectory, num_classes=num_classes, verify=verify,
+                   example_inputs=example_inputs, device=device, copy=copy, trajectory=trajectory,
+                   num_classes=num_classes, verify=verify,
                    heads=heads, budget=_budget(budget, scope=scope, round_to=round_to, ignored=ignored, floor=floor,
                                                cap=cap, normalize=normalize, nm=nm, latency_aware=latency_aware))
     model = run.model
-    with warnings.catch_warnings(record=True) as caught, _PeakMemory(run.ctx.device) as mem:
-        warnings.simplefilter("always")
-        widths_before = _layer_widths(model)
-        _run_rounds(run)
-        if mode == "physical":
-            remove_masks_(model)  # weight masks are baked into the weights
-        pruned = _measure(model, run.ctx.input_shape)
-    for w in caught:  # show them to the caller too
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    try:
+        with warnings.catch_warnings(record=True) as caught, _PeakMemory(run.ctx.device) as mem:
+            warnings.simplefilter("always")
+            widths_before = _layer_widths(model)
+            _run_rounds(run)
+            if mode == "physical":
+                remove_masks_(model)  # weight masks are baked into the weights
+            pruned = _measure(model, run.ctx.input_shape)
+    except PruningError as e:  # a refusal says why too: the analysis warnings go with it
+        _reemit(caught)
+        notes = [str(w.message) for w in caught if "not pruned" in str(w.message) or "tracing" in str(w.message)]
+        missing = [n for n in dict.fromkeys(notes) if n.split(": ", 1)[-1] not in str(e)]
+        if missing:
+            raise PruningError(f"{e}\n" + "\n".join(f"  {n}" for n in missing[:12])) from e
+        raise
+    _reemit(caught)  # show them to the caller too
     prune_s = time.perf_counter() - t_start - run.finetune_s
     report = _report(run.method, run.target, mode, run.ctx.budget, run.rounds, schedule, run.base, pruned,
                      widths_before, model, run.graph, run.ctx, run.plans, prune_s, run.finetune_s, mem, caught)
@@ -375,6 +404,11 @@ def prune(
     model.prunekit_report = report
     return PruneResult(model=model, plan=run.plans[-1] if run.plans else Plan(method=run.method.name),
                        report=report, plans=run.plans, graph=run.graph)
+
+
+def _reemit(caught: list[Any]) -> None:
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 LATENCY_BATCH = 64  # the batch size latency targets are measured at
@@ -435,7 +469,7 @@ def _prune_to_latency(model: nn.Module, method: str | Method, tgt: Target, data:
     tol = (kw["budget"] or BudgetOptions()).tolerance
     t0 = time.perf_counter()
     base = _copy.deepcopy(model).cpu().eval()
-    shape = _input_shape(model, kw["input_shape"], _as_batches(data))
+    shape = _input_shape(model, kw["input_shape"], _as_batches(data), kw.get("example_inputs"))
     trials: list[dict[str, float]] = []
     best: tuple[float, PruneResult] | None = None
     r = tgt.value
@@ -503,7 +537,7 @@ class _Run:
 def _prepare(model: nn.Module, method: str | Method, target: Any, data: Any, method_options: dict[str, Any], *,
              mode: str, rounds: int, schedule: str, thresholds: Any, finetune: Any, finetune_last: bool,
              input_shape: Any, device: Any, copy: bool, trajectory: Any, num_classes: int | None, verify: bool,
-             heads: bool, budget: BudgetOptions) -> _Run:
+             heads: bool, budget: BudgetOptions, example_inputs: Any = None) -> _Run:
     """Check every input (before any work), copy and move the model, build the context."""
     meth, info = _resolve_method(method, method_options)
     tgt = Target.parse(target)
@@ -519,7 +553,14 @@ def _prepare(model: nn.Module, method: str | Method, target: Any, data: Any, met
     if copy:
         model = _copy.deepcopy(model)
     model.to(dev)
-    shape = _input_shape(model, input_shape, loader)
+    from prunekit.surgery.convert import linearize_
+
+    if linearize_(model):  # Hugging Face Conv1D (GPT-2) -> the equal nn.Linear, so the graph can be traced
+        warnings.warn("prunekit: Hugging Face Conv1D layers were replaced by the equal nn.Linear layers",
+                      PruningWarning, stacklevel=3)
+    shape = _input_shape(model, input_shape, loader, example_inputs)
+    if hasattr(shape, "kwargs"):  # ExampleInputs: on the model's device
+        shape = shape.to(dev)
     ctx = PruneContext(target=tgt, input_shape=shape, budget=budget, data=loader, device=dev,
                        trajectory=trajectory, num_classes=num_classes)
     ctx.verify = verify
@@ -564,7 +605,11 @@ def _run_rounds(run: _Run) -> None:
         if rt is None:
             continue
         ctx.target = rt
-        plan = run.method.plan(model, ctx)
+        if hasattr(ctx.input_shape, "kwargs"):  # several / keyword inputs: model(x) unpacks ExampleInputs
+            with accepting_examples(model):
+                plan = run.method.plan(model, ctx)
+        else:
+            plan = run.method.plan(model, ctx)
         run.plans.append(plan)
         _apply_and_finetune(run, plan, graph, last=k == run.rounds - 1)
 

@@ -107,7 +107,7 @@ class PruneContext:
     """Everything a method may use besides the model itself."""
 
     target: Target
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]  # one example's shape, or prunekit.surgery.inputs.ExampleInputs (a tuple too)
     budget: BudgetOptions = field(default_factory=BudgetOptions)
     data: Any = None  # iterable of (x, y) batches: the prune set (training split or a held-out part of it)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -137,6 +137,10 @@ class PruneContext:
         ``shard=True`` (under ``torchrun``): this rank's contiguous slice of every batch, so that the ranks
         together see exactly the examples one process sees; the method then sums its statistics over the
         ranks with :meth:`reduce_sums`. Without torchrun both are no-ops.
+
+        ``x`` is a tensor, or for a model with several inputs a tuple (positional) / dict (keyword) of
+        tensors, yielded as :class:`prunekit.surgery.inputs.ExampleInputs` (batch-like: ``len(x)`` is the
+        batch size, ``x[:n]`` the first examples; ``model(x)`` unpacks it while a method plans).
         """
         if self.data is None:
             raise PruningError("this method needs data but none was given")
@@ -145,13 +149,19 @@ class PruneContext:
         rank, world = (distributed.rank(), distributed.world_size()) if shard else (0, 1)
         seen = 0
         for x, y in self.data:
+            if not isinstance(x, torch.Tensor):  # several inputs: a tuple (positional) or a dict (keyword)
+                from prunekit.surgery.inputs import as_example_inputs
+
+                x = as_example_inputs(x)
+            n = x.batch_size if not isinstance(x, torch.Tensor) else len(x)
             if max_samples is not None and seen >= max_samples:
                 break
-            if max_samples is not None and seen + len(x) > max_samples:
+            if max_samples is not None and seen + n > max_samples:
                 x, y = x[: max_samples - seen], y[: max_samples - seen]
-            seen += len(x)
+                n = max_samples - seen
+            seen += n
             if world > 1:
-                step = -(-len(x) // world)
+                step = -(-n // world)
                 x, y = x[rank * step: (rank + 1) * step], y[rank * step: (rank + 1) * step]
                 if not len(x):
                     continue
@@ -170,7 +180,16 @@ class PruneContext:
             dist.all_reduce(v)
         return sums, int(round(distributed.all_reduce_sum([float(count)])[0]))
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: Any, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the model's output; for a model with several outputs (tuple, dict, dataclass),
+        of its first output tensor (subclass or replace ``loss`` for anything else)."""
+        if not isinstance(logits, torch.Tensor):
+            from prunekit.surgery.inputs import flatten_outputs
+
+            outs = flatten_outputs(logits)
+            if not outs:
+                raise PruningError(f"the model returned {type(logits).__name__} without a tensor: no loss")
+            logits = outs[0]
         return F.cross_entropy(logits, y)
 
     # -- channel groups ------------------------------------------------------------------------------
@@ -186,14 +205,28 @@ class PruneContext:
         Rows of all producer layers (conv / linear output channels) of a coupled group are
         concatenated along the second axis, so that a group-wide norm is a row norm.
         """
-        rows = []
-        for path in group.producers:
-            if hasattr(group, "rows"):  # follows the group's channel -> row mapping (e.g. attention heads)
-                rows.append(group.rows(model, path))
-            else:
-                w = model.get_submodule(path).weight.detach()
-                rows.append(w.reshape(w.shape[0], -1))
-        return torch.cat(rows, 1)
+        return torch.cat([_rows(model, group, path, "producer") for path in group.producers], 1)
+
+    def consumer_columns(self, model: nn.Module, group: Any) -> torch.Tensor:
+        """Weights of the group's consumers that read each channel: ``(size, n)``, all consumers
+        concatenated along the second axis (input features of a conv / linear layer, output
+        channels of a transposed conv's weight: the axis the channel graph recorded)."""
+        cols = [_rows(model, group, path, "consumer") for path in group.consumers]
+        if not cols:
+            return torch.zeros(group.size, 0)
+        return torch.cat(cols, 1)
+
+
+def _rows(model: nn.Module, group: Any, path: str, role: str) -> torch.Tensor:
+    """One layer's weights with one row per channel of ``group``: from the group's member table (the
+    channel axis the graph recorded: transposed convs, heads, flattened maps), else along weight dim 0
+    (producers) / dim 1 (consumers) for hand-made groups without one."""
+    if getattr(group, "members", None):
+        return group.rows(model, path) if role == "producer" else group.columns(model, path)
+    w = model.get_submodule(path).weight.detach()
+    if role != "producer":
+        w = w.movedim(1, 0)
+    return w.reshape(group.size, -1)
 
 
 __all__ = ["BudgetOptions", "PruneContext", "Target"]

@@ -44,6 +44,7 @@ from prunekit.curvature import scoring_mode
 from prunekit.errors import PruningError
 from prunekit.methods.base import ChannelScorer, PruneContext, WeightScorer
 from prunekit.methods.registry import register_method
+from prunekit.surgery.inputs import run_model
 from prunekit.surgery.plan import Plan
 
 _CHANNEL_LAST = (nn.Linear, nn.LayerNorm)
@@ -89,11 +90,12 @@ def _per_channel(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
 def _sum_loss(model: nn.Module, ctx: PruneContext, x: torch.Tensor, y: torch.Tensor,
               sample_labels: torch.Generator | None = None) -> torch.Tensor:
     """``sum_n l_n`` over the batch; labels drawn from the model's softmax when a generator is given."""
-    logits = model(x)
+    logits = run_model(model, x)
+    n = len(x) if isinstance(x, torch.Tensor) else x.batch_size
     if sample_labels is not None:
-        probs = F.softmax(logits.detach().float().reshape(len(x), -1), -1)
+        probs = F.softmax(logits.detach().float().reshape(n, -1), -1)
         y = torch.multinomial(probs, 1, generator=sample_labels).squeeze(1).to(x.device)
-    return ctx.loss(logits, y) * len(x)
+    return ctx.loss(logits, y) * n
 
 
 def _need_samples(n: int, method: str) -> None:
@@ -133,15 +135,26 @@ def _producers(model: nn.Module, group: Any, method: str) -> list[tuple[str, nn.
     out = []
     for p in paths:
         module = model.get_submodule(p)
-        out.append((p, module, _channel_index(group, p, "producer", module.weight.shape[0])))
+        axis = _producer_axis(group, p, module)
+        out.append((p, module, _channel_index(group, p, "producer", module.weight.shape[axis])))
     return out
+
+
+def _producer_axis(group: Any, path: str, module: nn.Module) -> int:
+    """The weight axis of producer ``path`` holding the group's channels (the graph's member table;
+    without one: dim 1 for a transposed conv, else 0)."""
+    for mb in getattr(group, "members", None) or ():
+        if mb.tensor == f"{path}.weight" and mb.role in ("producer", "depthwise"):
+            return int(mb.dim)
+    return 1 if getattr(module, "transposed", False) else 0
 
 
 def producer_rows(model: nn.Module, group: Any, method: str = "?") -> list[torch.Tensor]:
     """Weights of each producer as ``(size, n)``: the rows (all of them, for a head) of each channel."""
     rows = []
-    for _, module, index in _producers(model, group, method):
-        w = module.weight.detach()
+    for path, module, index in _producers(model, group, method):
+        # along the graph's channel axis (dim 1 of a transposed conv or an embedding), as ChannelGroup.rows
+        w = module.weight.detach().movedim(_producer_axis(group, path, module), 0)
         rows.append(_gather(w.reshape(w.shape[0], -1), index, 0).flatten(1))
     return rows
 
@@ -230,7 +243,7 @@ class GradXWeight(WeightScorer):
                 for a, g in zip(acc, grads):
                     if g is not None:
                         a += g.float()
-                n += len(x)
+                n += len(x) if isinstance(x, torch.Tensor) else x.batch_size
         _need_samples(n, self.name)
         return {k: (params[k].detach().float() * a / n).abs() for k, a in zip(names, acc)}
 
@@ -347,7 +360,7 @@ class Activation(ChannelScorer):
                         handles.append(mod.register_forward_hook(self._writer(g, sums, path, role)))
             n = 0
             for x, _ in ctx.batches(self.samples, shard=True):  # under torchrun: sums over the ranks' slices
-                model(x)
+                run_model(model, x)
                 n += len(x)
         sums, n = ctx.reduce_sums(sums, n)
         _need_samples(n, self.name)
@@ -430,7 +443,7 @@ class Taylor(ChannelScorer):
                     per = (_per_channel(a.detach(), module) * _per_channel(grad, module)).abs().mean(2)
                     index = _channel_index(g, path, role, per.shape[1])
                     sums[g.key] += _gather(per, index).sum((0, 2)).double().cpu()
-                n += len(x)
+                n += len(x) if isinstance(x, torch.Tensor) else x.batch_size
             captured.clear()
         sums, n = ctx.reduce_sums(sums, n)
         _need_samples(n, self.name)

@@ -172,13 +172,19 @@ class _TorchPruningPeer(Method):
                    ignored: list[nn.Module]) -> Any:
         import torch_pruning as tp
 
-        example = torch.randn(1, *ctx.input_shape, device=_device(work))
+        from prunekit.surgery.inputs import ExampleInputs, example_for, flatten_outputs
+
+        example = example_for(work, ctx.input_shape)  # a shape, or the model's own inputs (several / keyword)
+        extra: dict[str, Any] = {"output_transform": flatten_outputs}
+        if isinstance(example, ExampleInputs):
+            extra["forward_fn"] = lambda m, _x, ex=example: ex(m)
+            example = example.kwargs or example.args
         # Torch-Pruning's own default is no rounding; an explicit integer multiple is passed on
         rt = ctx.budget.round_to
         round_to = int(rt) if isinstance(rt, int) and not isinstance(rt, bool) and rt > 1 else None
         return tp.pruner.MetaPruner(
             work, example, importance=self.importance(), global_pruning=global_pruning, pruning_ratio=ratio,
-            max_pruning_ratio=self.max_pruning_ratio, ignored_layers=ignored, round_to=round_to,
+            max_pruning_ratio=self.max_pruning_ratio, ignored_layers=ignored, round_to=round_to, **extra,
         )
 
     @staticmethod

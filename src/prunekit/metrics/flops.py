@@ -128,7 +128,12 @@ def _run_counted(
 ) -> tuple[int, int, list[LayerMacs]]:
     """Run one forward pass under ``FlopCounterMode``; return (total FLOPs, batch size, layers)."""
     check_model(model)
-    x = example_input(model, input_shape)
+    from prunekit.surgery.inputs import ExampleInputs, run_model
+
+    if isinstance(input_shape, ExampleInputs):  # several / keyword inputs (see prunekit.surgery.inputs)
+        x: Any = input_shape.to(next((p.device for p in model.parameters()), torch.device("cpu")))
+    else:
+        x = example_input(model, input_shape)
     layers: list[LayerMacs] = []
     handles = []
     if track_layers:
@@ -153,18 +158,22 @@ def _run_counted(
     counter = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
     try:
         with eval_mode(model), torch.no_grad(), _no_fused_attention(), counter:
-            model(x)
+            run_model(model, x)  # any output structure: only the operations are counted
     except MetricsError:
         raise
     except Exception as e:  # a shape mismatch is the usual cause
-        shape = tuple(x.shape[1:]) if not isinstance(input_shape, torch.Tensor) else tuple(x.shape)
+        if isinstance(x, ExampleInputs):
+            shape: Any = repr(x)
+        else:
+            shape = tuple(x.shape[1:]) if not isinstance(input_shape, torch.Tensor) else tuple(x.shape)
         raise MetricsError(
             f"forward pass for FLOP counting failed with input shape {shape}: {type(e).__name__}: {e}"
         ) from e
     finally:
         for h in handles:
             h.remove()
-    return int(counter.get_total_flops()), batch_size_of(x), layers
+    batch = x.batch_size if isinstance(x, ExampleInputs) else batch_size_of(x)
+    return int(counter.get_total_flops()), batch, layers
 
 
 def count_flops(model: nn.Module, input_shape: InputShape = (3, 32, 32)) -> int:
@@ -175,7 +184,8 @@ def count_flops(model: nn.Module, input_shape: InputShape = (3, 32, 32)) -> int:
     ``bmm``, scaled-dot-product attention, including the fused CPU kernel); element-wise ops,
     norms and pooling are free. The fused ``nn.MultiheadAttention`` inference fast path is
     switched off while counting so that its matmuls are seen. ``input_shape`` may also be an
-    example batch tensor; the count is then per example.
+    example batch tensor or :class:`prunekit.surgery.inputs.ExampleInputs` (several positional /
+    keyword inputs); the count is then per example. Outputs may have any structure.
     """
     total, batch, _ = _run_counted(model, input_shape, track_layers=False)
     return total // 2 // batch

@@ -43,6 +43,7 @@ import torch.nn as nn
 
 from prunekit.errors import PruningError
 from prunekit.surgery.graph import LAYER_TYPES, ChannelGraph, PruningWarning, _matches, analyze
+from prunekit.surgery.inputs import ExampleInputs, flatten_outputs, run_model
 
 if TYPE_CHECKING:
     from prunekit.budget import PruneContext
@@ -269,7 +270,7 @@ def allocate_channels(
             if abs(achieved / target.value - 1) > ctx.budget.tolerance:
                 warnings.warn(
                     f"prunekit: {target} reached as {achieved:.3g}x (the cost model predicted "
-                    f"{info['predicted']:.3g}x)",
+                    f"{info['predicted']:.3g}x); layers left unpruned: {unpruned_reasons(graph)}",
                     PruningWarning,
                     stacklevel=2,
                 )
@@ -293,6 +294,15 @@ def _ratio_counts(prob: _ChannelProblem, target: Any) -> list[int]:
             )
         raw.append(hi - int(round(f * hi)))
     return prob.snapped(raw)
+
+
+def unpruned_reasons(graph: ChannelGraph, limit: int = 12) -> str:
+    """``'layer': why`` for every layer whose output channels the graph leaves unpruned ("none" if none)."""
+    items = sorted(graph.skipped.items())
+    if not items:
+        return "none"
+    text = "; ".join(f"{p!r}: {why}" for p, why in items[:limit])
+    return text + (f"; and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def _search(prob: _ChannelProblem, ctx: PruneContext, cost: Any, budget: float) -> list[int]:
@@ -319,7 +329,7 @@ def _search(prob: _ChannelProblem, ctx: PruneContext, cost: Any, budget: float) 
         raise PruningError(
             f"target {t} cannot be reached: the largest reachable reduction is {best:.3g}x with floor="
             f"{ctx.budget.floor}, cap={ctx.budget.cap} and the layers that are not pruned "
-            f"({', '.join(sorted(prob.graph.skipped)) or 'none'}); lower the target, the floor or round_to"
+            f"({unpruned_reasons(prob.graph)}); lower the target, the floor or round_to"
         )
     if ctx.budget.scope == "layerwise":
         seqs = [_layerwise_configs(prob)]
@@ -340,11 +350,13 @@ def _search(prob: _ChannelProblem, ctx: PruneContext, cost: Any, budget: float) 
         cand = _bisect(seq, c, budget)
         if err(cand) > math.log1p(tol / 2):
             cand = _refine(prob, cand, c, budget, prob.mult)  # rounding steps are coarse: adjust single groups
-        if err(cand) > math.log1p(tol):
-            # still outside the tolerance: give up alignment where needed (one channel at a time)
-            cand = _refine(
-                prob, cand, c, budget, [max(1, g) for g in (prob.graph.groups[k].multiple_of for k in prob.keys)]
-            )
+        finest = [max(1, g) for g in (prob.graph.groups[k].multiple_of for k in prob.keys)]
+        mult = list(prob.mult)
+        while err(cand) > math.log1p(tol) and mult != finest:
+            # still outside the tolerance: fall back to finer multiples (half the rounding, down to one
+            # channel or the group's GroupNorm multiple) for the groups that need it before reporting a miss
+            mult = [max(f, m // 2) if (m // 2) % f == 0 else f for m, f in zip(mult, finest)]
+            cand = _refine(prob, cand, c, budget, mult)
         if best is None or err(cand) < err(best):
             best = cand
         if err(best) <= math.log1p(tol):
@@ -483,13 +495,17 @@ def _layerwise_configs(prob: _ChannelProblem) -> Any:
 
 
 def _refine(prob: _ChannelProblem, counts: list[int], c: Any, budget: float, mult: list[int]) -> list[int]:
-    """Greedy single-group steps of ``mult[i]`` channels towards the budget."""
+    """Greedy single-group steps of ``mult[i]`` channels (or 2, 4, 8, ... times that) towards the budget."""
     counts = list(counts)
     err = abs(math.log(max(c(counts), EPS) / budget))
-    for _ in range(4 * len(counts)):
+    for _ in range(4 * len(counts) + 16):
         best_move, best_err = None, err
         for i, (k, lo, hi, m) in enumerate(zip(counts, prob.lo, prob.hi, mult)):
-            for nk in (_snap(k - m, lo, hi, m), _snap(k + m, lo, hi, m) if k + m <= hi else hi):
+            steps, step = [], m
+            while step < hi:
+                steps += [_snap(k - step, lo, hi, m), _snap(k + step, lo, hi, m) if k + step <= hi else hi]
+                step *= 2
+            for nk in dict.fromkeys(steps):
                 if nk == k:
                     continue
                 trial = counts[:i] + [nk] + counts[i + 1 :]
@@ -553,7 +569,14 @@ def _correct(
 
 
 # --------------------------------------------------------------------------------------------- weights
-def _output_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+def _zeros_example(spec: Any, dev: torch.device) -> Any:
+    """A batch-1 example: the first of the given example inputs, or zeros of a per-example shape."""
+    if isinstance(spec, ExampleInputs):
+        return spec.first(1).to(dev)
+    return torch.zeros((1, *spec), device=dev)
+
+
+def _output_layers(model: nn.Module, input_shape: Any) -> list[str]:
     """Conv / linear layers whose output is the model's output (the classifier)."""
     calls: list[tuple[str, torch.Tensor]] = []
     handles = [
@@ -566,13 +589,14 @@ def _output_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
     try:
         model.eval()
         with torch.no_grad():
-            y = model(torch.zeros((1, *input_shape), device=dev))
+            y = run_model(model, _zeros_example(input_shape, dev))
     finally:
         for h in handles:
             h.remove()
         for m, f in flags:
             m.training = f
-    direct = [p for p, o in calls if o is y]
+    outs = flatten_outputs(y)
+    direct = [p for p, o in calls if any(o is t for t in outs)]
     return direct or ([calls[-1][0]] if calls else [])
 
 
@@ -587,7 +611,7 @@ def prunable_weights(model: nn.Module, ctx: PruneContext) -> dict[str, torch.Ten
         if ctx.graph is not None:
             ignored = tuple(ctx.graph.output_layers)
         else:
-            ignored = tuple(_output_layers(model, tuple(ctx.input_shape)))
+            ignored = tuple(_output_layers(model, ctx.input_shape))
             ctx.output_layers = ctx.output_layers or list(ignored)
     out: dict[str, torch.Tensor] = {}
     for path, m in model.named_modules():
@@ -612,7 +636,7 @@ def _weight_uses(model: nn.Module, ctx: PruneContext, paths: list[str]) -> dict[
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros((1, *ctx.input_shape), device=dev))
+            run_model(model, _zeros_example(ctx.input_shape, dev))
     finally:
         rec.remove()
         for m, f in flags:
@@ -692,7 +716,8 @@ def allocate_weights(
         base = float(count_params(model)["nonzero_params"])
     else:
         unit = _weight_uses(model, ctx, paths)
-        base = float(effective_flops(model, tuple(ctx.input_shape)))
+        base = float(effective_flops(model, ctx.input_shape if isinstance(ctx.input_shape, ExampleInputs)
+                                     else tuple(ctx.input_shape)))
     alive_cost = sum(unit[p] * float(alive[p].sum()) for p in paths)
     const = base - alive_cost
     budget = base / t.value - const

@@ -23,7 +23,15 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from prunekit.errors import PruningError
-from prunekit.surgery.graph import ChannelGraph, ChannelGroup, _complement, _has_masks, analyze, tensor_shapes
+from prunekit.surgery.graph import (
+    ChannelGraph,
+    ChannelGroup,
+    _complement,
+    _has_masks,
+    analyze,
+    attention_parts,
+    tensor_shapes,
+)
 from prunekit.surgery.lowrank import factors_to_module
 from prunekit.surgery.masks import apply_masks_, get_masks, remove_masks_
 from prunekit.surgery.plan import Plan
@@ -203,8 +211,19 @@ def _physical(
             remove = _complement(keep, g.size)
             if remove.numel() == 0:
                 continue
-            if g.kind == "heads":
+            if g.kind == "heads" and g.unit_index is None:
                 _prune_heads(model, g, keep)
+            elif g.unit_index is not None:  # whole heads of an attention module: their channels, by Torch-Pruning
+                root = model.get_submodule(g.key)
+                pruner = dg.get_pruner_of_module(root)
+                idx = g.unit_index[remove].reshape(-1).tolist()
+                mhas = [model.get_submodule(p) for p in g.mha]
+                for m in mhas:  # Torch-Pruning keeps the head count and shrinks head_dim; prunekit removes heads
+                    m.num_heads = 1
+                dg.get_pruning_group(root, pruner.prune_out_channels, idx).prune()
+                for m, (_, d, _) in zip(mhas, g.mha_heads):
+                    m.num_heads, m.head_dim = int(m.embed_dim) // d, d
+                _update_head_count(model, g, int(keep.numel()))
             else:
                 root = model.get_submodule(g.key)
                 pruner = dg.get_pruner_of_module(root)
@@ -264,6 +283,22 @@ def _layer(model: nn.Module, path: str) -> nn.Module:
     return layer
 
 
+def _update_head_count(model: nn.Module, g: ChannelGroup, heads: int) -> None:
+    """The attention module's head count and widths after keeping ``heads`` of its heads."""
+    attn = model.get_submodule(g.attention) if g.attention else None
+    if attn is None:
+        return
+    d = int(g.unit_index.shape[1])
+    for name in ("num_heads", "num_attention_heads"):
+        if isinstance(getattr(attn, name, None), int):
+            setattr(attn, name, heads)
+    for name in ("all_head_size", "inner_dim"):
+        if isinstance(getattr(attn, name, None), int):
+            setattr(attn, name, heads * d)
+    if isinstance(getattr(attn, "split_size", None), int):
+        attn.split_size = heads * d
+
+
 def _prune_heads(model: nn.Module, g: ChannelGroup, keep: torch.Tensor) -> None:
     attn = model.get_submodule(g.key)
     for mb in g.members:
@@ -272,9 +307,12 @@ def _prune_heads(model: nn.Module, g: ChannelGroup, keep: torch.Tensor) -> None:
         idx = mb.positions(keep).to(t.device)
         new = nn.Parameter(t.detach().index_select(mb.dim, idx).clone(), requires_grad=t.requires_grad)
         setattr(mod, name, new)
-    attn.qkv.out_features = int(attn.qkv.weight.shape[0])
-    attn.proj.in_features = int(attn.proj.weight.shape[1])
+    q, o = attention_parts(attn) or ("qkv", "proj")
+    getattr(attn, q).out_features = int(getattr(attn, q).weight.shape[0])
+    getattr(attn, o).in_features = int(getattr(attn, o).weight.shape[1])
     attn.num_heads = int(keep.numel())
+    if isinstance(getattr(attn, "split_size", None), int):  # GPT-2 splits its fused projection at split_size
+        attn.split_size = int(keep.numel()) * int(attn.head_dim)
 
 
 # --------------------------------------------------------------------------------------------- masked

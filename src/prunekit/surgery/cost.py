@@ -158,15 +158,17 @@ class CostModel:
 
 
 # --------------------------------------------------------------------------------------------- building
-def _totals(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+def _totals(model: nn.Module, x: Any) -> tuple[int, int]:
     """Dense multiply-adds per example and parameter count, as :mod:`prunekit.metrics` counts them."""
     from prunekit.metrics import count_flops, count_params
+    from prunekit.surgery.inputs import ExampleInputs
 
-    return int(count_flops(model, tuple(x.shape[1:]))), int(count_params(model)["params"])
+    spec = x if isinstance(x, ExampleInputs) else tuple(x.shape[1:])
+    return int(count_flops(model, spec)), int(count_params(model)["params"])
 
 
 def build_cost_model(
-    model: nn.Module, x: torch.Tensor, groups: dict[str, ChannelGroup], rec: Any
+    model: nn.Module, x: Any, groups: dict[str, ChannelGroup], rec: Any
 ) -> CostModel:
     flops, params = _totals(model, x)
     uses = rec.uses
@@ -179,16 +181,23 @@ def build_cost_model(
             dims.setdefault(mb.tensor, {}).setdefault(mb.dim, []).append((g.key, mb.per_channel))
     sizes = {k: g.size for k, g in groups.items()}
     tensors: list[TensorCost] = []
-    for name, p in model.named_parameters():
-        shape = tuple(p.shape)
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):  # a tied weight counts once as a parameter,
+        shape = tuple(p.shape)  # but its multiply-adds count in every layer that uses it
         td = {
             d: (shape[d] - sum(sizes[k] * e for k, e in terms), terms)
             for d, terms in dims.get(name, {}).items()
         }
         mod_path, _, pname = name.rpartition(".")
-        per = uses.get(mod_path, 0.0) if pname == "weight" else 0.0
-        tensors.append(TensorCost(name, shape, td, per, True))
+        per = uses.get(mod_path, 0.0) if pname in ("weight", "in_proj_weight") else 0.0
+        tensors.append(TensorCost(name, shape, td, per, id(p) not in seen))
+        seen.add(id(p))
     extra = []
+    for g in groups.values():  # nn.MultiheadAttention products q k^T and a v: 2 L S multiply-adds per channel
+        if g.prunable and g.mha:
+            d = g.mha_heads[0][1]
+            extra += [(g.key, 2.0 * d * nq * nk) for p in g.mha if (nq_nk := getattr(rec, "mha_tokens", {}).get(p))
+                      for nq, nk in [nq_nk]]
     for p, c in attn_cost.items():
         g = groups.get(p)
         if g is not None and g.kind == "heads" and g.prunable:

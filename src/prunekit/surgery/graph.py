@@ -50,9 +50,11 @@ from prunekit.surgery.groups import (  # noqa: F401  (re-exported: the records a
     _is_grouped,
     _matches,
     _signature,
+    attention_parts,
     is_attention,
     tensor_shapes,
 )
+from prunekit.surgery.inputs import ExampleInputs, as_example_inputs, flatten_outputs, is_example
 
 
 # --------------------------------------------------------------------------------------------- the graph
@@ -142,11 +144,14 @@ class ChannelGraph:
 
 
 # --------------------------------------------------------------------------------------------- inputs
-def example_batch(model: nn.Module, example_input: Any) -> torch.Tensor:
-    """A batch-1 input for tracing: ``example_input`` may be a tensor batch or a shape ``(C, H, W)``."""
+def example_batch(model: nn.Module, example_input: Any) -> Any:
+    """A batch-1 input for tracing: ``example_input`` may be a tensor batch, a tuple of tensors or a dict of
+    keyword tensors (returned as :class:`~prunekit.surgery.inputs.ExampleInputs`), or a shape ``(C, H, W)``."""
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     if isinstance(example_input, torch.Tensor):
         return example_input[:1].to(dev)
+    if is_example(example_input):
+        return as_example_inputs(example_input).first(1).to(dev)
     if example_input is None:
         example_input = default_input_shape(model)
     shape = tuple(int(s) for s in example_input)
@@ -158,7 +163,8 @@ def default_input_shape(model: nn.Module) -> tuple[int, ...]:
     cfg = getattr(model, "prunekit_config", None)
     if not cfg:
         raise PruningError(
-            "cannot tell the model's input shape: pass input_shape=(C, H, W) (or example_input)"
+            "cannot tell the model's input shape: pass example_inputs=... (a batch: a tensor, a tuple of "
+            "tensors or a dict of keyword tensors) or input_shape=(C, H, W)"
         )
     from prunekit.models import get_model_info
 
@@ -225,7 +231,24 @@ def _output_modules(dg: Any) -> set[Any]:
     return found
 
 
-def _trace(model: nn.Module, x: torch.Tensor) -> tuple[Any, list[str], _UseRecorder]:
+_KNOWN = (*LAYER_TYPES, *NORM_TYPES, nn.Embedding, nn.PReLU, nn.MultiheadAttention)
+
+
+def unknown_layers(model: nn.Module) -> list[tuple[str, str]]:
+    """``(path, type)`` of modules holding weights of their own whose type the engine does not know
+    (e.g. Hugging Face's ``Conv1D``, a linear layer with a transposed weight): Torch-Pruning cannot tell
+    which of their dimensions are channels."""
+    out = []
+    for path, m in model.named_modules():
+        if isinstance(m, _KNOWN) or not any(p.dim() > 1 for p in m.parameters(recurse=False)):
+            continue
+        if any(path.startswith(k + ".") for k, _ in out):
+            continue
+        out.append((path, type(m).__name__))
+    return out
+
+
+def _trace(model: nn.Module, x: Any) -> tuple[Any, list[str], _UseRecorder]:
     import torch_pruning as tp
 
     dg = tp.DependencyGraph()
@@ -235,15 +258,28 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tuple[Any, list[str], _UseRecor
     try:
         with warnings.catch_warnings(record=True) as caught, torch.enable_grad():
             warnings.simplefilter("always")
-            dg.build_dependency(model, (x,), verbose=True)
+            if isinstance(x, ExampleInputs):
+                dg.build_dependency(model, x.args, forward_fn=lambda m, _: x(m), output_transform=flatten_outputs,
+                                    verbose=True)
+            else:
+                dg.build_dependency(model, (x,), output_transform=flatten_outputs, verbose=True)
         for w in caught:
             msg = str(w.message)
             if "Unwrapped parameters" not in msg:
                 notes.append(msg.strip())
     except Exception as e:  # noqa: BLE001 - tracing arbitrary models can fail in many ways
+        odd = unknown_layers(model)
+        hint = (
+            f"; layers of types the pruning engine does not know, the likely cause: "
+            f"{', '.join(f'{p!r} ({t})' for p, t in odd[:6])}{' ...' if len(odd) > 6 else ''}"
+            if odd
+            else "; the model must run on the example inputs (pass example_inputs=... for models taking several "
+            "inputs, keyword inputs or integer tokens)"
+        )
+        if getattr(getattr(model, "config", None), "use_cache", False):
+            hint += "; for a Hugging Face model set model.config.use_cache = False (its key/value cache concatenates)"
         raise PruningError(
-            f"could not trace the model to find coupled channels ({type(e).__name__}: {e}); "
-            "the model must run on a single tensor input of the given shape"
+            f"could not trace the model to find coupled channels ({type(e).__name__}: {e}){hint}"
         ) from e
     finally:
         rec.remove()
@@ -254,7 +290,7 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tuple[Any, list[str], _UseRecor
 
 def analyze(
     model: nn.Module,
-    example_input: torch.Tensor | Sequence[int] | None = None,
+    example_input: Any = None,
     ignored: Iterable[str | nn.Module] | None = None,
     *,
     heads: bool = False,
@@ -264,8 +300,11 @@ def analyze(
     """Find the coupled channel groups of ``model``.
 
     Args:
-        model: the network (zoo or any ``nn.Module`` taking one tensor).
-        example_input: an example batch or an input shape ``(C, H, W)``; default: the zoo model's size.
+        model: the network (zoo or any ``nn.Module``).
+        example_input: an example batch (a tensor, a tuple of positional tensors or a dict of keyword
+            tensors, batch first; see :class:`~prunekit.surgery.inputs.ExampleInputs`) or an input shape
+            ``(C, H, W)``; default: the zoo model's size. Outputs may be tensors, tuples, dicts or
+            dataclasses (every tensor in them is an output).
         ignored: layers (paths or modules) whose output channels must not be pruned; a group
             containing one of them (as producer, depthwise conv or norm) is not prunable. The
             classifier never is, whatever this says.
@@ -290,7 +329,7 @@ def analyze(
     model_names = {m: n for n, m in model.named_modules()}
     ignored_paths = [model_names.get(i, "?") if isinstance(i, nn.Module) else str(i) for i in (ignored or ())]
     attn = {p: m for p, m in work.named_modules() if is_attention(m)}
-    attn_qkv = {f"{p}.qkv": p for p in attn}
+    attn_qkv = {f"{p}.{attention_parts(m)[0]}": p for p, m in attn.items()}
     outputs = _output_modules(dg)
     shapes = tensor_shapes(work)
 
@@ -314,7 +353,7 @@ def analyze(
     graph = ChannelGraph(
         groups=groups,
         skipped=skipped,
-        input_shape=tuple(x.shape[1:]),
+        input_shape=x if isinstance(x, ExampleInputs) else tuple(x.shape[1:]),
         cost=cost,
         output_layers=sorted(names[m] for m in outputs if m in names),
         layer_shapes=shapes,
@@ -340,7 +379,14 @@ def _build_groups(work: nn.Module, dg: Any, names: dict[nn.Module, str], shapes:
         if not isinstance(m, LAYER_TYPES) or m in visited or _is_depthwise(m):
             continue
         if m not in dg.module2node:
-            skipped[path] = "not used in the forward pass"
+            parent = work.get_submodule(path.rpartition(".")[0]) if "." in path else work
+            if isinstance(parent, nn.MultiheadAttention):
+                skipped[path] = (
+                    f"output projection of nn.MultiheadAttention {path.rpartition('.')[0]!r} (read as a weight "
+                    "inside it): pruned with the module's embedding, by whole heads"
+                )
+            else:
+                skipped[path] = "not used in the forward pass"
             continue
         pruner = dg.get_pruner_of_module(m)
         n = pruner.get_out_channels(m)
@@ -354,6 +400,8 @@ def _build_groups(work: nn.Module, dg: Any, names: dict[nn.Module, str], shapes:
                     "they are pruned only as whole heads (heads=True)"
                 )
             continue
+        if not bad:
+            bad = _block_heads(work, g)
         if bad:
             g.prunable, g.reason = False, bad
             problems.append((path, bad))
@@ -393,6 +441,7 @@ def _convert(
     g = ChannelGroup(key=root, size=size)
     out_mods: set[nn.Module] = set()
     bad = ""
+    grouped: list[tuple[str, torch.Tensor, int, int, str]] = []  # grouped convs: (path, unit, block, groups, weight)
 
     def add(tensor: str, dim: int, table: torch.Tensor, role: str) -> str:
         shape = shapes.get(tensor)
@@ -405,7 +454,7 @@ def _convert(
                 f"{size} channels x {table.shape[1]} (an operation between the layers mixes channels)"
             )
         owner = tensor.rpartition(".")[0]
-        if role != "consumer" and table.shape[1] != 1:
+        if role not in ("consumer", "attn") and table.shape[1] != 1:
             return f"{owner!r} maps one channel to {table.shape[1]} entries: unsupported"
         if role == "producer" and shape[d] != size:
             return f"{owner!r} produces {shape[d]} channels, the group has {size}: unsupported"
@@ -443,7 +492,23 @@ def _convert(
         is_out = dg.is_out_channel_pruning_fn(dep.handler)
         if isinstance(mod, LAYER_TYPES):
             if _is_grouped(mod):
-                bad = bad or f"grouped convolution {path!r} (groups={mod.groups}) is not supported"
+                if mod.transposed or table.shape[1] != 1:
+                    bad = bad or f"grouped convolution {path!r} (groups={mod.groups}) is not supported here"
+                    continue
+                # channels of a grouped conv come in `groups` blocks; every block must lose the same positions
+                if is_out:
+                    block = mod.out_channels // mod.groups
+                    out_mods.add(mod)
+                    bad = bad or add(f"{path}.weight", 0, table, "producer")
+                    if mod.bias is not None:
+                        bad = bad or add(f"{path}.bias", 0, table, "producer")
+                    if path not in g.producers:
+                        g.producers.append(path)
+                    grouped.append((path, table[:, 0] % block, block, mod.groups, ""))
+                else:
+                    block = mod.in_channels // mod.groups
+                    bad = bad or add(f"{path}.weight", 1, table % block, "consumer")
+                    grouped.append((path, table[:, 0] % block, block, mod.groups, f"{path}.weight"))
                 continue
             transposed = isinstance(mod, nn.modules.conv._ConvNd) and mod.transposed
             if _is_depthwise(mod) or is_out:
@@ -461,17 +526,137 @@ def _convert(
                 if path not in g.consumers:
                     g.consumers.append(path)
                     g.expansion[path] = int(table.shape[1])
+        elif isinstance(mod, nn.Embedding):
+            # an embedding's output channels are its weight's columns (dim 1); a tied output layer reading
+            # the same matrix is a consumer along the same dimension
+            out_mods.add(mod)
+            bad = bad or add(f"{path}.weight", 1, table, "producer")
+            if path not in g.producers:
+                g.producers.append(path)
         elif isinstance(mod, NORM_TYPES):
             bad = bad or _add_norm(g, mod, path, table, add)
         elif isinstance(mod, nn.PReLU):
             if mod.num_parameters > 1:
                 bad = bad or add(f"{path}.weight", 0, table, "act")
+        elif isinstance(mod, nn.MultiheadAttention):
+            bad = bad or _add_mha(g, mod, path, table, add)
         else:
             bad = bad or f"layer {path!r} ({type(mod).__name__}) is not supported by the pruning engine"
     g.min_keep = max(1, g.multiple_of)
     if not g.producers and not bad:
         bad = "no conv / linear layer produces these channels"
+    if grouped and not bad:
+        bad = _block_grouped(g, grouped)
+    if g.mha and not bad:
+        bad = _block_mha(g, work_modules=names)
     return g, out_mods, bad
+
+
+def _add_mha(g: ChannelGroup, mod: nn.MultiheadAttention, path: str, table: torch.Tensor, add: Any) -> str:
+    """An ``nn.MultiheadAttention`` whose embedding channels are the group's: its packed q / k / v rows
+    (``c``, ``E + c``, ``2E + c``), its input columns and its output projection's rows and columns."""
+    e, h = int(mod.embed_dim), int(mod.num_heads)
+    if not mod._qkv_same_embed_dim or mod.bias_k is not None or table.shape[1] != 1:
+        return (f"nn.MultiheadAttention {path!r} with separate key / value widths or bias_k / bias_v: its embedding "
+                "channels are kept")
+    rows = torch.cat([table, table + e, table + 2 * e], 1)
+    bad = add(f"{path}.in_proj_weight", 0, rows, "attn") or add(f"{path}.in_proj_weight", 1, table, "attn")
+    if mod.in_proj_bias is not None:
+        bad = bad or add(f"{path}.in_proj_bias", 0, rows, "attn")
+    bad = bad or add(f"{path}.out_proj.weight", 0, table, "attn") or add(f"{path}.out_proj.weight", 1, table, "attn")
+    if mod.out_proj.bias is not None:
+        bad = bad or add(f"{path}.out_proj.bias", 0, table, "attn")
+    if path not in g.mha:
+        g.mha.append(path)
+        g.mha_heads.append((h, e // h, table[:, 0]))
+    return bad
+
+
+def _block_mha(g: ChannelGroup, work_modules: Any) -> str:
+    """Units of whole heads for a group that is the embedding of ``nn.MultiheadAttention`` modules: removing
+    head ``j`` removes embedding channels ``[j*d, (j+1)*d)`` (their q / k / v rows, input columns and output
+    projection), so ``head_dim`` and the attention scale stay and masked == physical. Every module must split
+    the channels into the same heads."""
+    h, d, pos = g.mha_heads[0]
+    for (_h2, d2, pos2), p in zip(g.mha_heads[1:], g.mha[1:]):
+        if d2 != d or not torch.equal(pos2 // d2, pos // d):
+            return f"nn.MultiheadAttention {g.mha[0]!r} and {p!r} split the embedding into different heads: unsupported"
+    if g.size != h * d:
+        return f"nn.MultiheadAttention {g.mha[0]!r} sees only part of these channels: unsupported"
+    unit_of = pos // d
+    members = torch.stack([(unit_of == j).nonzero().flatten() for j in range(h)])
+    for mb in g.members:
+        mb.index = mb.index[members].reshape(h, -1)
+    g.expansion = {c: e * d for c, e in g.expansion.items()}
+    g.unit_index = members
+    g.size = h
+    return ""
+
+
+def _block_grouped(g: ChannelGroup, grouped: list[tuple[str, torch.Tensor, int, int, str]]) -> str:
+    """Make the group's units the positions inside one block of a grouped convolution it touches: unit ``j``
+    is channel ``j`` of every one of the conv's ``groups`` blocks, so each block loses the same positions
+    (what a dense grouped weight can express). Returns why this is impossible ("" if done)."""
+    path, unit_of, block, n_groups, own = grouped[0]
+    for other, u, b, _, _ in grouped[1:]:
+        if b != block or not torch.equal(u, unit_of):
+            return (f"grouped convolutions {path!r} and {other!r} split the channels into different blocks: "
+                    "unsupported")
+    members = torch.stack([(unit_of == j).nonzero().flatten() for j in range(block)]) \
+        if all(int((unit_of == j).sum()) == n_groups for j in range(block)) else None
+    if members is None or g.size != block * n_groups:
+        return f"grouped convolution {path!r} (groups={n_groups}) sees only part of these channels: unsupported"
+    for mb in g.members:
+        if any(mb.tensor == t for *_, t in grouped if t):
+            mb.index = torch.arange(block).view(block, 1)  # the grouped weight's per-block input position
+        else:
+            mb.index = mb.index[members].reshape(block, -1)
+    for *_, t in grouped:
+        if t:  # its input columns follow the units, but its input tensor is not read per unit
+            c = t.rpartition(".")[0]
+            if c in g.consumers:
+                g.consumers.remove(c)
+                g.expansion.pop(c, None)
+    g.unit_index = members
+    g.size = block
+    return ""
+
+
+def _head_attrs(m: nn.Module) -> tuple[int, int] | None:
+    """``(heads, head_dim)`` of an attention module that splits its projections into heads (Hugging Face
+    ``num_attention_heads`` / ``attention_head_size`` / ``head_dim``, timm ``num_heads`` / ``head_dim``)."""
+    d = next((v for a in ("head_dim", "attention_head_size") if isinstance(v := getattr(m, a, None), int)), None)
+    h = next((v for a in ("num_heads", "num_attention_heads") if isinstance(v := getattr(m, a, None), int)), None)
+    if d is None or d < 1:
+        return None
+    return (h or 0), d
+
+
+def _block_heads(work: nn.Module, g: ChannelGroup) -> str:
+    """Turn a group of attention projection channels (the q / k / v outputs of one module that reshapes them
+    into heads of ``head_dim``) into a group of whole heads: removing single channels would break the
+    reshape, removing whole heads keeps it valid. Returns why the group cannot be pruned ("" if it can)."""
+    parents = {p.rpartition(".")[0] for p in g.producers}
+    if len(parents) != 1:
+        return ""
+    parent = parents.pop()
+    attn = work.get_submodule(parent) if parent else work
+    hd = _head_attrs(attn)
+    if hd is None:
+        return ""
+    heads, d = hd
+    if d == 1 or g.size % d or (heads and g.size not in (heads * d,)):
+        return ""
+    if g.norms or g.depthwise or g.params:
+        return f"attention projections of {parent!r} feed other layers per channel: their heads cannot be pruned"
+    n = g.size // d
+    for mb in g.members:
+        mb.index = mb.index.reshape(n, d * mb.per_channel)
+    g.unit_index = torch.arange(g.size).reshape(n, d)
+    g.size, g.kind = n, "heads"
+    g.expansion = {c: e * d for c, e in g.expansion.items()}
+    g.attention = parent
+    return ""
 
 
 def _add_norm(g: ChannelGroup, mod: nn.Module, path: str, table: torch.Tensor, add: Any) -> str:
@@ -525,6 +710,7 @@ def _mixing(node: Any) -> str:
 
 
 def _head_group(path: str, m: nn.Module) -> ChannelGroup:
+    q, o = attention_parts(m)
     h, d = int(m.num_heads), int(m.head_dim)
     inner = h * d
     heads = torch.arange(h).unsqueeze(1) * d + torch.arange(d).unsqueeze(0)  # (h, d)
@@ -532,15 +718,15 @@ def _head_group(path: str, m: nn.Module) -> ChannelGroup:
     g = ChannelGroup(
         key=path,
         size=h,
-        producers=[f"{path}.qkv"],
-        consumers=[f"{path}.proj"],
-        expansion={f"{path}.proj": d},
+        producers=[f"{path}.{q}"],
+        consumers=[f"{path}.{o}"],
+        expansion={f"{path}.{o}": d},
         kind="heads",
     )
-    g.members.append(Member(f"{path}.qkv.weight", 0, qkv_rows, "producer"))
-    if m.qkv.bias is not None:
-        g.members.append(Member(f"{path}.qkv.bias", 0, qkv_rows, "producer"))
-    g.members.append(Member(f"{path}.proj.weight", 1, heads, "consumer"))
+    g.members.append(Member(f"{path}.{q}.weight", 0, qkv_rows, "producer"))
+    if getattr(m, q).bias is not None:
+        g.members.append(Member(f"{path}.{q}.bias", 0, qkv_rows, "producer"))
+    g.members.append(Member(f"{path}.{o}.weight", 1, heads, "consumer"))
     return g
 
 
@@ -551,12 +737,15 @@ class _UseRecorder:
     def __init__(self, model: nn.Module):
         self.uses: dict[str, float] = {}
         self.tokens: dict[str, int] = {}
+        self.mha_tokens: dict[str, tuple[float, float]] = {}
         self.handles = []
         for path, m in model.named_modules():
             if isinstance(m, LAYER_TYPES):
                 self.handles.append(m.register_forward_hook(self._layer_hook(path)))
             elif is_attention(m):
                 self.handles.append(m.register_forward_pre_hook(self._attn_hook(path)))
+            elif isinstance(m, nn.MultiheadAttention):
+                self.handles.append(m.register_forward_pre_hook(self._mha_hook(path), with_kwargs=True))
 
     def _layer_hook(self, path: str) -> Any:
         def hook(m: nn.Module, args: tuple, out: Any) -> None:
@@ -572,6 +761,23 @@ class _UseRecorder:
                     ref.numel() / max(1, math.prod(ref.shape[-spatial - 1 :]))
                 )
             self.uses[path] = self.uses.get(path, 0.0) + per / max(1, batch)
+
+        return hook
+
+    def _mha_hook(self, path: str) -> Any:
+        """Per example: the query / key token counts of an nn.MultiheadAttention (its projections and the
+        attention products are read inside the module, not through hooked layers)."""
+
+        def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
+            q = args[0] if args else kwargs.get("query")
+            k = args[1] if len(args) > 1 else kwargs.get("key", q)
+            if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
+                return
+            batch = (q.shape[0] if m.batch_first else q.shape[1]) if q.dim() == 3 else 1
+            nq, nk = q.numel() / m.embed_dim / batch, k.numel() / m.kdim / batch
+            self.uses[path] = self.uses.get(path, 0.0) + nq  # in_proj rows meet every query token (q, k, v
+            self.uses[f"{path}.out_proj"] = self.uses.get(f"{path}.out_proj", 0.0) + nq  # of self-attention)
+            self.mha_tokens[path] = (nq, nk)
 
         return hook
 

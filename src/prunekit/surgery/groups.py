@@ -54,7 +54,8 @@ class Member:
 class ChannelGroup:
     """A set of channels that must be removed together.
 
-    ``producers``: conv / linear layers whose output channels (weight dim 0) are these channels, in
+    ``producers``: conv / linear layers whose output channels (weight dim 0; dim 1 for a transposed
+    conv -- the member table records the axis, read it with :meth:`rows`) are these channels, in
     the group's channel order; ``consumers``: layers whose input dimension reads them
     (``expansion[path]`` input features per channel: ``H*W`` after a flatten, else 1);
     ``norms``: BatchNorm / LayerNorm / GroupNorm layers over them; ``depthwise``: depthwise
@@ -79,19 +80,52 @@ class ChannelGroup:
     multiple_of: int = 1  # kept counts must be multiples of this (GroupNorm groups)
     kind: str = "channels"
     members: list[Member] = field(default_factory=list)
+    # a heads group found by the graph (q / k / v projections of an attention module that reshapes them):
+    # ``unit_index[h]`` are the root producer's output channels of head ``h``; None for prunekit's own
+    # fused-qkv head groups and for channel groups
+    unit_index: torch.Tensor | None = None
+    attention: str = ""  # the attention module whose heads these are
+    mha: list[str] = field(default_factory=list)  # nn.MultiheadAttention modules whose embedding these are
+    mha_heads: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (heads, head_dim, positions)
 
     def layers(self) -> list[str]:
         """Every conv / linear layer touched by the group."""
         return list(dict.fromkeys(self.producers + self.depthwise + self.consumers))
 
-    def rows(self, model: nn.Module, path: str) -> torch.Tensor:
-        """Weights of producer (or depthwise) layer ``path`` with one row per channel: ``(size, n)``."""
+    def member(self, path: str, roles: Iterable[str] = ("producer", "depthwise"), param: str = "weight") -> Member:
+        """The member entry of ``path.param`` in one of ``roles``: its channel axis (``dim``: weight dim 0
+        for a conv / linear producer, dim 1 for a transposed conv's output channels, the reverse for
+        consumers) and the positions of each channel along it."""
+        roles = tuple(roles)
         for mb in self.members:
-            if mb.tensor == f"{path}.weight" and mb.role in ("producer", "depthwise"):
-                w = _get_tensor(model, mb.tensor).detach()
-                w = w.movedim(mb.dim, 0)
-                return w[mb.index.reshape(-1).to(w.device)].reshape(self.size, -1)
-        raise PruningError(f"{path!r} is not a producer of channel group {self.key!r}")
+            if mb.tensor == f"{path}.{param}" and mb.role in roles:
+                return mb
+        raise PruningError(
+            f"layer {path!r} is not a {' / '.join(roles)} of channel group {self.key!r} "
+            f"(its layers: {', '.join(self.layers()) or 'none'})"
+        )
+
+    def channel_axis(self, path: str, role: str = "producer") -> int:
+        """The weight dimension of layer ``path`` that holds this group's channels (for ``role``)."""
+        roles = ("producer", "depthwise") if role == "producer" else (role,)
+        return self.member(path, roles).dim
+
+    def _gather(self, model: nn.Module, mb: Member) -> torch.Tensor:
+        w = _get_tensor(model, mb.tensor).detach().movedim(mb.dim, 0)
+        return w[mb.index.reshape(-1).to(w.device)].reshape(self.size, -1)
+
+    def rows(self, model: nn.Module, path: str) -> torch.Tensor:
+        """Weights of producer (or depthwise) layer ``path`` with one row per channel: ``(size, n)``.
+
+        Row ``c`` holds every weight that writes channel ``c`` (for an attention head: its q, k and v
+        rows), read along the axis the graph recorded for the layer -- weight dim 0 for a conv or a
+        linear layer, dim 1 for a transposed convolution -- so every scorer sees the same channels."""
+        return self._gather(model, self.member(path, ("producer", "depthwise")))
+
+    def columns(self, model: nn.Module, path: str) -> torch.Tensor:
+        """Weights of consumer layer ``path`` that read each channel: ``(size, n)`` (input dim 1 of a conv
+        or linear weight, dim 0 of a transposed conv; ``H*W`` columns per channel after a flatten)."""
+        return self._gather(model, self.member(path, ("consumer",)))
 
     ln_coupled: bool = False  # a LayerNorm / GroupNorm normalises over these channels: removing them changes
     # its statistics, so masked and physical pruning differ slightly for such groups
@@ -143,19 +177,30 @@ def _is_grouped(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not _is_depthwise(m)
 
 
+# (fused q/k/v linear, output projection) attribute names of attention modules: timm, GPT-2 (c_attn / c_proj
+# once its Conv1D layers are linear, see prunekit.surgery.convert)
+ATTENTION_PARTS = (("qkv", "proj"), ("c_attn", "c_proj"))
+
+
+def attention_parts(m: nn.Module) -> tuple[str, str] | None:
+    """The names of the fused ``qkv`` linear (``3 * num_heads * head_dim`` outputs) and the output
+    projection of a multi-head attention module with int ``num_heads`` / ``head_dim``; None otherwise."""
+    h, d = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
+    if not isinstance(h, int) or not isinstance(d, int):
+        return None
+    for q, o in ATTENTION_PARTS:
+        qkv, proj = getattr(m, q, None), getattr(m, o, None)
+        if (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and qkv.out_features == 3 * h * d
+                and proj.in_features == h * d):
+            return q, o
+    return None
+
+
 def is_attention(m: nn.Module) -> bool:
     """A multi-head attention module prunekit can prune by heads: int ``num_heads`` / ``head_dim``,
-    a fused ``qkv`` linear with ``3 * num_heads * head_dim`` outputs and a ``proj`` linear."""
-    h, d = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
-    qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
-    return (
-        isinstance(h, int)
-        and isinstance(d, int)
-        and isinstance(qkv, nn.Linear)
-        and isinstance(proj, nn.Linear)
-        and qkv.out_features == 3 * h * d
-        and proj.in_features == h * d
-    )
+    a fused ``qkv`` (or ``c_attn``) linear with ``3 * num_heads * head_dim`` outputs and a ``proj``
+    (or ``c_proj``) linear."""
+    return attention_parts(m) is not None
 
 
 def _has_masks(model: nn.Module) -> bool:

@@ -325,9 +325,12 @@ def model_layers(model: nn.Module, graph: ChannelGraph) -> dict[str, _Layer]:
 
             hooks.append(m.register_forward_hook(hook))
     try:
-        x = example_input(model, graph.input_shape, 1)
+        from prunekit.surgery.inputs import ExampleInputs, run_model
+
+        spec = graph.input_shape
+        x = spec.first(1) if isinstance(spec, ExampleInputs) else example_input(model, spec, 1)
         with eval_mode(model), torch.inference_mode():
-            model(x)
+            run_model(model, x)
     finally:
         for h in hooks:
             h.remove()
