@@ -380,6 +380,11 @@ def prune(
                    num_classes=num_classes, verify=verify,
                    heads=heads, budget=_budget(budget, scope=scope, round_to=round_to, ignored=ignored, floor=floor,
                                                cap=cap, normalize=normalize, nm=nm, latency_aware=latency_aware))
+    return _execute(run, mode, schedule, t_start)
+
+
+def _execute(run: _Run, mode: str, schedule: str, t_start: float) -> PruneResult:
+    """Run the prepared rounds, measure the result, and report (refusals carry the analysis warnings)."""
     model = run.model
     try:
         with warnings.catch_warnings(record=True) as caught, _PeakMemory(run.ctx.device) as mem:

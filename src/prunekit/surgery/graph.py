@@ -489,43 +489,9 @@ def _convert(
         if table is None:
             bad = bad or f"{path!r} sees the channels unevenly (index mapping not supported)"
             continue
-        is_out = dg.is_out_channel_pruning_fn(dep.handler)
         if isinstance(mod, LAYER_TYPES):
-            if _is_grouped(mod):
-                if mod.transposed or table.shape[1] != 1:
-                    bad = bad or f"grouped convolution {path!r} (groups={mod.groups}) is not supported here"
-                    continue
-                # channels of a grouped conv come in `groups` blocks; every block must lose the same positions
-                if is_out:
-                    block = mod.out_channels // mod.groups
-                    out_mods.add(mod)
-                    bad = bad or add(f"{path}.weight", 0, table, "producer")
-                    if mod.bias is not None:
-                        bad = bad or add(f"{path}.bias", 0, table, "producer")
-                    if path not in g.producers:
-                        g.producers.append(path)
-                    grouped.append((path, table[:, 0] % block, block, mod.groups, ""))
-                else:
-                    block = mod.in_channels // mod.groups
-                    bad = bad or add(f"{path}.weight", 1, table % block, "consumer")
-                    grouped.append((path, table[:, 0] % block, block, mod.groups, f"{path}.weight"))
-                continue
-            transposed = isinstance(mod, nn.modules.conv._ConvNd) and mod.transposed
-            if _is_depthwise(mod) or is_out:
-                # the layer's output channels belong to the group: weight rows (+ bias)
-                role = "depthwise" if _is_depthwise(mod) else "producer"
-                out_mods.add(mod)
-                bad = bad or add(f"{path}.weight", 1 if transposed else 0, table, role)
-                if mod.bias is not None:
-                    bad = bad or add(f"{path}.bias", 0, table, role)
-                paths = g.depthwise if role == "depthwise" else g.producers
-                if path not in paths:
-                    paths.append(path)
-            else:
-                bad = bad or add(f"{path}.weight", 0 if transposed else 1, table, "consumer")
-                if path not in g.consumers:
-                    g.consumers.append(path)
-                    g.expansion[path] = int(table.shape[1])
+            bad = _add_layer(g, mod, path, table, dg.is_out_channel_pruning_fn(dep.handler), add, out_mods, grouped,
+                             bad)
         elif isinstance(mod, nn.Embedding):
             # an embedding's output channels are its weight's columns (dim 1); a tied output layer reading
             # the same matrix is a consumer along the same dimension
@@ -550,6 +516,47 @@ def _convert(
     if g.mha and not bad:
         bad = _block_mha(g, work_modules=names)
     return g, out_mods, bad
+
+
+def _add_layer(g: ChannelGroup, mod: nn.Module, path: str, table: torch.Tensor, is_out: bool, add: Any,
+               out_mods: set[nn.Module], grouped: list[tuple[str, torch.Tensor, int, int, str]], bad: str) -> str:
+    """A conv / linear layer's members of group ``g`` (producer rows, consumer columns, grouped blocks);
+    returns ``bad`` (the first reason the group cannot be pruned so far) or the reason found here, or ""."""
+    if _is_grouped(mod):
+        if mod.transposed or table.shape[1] != 1:
+            return bad or f"grouped convolution {path!r} (groups={mod.groups}) is not supported here"
+        # channels of a grouped conv come in `groups` blocks; every block must lose the same positions
+        if is_out:
+            block = mod.out_channels // mod.groups
+            out_mods.add(mod)
+            bad = bad or add(f"{path}.weight", 0, table, "producer")
+            if mod.bias is not None:
+                bad = bad or add(f"{path}.bias", 0, table, "producer")
+            if path not in g.producers:
+                g.producers.append(path)
+            grouped.append((path, table[:, 0] % block, block, mod.groups, ""))
+        else:
+            block = mod.in_channels // mod.groups
+            bad = bad or add(f"{path}.weight", 1, table % block, "consumer")
+            grouped.append((path, table[:, 0] % block, block, mod.groups, f"{path}.weight"))
+        return bad
+    transposed = isinstance(mod, nn.modules.conv._ConvNd) and mod.transposed
+    if _is_depthwise(mod) or is_out:
+        # the layer's output channels belong to the group: weight rows (+ bias)
+        role = "depthwise" if _is_depthwise(mod) else "producer"
+        out_mods.add(mod)
+        bad = bad or add(f"{path}.weight", 1 if transposed else 0, table, role)
+        if mod.bias is not None:
+            bad = bad or add(f"{path}.bias", 0, table, role)
+        paths = g.depthwise if role == "depthwise" else g.producers
+        if path not in paths:
+            paths.append(path)
+    else:
+        bad = bad or add(f"{path}.weight", 0 if transposed else 1, table, "consumer")
+        if path not in g.consumers:
+            g.consumers.append(path)
+            g.expansion[path] = int(table.shape[1])
+    return bad
 
 
 def _add_mha(g: ChannelGroup, mod: nn.MultiheadAttention, path: str, table: torch.Tensor, add: Any) -> str:
