@@ -41,6 +41,9 @@ def add_commands(subparsers: Any) -> None:
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (dotted key, YAML value), e.g. --set finetune.epochs=0.5; repeatable")
     s.add_argument("--shard", default=None, metavar="I/N", help="run only the I-th of N deterministic slices")
+    s.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run the sweep as N processes on this machine (shards 0/N .. N-1/N into --out, each with "
+                        "its share of the CPU threads), then rebuild the report")
     s.add_argument("--methods", default=None, help="comma-separated method names or labels to run")
     s.add_argument("--retry-failed", action="store_true", help="recompute cells recorded as failed")
     s.add_argument("--dry-run", action="store_true", help="list the cells that would run and exit")
@@ -81,6 +84,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     check_out_dir(Path(args.out))
     runner.cells(shard, methods)  # --methods names checked before the base model is trained
+    if args.jobs != 1:
+        return _run_jobs(args, exp)
     s = runner.run(shard=shard, methods=methods)
     extra = f", {s.elsewhere} left to another process" if s.elsewhere else ""
     print(f"bench: {s.total} cell(s): {s.ok} ok, {s.failed} failed, {s.skipped} skipped, "
@@ -97,6 +102,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 #: exit status of a sweep in which some cells failed (bad input is 2, as everywhere in prunekit)
 EXIT_CELLS_FAILED = 1
+
+
+def _run_jobs(args: argparse.Namespace, exp: Any) -> int:
+    """``--jobs N``: N shard processes into one folder (their own locks keep cells and rows apart), the CPU
+    threads split between them; then one report over all the rows. Exit status: the worst of the shards'."""
+    import os
+    import subprocess
+
+    from prunekit.bench.runner import build_outputs
+
+    n = int(args.jobs)
+    if n < 1:
+        raise PrunekitError(f"--jobs must be >= 1, got {n}")
+    if args.shard:
+        raise PrunekitError("--jobs starts its own shards: drop --shard (or run the shards yourself with --shard)")
+    threads = max(1, (os.cpu_count() or 1) // n)
+    cmd = [sys.executable, "-m", "prunekit", "bench", args.experiment, "--out", str(args.out), "--quiet"]
+    for o in args.overrides:
+        cmd += ["--set", o]
+    if args.methods:
+        cmd += ["--methods", args.methods]
+    if args.retry_failed:
+        cmd.append("--retry-failed")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    print(f"bench: {n} processes (shards 0/{n} .. {n - 1}/{n}, {threads} thread(s) each) into {args.out}")
+    procs = [subprocess.Popen([*cmd, "--shard", f"{i}/{n}"], env=env)  # OMP_NUM_THREADS: torch's default threads
+             for i in range(n)]
+    codes = [p.wait() for p in procs]
+    build_outputs(Path(args.out))
+    bad = [f"{i}/{n}: exit {c}" for i, c in enumerate(codes) if c]
+    print(f"bench: {n} shard(s) finished" + (f"; {', '.join(bad)}" if bad else "") +
+          f"; report in {Path(args.out) / 'report.md'} and {Path(args.out) / 'report.html'}")
+    return max(codes) if codes else 0
 
 
 def _source(experiment: str) -> str:
