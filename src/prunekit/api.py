@@ -599,7 +599,7 @@ def _run_rounds(run: _Run) -> None:
             ctx.removed_channels = rem
             removed = {key: int(len(v)) for key, v in rem.items()}
         if k == 0 and run.granularity == "channel":
-            _count_masked_channels_removed(run, model, graph)
+            _count_masked_channels_removed(run, model, graph, ctx.removed_channels)
         current = 0.0
         if tgt.kind != "ratio":
             current = run.base[cost_key] if k == 0 else _measure(model, shape, graph)[cost_key]
@@ -619,13 +619,14 @@ def _run_rounds(run: _Run) -> None:
         _apply_and_finetune(run, plan, graph, last=k == run.rounds - 1)
 
 
-def _count_masked_channels_removed(run: _Run, model: nn.Module, graph: ChannelGraph) -> None:
+def _count_masked_channels_removed(run: _Run, model: nn.Module, graph: ChannelGraph,
+                                   rem: dict[str, Any] | None = None) -> None:
     """A model given with masked channels costs what its physically pruned equivalent costs (the consumers'
     columns reading a masked channel are not zero, so zero-skipping counts overstate it): the base of the
     targets and of the report is that cost, so pruning such a model again halves *that* at flops=2."""
     from prunekit.surgery.allocate import masked_channels
 
-    rem = masked_channels(model, graph)
+    rem = masked_channels(model, graph) if rem is None else rem  # masked mode found them already
     if not any(len(v) for v in rem.values()):
         return
     widths = {key: g.size - int(len(rem.get(key, ()))) for key, g in graph.groups.items()}

@@ -153,20 +153,9 @@ def summarize(model: Any, test_ds: Any, args: argparse.Namespace, device: str, r
 
 def prepare_out(out: str) -> Path:
     """``--out``: checked and created before any work (not an existing file, writable), else exit 2."""
-    import tempfile
+    from prunekit.io import writable_dir
 
-    try:
-        path = Path(out)
-        if path.exists() and not path.is_dir():
-            raise PrunekitError(f"--out {out!r} is an existing file; give a directory")
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".prunekit-write-test-"):
-            pass
-    except PrunekitError:
-        raise
-    except (OSError, ValueError) as e:
-        raise PrunekitError(f"--out {out!r} cannot be written: {e}") from None
-    return path
+    return writable_dir(out)
 
 
 def write_json(path: Path, obj: Any) -> None:

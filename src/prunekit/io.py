@@ -167,6 +167,25 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def writable_dir(out: str | os.PathLike, error: type[Exception] = PrunekitError) -> Path:
+    """``--out``: a directory that can be created and written, checked before any work; else ``error`` (exit 2)
+    naming the problem."""
+    import tempfile
+
+    path = Path(out)
+    try:
+        if path.exists() and not path.is_dir():
+            raise error(f"--out {str(path)!r} is an existing file, not a directory; give a directory")
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".prunekit-write-test-"):
+            pass
+    except PrunekitError:
+        raise
+    except (OSError, ValueError) as e:
+        raise error(f"--out {str(path)!r} cannot be written: {getattr(e, 'strerror', None) or e}") from None
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (see :class:`atomic_file`); returns the path."""
     path = Path(path)

@@ -1022,19 +1022,9 @@ def read_base_metrics(out: Path, fingerprint: str | None = None) -> dict[str, An
 
 def check_out_dir(out: Path) -> None:
     """``--out``: a directory that can be created and written, checked before any work (else exit 2)."""
-    import tempfile
+    from prunekit.io import writable_dir
 
-    out = Path(out)
-    try:
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out {str(out)!r} is an existing file, not a directory; give a directory")
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".prunekit-write-test-"):
-            pass
-    except PrunekitError:
-        raise
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--out {str(out)!r} cannot be written: {getattr(e, 'strerror', None) or e}") from None
+    writable_dir(out, ConfigError)
 
 
 def _clean_leftovers(out: Path) -> list[Path]:
