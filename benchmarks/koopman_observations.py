@@ -141,6 +141,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rtol", type=float, default=koopman.DEFAULT_RTOL)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--settings", nargs="+", default=["converged", "early"])
+    ap.add_argument("--seed", type=int, default=0,
+                    help="shuffling seed of the recorded epoch and the fine-tune (repeat the run with other seeds "
+                         "to see the seed-to-seed spread)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -150,18 +153,20 @@ def main(argv=None) -> int:
     test_ds = get_dataset(args.dataset, "test", data_dir=args.data_dir, download=False)
     augment = train_ds.info.in_channels == 3
     cl = augment  # channels-last for the CIFAR convnets, as the reference training
-    train_loader = BatchLoader(train_ds, batch_size=128, shuffle=True, augment=augment, seed=0, drop_last=True)
+    train_loader = BatchLoader(train_ds, batch_size=128, shuffle=True, augment=augment, seed=args.seed,
+                               drop_last=True)
     test_loader = BatchLoader(test_ds, batch_size=1000)
     info = train_ds.info
     shape = (info.in_channels, info.image_size, info.image_size)
     results: dict = {"command": " ".join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M"),
-                     "threads": args.threads, "torch": torch.__version__}
+                     "threads": args.threads, "torch": torch.__version__, "seed": args.seed}
     if "converged" in args.settings:
         _log("converged: one recorded epoch from the checkpoint")
         model = prunekit.load(args.checkpoint)
         rec = TrajectoryRecorder(out / "converged.trajectory")
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        train_s = _train(model, train_loader, 1, args.record_lr, "constant", [rec], channels_last=cl)
+        train_s = _train(model, train_loader, 1, args.record_lr, "constant", [rec], seed=args.seed,
+                         channels_last=cl)
         traj = rec.trajectory
         base_top1 = evaluate(model.eval(), test_loader)["top1"]
         conv = {"train_seconds": round(train_s, 1), "record_seconds": round(rec.seconds, 2),
