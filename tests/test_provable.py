@@ -103,6 +103,54 @@ def test_linear_sensitivities_match_naive_loop(shape):
     torch.testing.assert_close(t.channel_scores(), pfp, atol=1e-6, rtol=0)
 
 
+def _dense_channel_scores(conv: nn.Conv2d, batches: list[torch.Tensor], eps: float) -> torch.Tensor:
+    """PFP's channel scores as one plain broadcast product over (points, filters, taps, patches), in the
+    float operations of the layer's dtype (the form the bounded computation must reproduce bitwise)."""
+    w = conv.weight.detach()
+    g = conv.groups
+    f, cg = w.shape[0] // g, w.shape[1]
+    taps = w.shape[2] * w.shape[3]
+    ws = w.reshape(g, f, -1)
+    best = torch.zeros(g * cg, dtype=w.dtype)
+    for x in batches:
+        u = nn.functional.unfold(split_points(x), conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+        u = u.view(u.shape[0], g, -1, u.shape[-1])  # (N, G, J, P)
+        terms = []
+        for part in (ws.clamp(min=0), ws.clamp(max=0)):
+            z = torch.matmul(part, u)
+            r = torch.where(z.abs() > eps, 1 / torch.where(z.abs() > eps, z, torch.ones_like(z)), 0 * z)
+            # (N, G, F, J, P) -> max over filters
+            terms.append((part.abs().unsqueeze(0).unsqueeze(-1) * r.abs().unsqueeze(3)).amax(2))
+        gmax = torch.maximum(*terms) * u
+        best = torch.maximum(best, gmax.reshape(len(u), g, cg, taps * u.shape[-1]).amax((0, 3)).reshape(-1))
+    return best
+
+
+@pytest.mark.parametrize("kw", [
+    dict(in_channels=8, out_channels=12, kernel_size=3, padding=1),
+    dict(in_channels=8, out_channels=6, kernel_size=3, stride=2, dilation=2, padding=2, groups=2),
+])
+def test_bounded_channel_scores_equal_the_dense_product_bitwise(kw, monkeypatch):
+    torch.manual_seed(3)
+    conv = nn.Conv2d(**kw)
+    batches = [torch.relu(torch.randn(5, 8, 12, 11)) for _ in range(3)]
+    batches[1][:, :, :4] = 0.0  # zero patches: zero bounds
+    exact_calls: list[int] = []
+    original = LayerSensitivity._exact
+
+    def counting(self, u, sides, rows, pos):
+        exact_calls.append(len(rows))
+        return original(self, u, sides, rows, pos)
+
+    monkeypatch.setattr(LayerSensitivity, "_exact", counting)
+    t = LayerSensitivity(conv, "conv", weights=False, chunk=1 << 9)  # small blocks: the block loops run
+    for x in batches:
+        t.update(x)
+    assert torch.equal(t.channel_scores(), _dense_channel_scores(conv, batches, t.eps))
+    triples = sum(5 * 8 * t.num_patches for _ in batches)
+    assert 0 < sum(exact_calls) < triples / 2  # the bound spared most of the exact terms
+
+
 def test_zero_denominator_gives_zero_not_inf():
     lin = nn.Linear(3, 2, bias=False)
     with torch.no_grad():
