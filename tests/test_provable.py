@@ -402,3 +402,56 @@ def test_sensitivity_cache_is_exact_and_keyed_by_weights_and_data(tiny, monkeypa
     assert len(pv._SENS_CACHE) <= pv._SENS_CACHE_SIZE
     pv.clear_sensitivity_cache()
     assert not pv._SENS_CACHE
+
+
+# --------------------------------------------------------------------------------------------- the cascade
+class _Spy:
+    """Wraps the cascade's fine-tuner: the reduction each retraining starts from, and whether it trained."""
+
+    def __init__(self, inner, kind, shape):
+        self.inner, self.epochs, self.kind, self.shape = inner, inner.epochs, kind, shape
+        self.costs: list[float] = []
+        self.changed: list[bool] = []
+
+    def pruned(self, *args):
+        self.inner.pruned(*args)
+
+    def __call__(self, model, epochs):
+        from prunekit.metrics import count_params, effective_flops
+
+        nonzero = count_params(model)["nonzero_params"]
+        self.costs.append(effective_flops(model, self.shape) if self.kind == "flops" else nonzero)
+        before = [p.detach().clone() for p in model.parameters()]
+        self.inner(model, epochs)
+        self.changed.append(any(not torch.equal(a, b) for a, b in zip(before, model.parameters())))
+        assert count_params(model)["nonzero_params"] <= nonzero  # retraining keeps pruned weights at zero
+
+
+@pytest.mark.parametrize("method,target", [("pfp", "flops=3"), ("sipp", "params=8"), ("magnitude", "params=8")])
+def test_cascade_geometric_rounds_retrain_between_and_meet_the_budget(method, target):
+    from prunekit.metrics import count_params, effective_flops
+    from prunekit.schedule import cascade
+
+    torch.manual_seed(0)
+    model = create_model("lenet5", num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    train = [(torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g)) for _ in range(2)]
+    shape = (1, 28, 28)
+    kind, value = target.split("=")
+    rounds = 3
+    kw = cascade(train, rounds=rounds, epochs=1, lr=0.01)
+    spy = _Spy(kw["finetune"], kind, shape)
+    kw["finetune"] = spy
+    base = effective_flops(model, shape) if kind == "flops" else count_params(model)["nonzero_params"]
+    opts = {"samples": 32} if method != "magnitude" else {}
+    r = prunekit.prune(model, method, target, train[:1], input_shape=shape, **opts, **kw)
+    per_round = float(value) ** (1 / rounds)  # the geometric keep ratio of every round
+    achieved = r.report["round_achieved"]
+    assert len(achieved) == rounds and len(r.plans) == rounds
+    for k, a in enumerate(achieved, 1):
+        assert abs(a / per_round ** k - 1) <= 0.05, (k, a, per_round ** k)
+    assert abs(r.report["achieved"] / float(value) - 1) <= 0.05
+    # retrained after every round (the last included: retrain_last), starting from that round's pruned model
+    assert len(spy.costs) == rounds and all(spy.changed)
+    assert [base / c for c in spy.costs] == pytest.approx(achieved, rel=1e-9)
+    assert len(spy.inner.history) >= rounds and r.report["finetune_seconds"] > 0
