@@ -100,3 +100,40 @@ def test_oneshot_cells_report_score_memory(tmp_path):
     assert s.ok == 1, r.get("error")
     assert r["grasp_mem_mb"] > 0 and "pt_from" not in r
     torch.testing.assert_close(r["compression"] > 1.2, True)
+
+
+def test_cascade_cells_retrain_between_geometric_rounds(tmp_path, monkeypatch):
+    """``prune.rounds`` + ``prune.round_epochs``: the prune -> retrain cascade as a one-shot cell, for a filter
+    (pfp) and a weight (sipp) method; the final retraining is the finetune section."""
+    from prunekit.bench import runner as runner_mod
+
+    calls: list[tuple[float, int]] = []
+    original = runner_mod._RoundRetrain.__call__
+
+    def spy(self, model, epochs):
+        calls.append((epochs, self.calls))
+        return original(self, model, epochs)
+
+    monkeypatch.setattr(runner_mod._RoundRetrain, "__call__", spy)
+    doc = pt_doc(methods=[{"name": "pfp", "options": {"samples": 16}}, {"name": "sipp", "options": {"samples": 16}}],
+                 targets={"channel": ["flops=2"], "weight": ["params=8"]},
+                 prune={"prune_set": 16, "rounds": 3, "round_epochs": 0.5}, prune_train=None)
+    s = _run(doc, tmp_path)
+    rows = {r["method"]: r for r in R.load_rows(tmp_path)}
+    assert (s.ok, s.failed) == (2, 0), [r.get("error") for r in rows.values()]
+    assert len(calls) == 4 and {e for e, _ in calls} == {0.5}  # 2 retrainings per cell: between its 3 rounds
+    for name, value in (("pfp", 2.0), ("sipp", 8.0)):
+        r = rows[name]
+        achieved = json.loads(r["round_achieved"])
+        assert len(achieved) == 3 and r["report_rounds"] == 3
+        for k, a in enumerate(achieved, 1):  # geometric: value^(k/3) after round k
+            assert abs(a / value ** (k / 3) - 1) <= 0.05, (name, k, a)
+        final = r["flops_speedup"] if name == "pfp" else r["compression"]
+        assert abs(final / value - 1) <= 0.05
+        assert r["cascade_round_epochs"] == 0.5 and r["cascade_retrain_seconds"] > 0
+        assert r["top1_finetuned"] is not None  # the finetune section retrains after the last round
+
+
+def test_cascade_config_needs_rounds():
+    with pytest.raises(ConfigError, match="rounds >= 2"):
+        load_experiment(pt_doc(prune={"round_epochs": 1}, prune_train=None))

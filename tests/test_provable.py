@@ -103,6 +103,54 @@ def test_linear_sensitivities_match_naive_loop(shape):
     torch.testing.assert_close(t.channel_scores(), pfp, atol=1e-6, rtol=0)
 
 
+def _dense_channel_scores(conv: nn.Conv2d, batches: list[torch.Tensor], eps: float) -> torch.Tensor:
+    """PFP's channel scores as one plain broadcast product over (points, filters, taps, patches), in the
+    float operations of the layer's dtype (the form the bounded computation must reproduce bitwise)."""
+    w = conv.weight.detach()
+    g = conv.groups
+    f, cg = w.shape[0] // g, w.shape[1]
+    taps = w.shape[2] * w.shape[3]
+    ws = w.reshape(g, f, -1)
+    best = torch.zeros(g * cg, dtype=w.dtype)
+    for x in batches:
+        u = nn.functional.unfold(split_points(x), conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+        u = u.view(u.shape[0], g, -1, u.shape[-1])  # (N, G, J, P)
+        terms = []
+        for part in (ws.clamp(min=0), ws.clamp(max=0)):
+            z = torch.matmul(part, u)
+            r = torch.where(z.abs() > eps, 1 / torch.where(z.abs() > eps, z, torch.ones_like(z)), 0 * z)
+            # (N, G, F, J, P) -> max over filters
+            terms.append((part.abs().unsqueeze(0).unsqueeze(-1) * r.abs().unsqueeze(3)).amax(2))
+        gmax = torch.maximum(*terms) * u
+        best = torch.maximum(best, gmax.reshape(len(u), g, cg, taps * u.shape[-1]).amax((0, 3)).reshape(-1))
+    return best
+
+
+@pytest.mark.parametrize("kw", [
+    dict(in_channels=8, out_channels=12, kernel_size=3, padding=1),
+    dict(in_channels=8, out_channels=6, kernel_size=3, stride=2, dilation=2, padding=2, groups=2),
+])
+def test_bounded_channel_scores_equal_the_dense_product_bitwise(kw, monkeypatch):
+    torch.manual_seed(3)
+    conv = nn.Conv2d(**kw)
+    batches = [torch.relu(torch.randn(5, 8, 12, 11)) for _ in range(3)]
+    batches[1][:, :, :4] = 0.0  # zero patches: zero bounds
+    exact_calls: list[int] = []
+    original = LayerSensitivity._exact
+
+    def counting(self, u, sides, rows, pos):
+        exact_calls.append(len(rows))
+        return original(self, u, sides, rows, pos)
+
+    monkeypatch.setattr(LayerSensitivity, "_exact", counting)
+    t = LayerSensitivity(conv, "conv", weights=False, chunk=1 << 9)  # small blocks: the block loops run
+    for x in batches:
+        t.update(x)
+    assert torch.equal(t.channel_scores(), _dense_channel_scores(conv, batches, t.eps))
+    triples = sum(5 * 8 * t.num_patches for _ in batches)
+    assert 0 < sum(exact_calls) < triples / 2  # the bound spared most of the exact terms
+
+
 def test_zero_denominator_gives_zero_not_inf():
     lin = nn.Linear(3, 2, bias=False)
     with torch.no_grad():
@@ -354,3 +402,56 @@ def test_sensitivity_cache_is_exact_and_keyed_by_weights_and_data(tiny, monkeypa
     assert len(pv._SENS_CACHE) <= pv._SENS_CACHE_SIZE
     pv.clear_sensitivity_cache()
     assert not pv._SENS_CACHE
+
+
+# --------------------------------------------------------------------------------------------- the cascade
+class _Spy:
+    """Wraps the cascade's fine-tuner: the reduction each retraining starts from, and whether it trained."""
+
+    def __init__(self, inner, kind, shape):
+        self.inner, self.epochs, self.kind, self.shape = inner, inner.epochs, kind, shape
+        self.costs: list[float] = []
+        self.changed: list[bool] = []
+
+    def pruned(self, *args):
+        self.inner.pruned(*args)
+
+    def __call__(self, model, epochs):
+        from prunekit.metrics import count_params, effective_flops
+
+        nonzero = count_params(model)["nonzero_params"]
+        self.costs.append(effective_flops(model, self.shape) if self.kind == "flops" else nonzero)
+        before = [p.detach().clone() for p in model.parameters()]
+        self.inner(model, epochs)
+        self.changed.append(any(not torch.equal(a, b) for a, b in zip(before, model.parameters())))
+        assert count_params(model)["nonzero_params"] <= nonzero  # retraining keeps pruned weights at zero
+
+
+@pytest.mark.parametrize("method,target", [("pfp", "flops=3"), ("sipp", "params=8"), ("magnitude", "params=8")])
+def test_cascade_geometric_rounds_retrain_between_and_meet_the_budget(method, target):
+    from prunekit.metrics import count_params, effective_flops
+    from prunekit.schedule import cascade
+
+    torch.manual_seed(0)
+    model = create_model("lenet5", num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    train = [(torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g)) for _ in range(2)]
+    shape = (1, 28, 28)
+    kind, value = target.split("=")
+    rounds = 3
+    kw = cascade(train, rounds=rounds, epochs=1, lr=0.01)
+    spy = _Spy(kw["finetune"], kind, shape)
+    kw["finetune"] = spy
+    base = effective_flops(model, shape) if kind == "flops" else count_params(model)["nonzero_params"]
+    opts = {"samples": 32} if method != "magnitude" else {}
+    r = prunekit.prune(model, method, target, train[:1], input_shape=shape, **opts, **kw)
+    per_round = float(value) ** (1 / rounds)  # the geometric keep ratio of every round
+    achieved = r.report["round_achieved"]
+    assert len(achieved) == rounds and len(r.plans) == rounds
+    for k, a in enumerate(achieved, 1):
+        assert abs(a / per_round ** k - 1) <= 0.05, (k, a, per_round ** k)
+    assert abs(r.report["achieved"] / float(value) - 1) <= 0.05
+    # retrained after every round (the last included: retrain_last), starting from that round's pruned model
+    assert len(spy.costs) == rounds and all(spy.changed)
+    assert [base / c for c in spy.costs] == pytest.approx(achieved, rel=1e-9)
+    assert len(spy.inner.history) >= rounds and r.report["finetune_seconds"] > 0

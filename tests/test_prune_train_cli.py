@@ -171,3 +171,21 @@ def test_norm_fallback_on_layers_without_batchnorm() -> None:
     w, b = model.conv2.weight, model.conv2.bias
     expect = (w.detach() ** 2 * w.grad**2).flatten(1).sum(1) + b.detach() ** 2 * b.grad**2
     torch.testing.assert_close(nv["conv2"], expect, rtol=1e-4, atol=1e-12)
+
+
+def test_cli_cascade_pfp_rounds_with_retraining(tmp_path, capsys) -> None:
+    """``prunekit prune --rounds N --finetune-epochs E``: the prune -> retrain cascade from the CLI (PFP)."""
+    from prunekit.cli import main
+
+    torch.manual_seed(0)
+    prunekit.save(create_model("resnet20", width=0.25), tmp_path / "base.pt", meta={"dataset": "synthetic"})
+    out = tmp_path / "cascade"
+    rc = main(["prune", "--checkpoint", str(tmp_path / "base.pt"), "--method", "pfp", "--target", "flops=2",
+               "--rounds", "2", "--finetune-epochs", "0.25", "--option", "samples=16", "--no-latency",
+               "--out", str(out), *COMMON])
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["rounds"] == 2 and m["finetune_epochs_total"] == 0.5 and m["finetune_seconds"] > 0
+    first, last = m["round_achieved"]
+    assert abs(first / math.sqrt(2) - 1) <= 0.05 and abs(last / 2 - 1) <= 0.05
+    assert abs(m["flops_speedup"] / 2 - 1) <= 0.05

@@ -344,7 +344,8 @@ def prune(
         heads: also prune whole attention heads of fused-qkv attention modules (the zoo's ViT, timm, GPT-2's
             ``c_attn``). Attention modules with separate q / k / v projections that reshape them into heads
             (Hugging Face BERT / ViT) are always pruned by whole heads; ``nn.MultiheadAttention`` keeps its width.
-        rounds / schedule / thresholds: iterative pruning (:mod:`prunekit.schedule`).
+        rounds / schedule / thresholds: iterative pruning (:mod:`prunekit.schedule`); with ``finetune`` the
+            prune -> retrain cascade (:func:`prunekit.schedule.cascade` gives the keyword arguments).
         finetune: ``None``; a number of epochs per round (trains on ``data``); a :class:`FineTuner`;
             or any callable ``fn(model, epochs)``. Runs between rounds and, if ``finetune_last``,
             after the last.
@@ -365,7 +366,8 @@ def prune(
         parameters / pruned non-zero parameters), ``dense_compression``, base and pruned counts,
         ``layers`` (per conv / linear layer: ``[out, in]`` before and after and weight sparsity),
         ``prune_seconds`` (excluding fine-tuning), ``finetune_seconds``, ``peak_memory_mb`` of the
-        pruning step, ``warnings`` and ``skipped`` layers.
+        pruning step, ``warnings`` and ``skipped`` layers; for ``params`` / ``flops`` targets
+        ``round_achieved``, the reduction reached after each round (the last entry is ``achieved``).
 
     Raises:
         PruningError: unknown method option, missing data, unreachable target, ...
@@ -405,6 +407,10 @@ def _execute(run: _Run, mode: str, schedule: str, t_start: float) -> PruneResult
     prune_s = time.perf_counter() - t_start - run.finetune_s
     report = _report(run.method, run.target, mode, run.ctx.budget, run.rounds, schedule, run.base, pruned,
                      widths_before, model, run.graph, run.ctx, run.plans, prune_s, run.finetune_s, mem, caught)
+    if run.round_costs:  # params / flops targets: the reduction reached after each round (the last: the result)
+        key = "effective_flops" if run.target.kind == "flops" else "nonzero_params"
+        costs = run.round_costs[1:] + [pruned[key]]
+        report["round_achieved"] = [run.base[key] / max(1, c) for c in costs]
     _check_removed(report, run)
     model.prunekit_report = report
     return PruneResult(model=model, plan=run.plans[-1] if run.plans else Plan(method=run.method.name),
@@ -533,6 +539,7 @@ class _Run:
     base: dict[str, int] = field(default_factory=dict)
     originals: dict[str, int] = field(default_factory=dict)
     finetune_s: float = 0.0
+    round_costs: list[float] = field(default_factory=list)  # the target's cost before each round
 
     @property
     def rounds(self) -> int:
@@ -603,6 +610,7 @@ def _run_rounds(run: _Run) -> None:
         current = 0.0
         if tgt.kind != "ratio":
             current = run.base[cost_key] if k == 0 else _measure(model, shape, graph)[cost_key]
+            run.round_costs.append(current)
         # targets are relative to the model as given, its zeros counted as removed (a sparse or masked model
         # pruned again is pruned further)
         rt = _round_target(tgt, run.granularity, k, run.cum, graph, run.originals, removed, current,

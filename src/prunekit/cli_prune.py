@@ -284,6 +284,7 @@ def _one_shot_metrics(args: argparse.Namespace, info: Any, result: Any, base: An
         "dense_compression": rep["base_params"] / max(1, metrics["params"]),
         "prune_seconds": rep["prune_seconds"], "finetune_seconds": rep["finetune_seconds"],
         "peak_memory_mb": rep.get("peak_memory_mb"), "prune_samples": n_prune,
+        "round_achieved": rep.get("round_achieved"),  # --rounds N --finetune-epochs E: the cascade, per round
     })
     return metrics
 

@@ -11,7 +11,8 @@ pruning reaches it over ``n`` rounds; round ``k`` removes the fraction ``r_k`` o
 * ``thresholds=[c_1, ..., c_n]``: explicit cumulative fractions (the last one is ``p``).
 
 :class:`FineTuner` trains between rounds with :class:`prunekit.train.Trainer` and keeps its
-optimizer (momentum buffers sliced to the surviving channels) across rounds.
+optimizer (momentum buffers sliced to the surviving channels) across rounds; :func:`cascade` is the
+prune -> retrain loop with geometric keep ratios (``prunekit.prune(..., **cascade(train, rounds, epochs))``).
 """
 
 from __future__ import annotations
@@ -212,9 +213,33 @@ def _same_params(opt: torch.optim.Optimizer, model: nn.Module) -> bool:
 FineTuneFn = Callable[[nn.Module, float], Any]
 
 
+def cascade(data: Any, rounds: int, epochs: float, *, retrain_last: bool = True, config: Any = None,
+            device: str | torch.device = "cpu", **train: Any) -> dict[str, Any]:
+    """Keyword arguments of :func:`prunekit.prune` for the prune -> retrain cascade (the provable-pruning seed's
+    protocol, METHODS.md section 5): ``rounds`` pruning steps whose keep ratios form a geometric sequence
+    (round ``k`` keeps ``(1 - p)^(k / rounds)`` of the base's cost, so the last one meets the target), each
+    followed by ``epochs`` epochs of retraining on ``data`` (the training set; not the prune set), the optimizer
+    carried across rounds (:class:`FineTuner`). ``retrain_last=False`` leaves the retraining after the last step
+    to the caller (the benchmark's shared fine-tune). Works with any method: the method scores (and the
+    sensitivities of SiPP / PFP are recomputed) on the retrained model each round.
+
+    >>> kw = cascade(train_loader, rounds=4, epochs=2)  # doctest: +SKIP
+    >>> prunekit.prune(model, "pfp", "flops=3", prune_set, **kw)  # doctest: +SKIP
+    """
+    if rounds < 1:
+        raise PruningError(f"a cascade needs rounds >= 1, got {rounds}")
+    if epochs < 0:
+        raise PruningError(f"retraining epochs must be >= 0, got {epochs}")
+    if data is None:
+        raise PruningError("a cascade retrains between its rounds: pass the training data")
+    tuner = FineTuner(data, config, epochs=epochs, device=device, **train)
+    return {"rounds": int(rounds), "schedule": "geometric", "finetune": tuner, "finetune_last": bool(retrain_last)}
+
+
 __all__ = [
     "SCHEDULES",
     "FineTuner",
+    "cascade",
     "cumulative_fractions",
     "round_fractions",
     "slice_optimizer_state_",

@@ -14,8 +14,11 @@ a number in ``[0, 1]``. Inputs that can be negative are split into the two point
   patches is ``w_fj / P * sum_p a_jp / z_fp``: one batched matrix product of the unfolded input with
   ``1 / z`` per point (the shape of a per-example weight gradient), no loop over filters or patches.
 * PFP (per input channel): ``s_c = max over points, patches, taps of c and filters of g_fjp``. That is a
-  max-product contraction, computed as one broadcast product ``w * (1 / z)`` over a chunk of points
-  (chunks bound the memory), reduced with ``amax``.
+  max-product contraction (no BLAS kernel). It is bounded first with one tap per channel,
+  ``max_f (max_k |w_fck|) / |z_fp| * max_k a_ckp`` (broadcast products over blocks of filters x points x
+  patches, reduced with ``amax``: a ninth of the work for 3x3 kernels), and the exact term is computed only
+  at the (point, channel, patch) triples whose bound beats a value already reached (1-20 % of them on
+  ResNet-20), with the same float operations as the dense form: the result is bitwise the same.
 
 Layer inputs are caught by forward hooks while the model runs in eval mode over the sample set,
 streamed in batches, so only the running maxima are kept. Conv2d (any stride, dilation, padding mode and
@@ -119,7 +122,7 @@ class LayerSensitivity:
     """
 
     def __init__(self, module: nn.Module, path: str = "", weights: bool = True, channels: bool = True,
-                 eps: float = EPS, chunk: int = 1 << 18):
+                 eps: float = EPS, chunk: int = 1 << 20):
         if not isinstance(module, SUPPORTED):
             raise PruningError(f"sensitivities are defined for Conv2d and Linear layers; {path or 'the layer'!r} "
                                f"is a {type(module).__name__}")
@@ -179,25 +182,66 @@ class LayerSensitivity:
 
     def _update_channels(self, u: torch.Tensor, wp: torch.Tensor, wm: torch.Tensor, rp: torch.Tensor,
                          rm: torch.Tensor) -> None:
-        n, g, jg, p = u.shape
-        fg = wp.shape[1]
-        per_patch = g * fg * jg
-        # blocks of points x patches of about ``chunk`` elements: bounded memory, and the broadcast product
-        # stays in cache (3x faster than whole maps); no loop over single filters or patches
-        block = max(1, min(p, self.chunk // max(1, per_patch)))
-        step = max(1, self.chunk // max(1, per_patch * p)) if block == p else 1
-        s = torch.zeros(g, jg // self.taps, dtype=u.dtype, device=u.device)
-        wp5, wm5 = wp.unsqueeze(-1), wm.unsqueeze(-1)
-        for i in range(0, n, step):
-            for j in range(0, p, block):
-                # (n, G, Fg, Jg, P): w_fj / z_fp with the z matching the weight's sign; max over filters
-                q = wp5 * rp[i:i + step, ..., j:j + block].unsqueeze(3)
-                q.add_(wm5 * rm[i:i + step, ..., j:j + block].unsqueeze(3))
-                gmax = q.amax(2) * u[i:i + step, ..., j:j + block]  # (n, G, Jg, P)
-                gmax = gmax.reshape(gmax.shape[0], g, jg // self.taps, -1).amax((0, 3))
-                s = torch.maximum(s, gmax)
-        s = s.reshape(-1)  # (C_in,)
+        sides = [(wp.abs(), rp.abs()), (wm.abs(), rm.abs())]  # |w| (G, Fg, Jg), |1 / z| (N, G, Fg, P)
+        if self.taps == 1:  # one tap per channel: the bound below would be the exact term itself
+            s = (_max_over_filters(sides, self.chunk) * u).amax((0, 3)).reshape(-1)
+        else:
+            s = self._bounded_channels(u, sides)
         self._max_in = s if self._max_in is None else torch.maximum(self._max_in, s)
+
+    def _bounded_channels(self, u: torch.Tensor, sides: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """PFP's per-channel maxima of one batch, exactly, without every (filter, tap, patch) product.
+
+        ``max_{f,k} |w_fck| a_ckp / |z_fp| <= max_f (max_k |w_fck|) / |z_fp| * max_k a_ckp`` (rounding is
+        monotone, so this holds for the float values too): that bound costs one tap per channel; only the
+        (point, channel, patch) triples whose bound exceeds a value already reached are computed exactly,
+        with the same products in the same order as the dense form, so the result is bitwise the same."""
+        n, g, jg, p = u.shape
+        k = self.taps
+        cg = jg // k
+        fg = sides[0][0].shape[1]
+        wide = [(w.reshape(g, fg, cg, k).amax(-1), r) for w, r in sides]
+        ub = _max_over_filters(wide, self.chunk) * u.reshape(n, g, cg, k, p).amax(3)  # (N, G, Cg, P)
+        ub = ub.permute(1, 2, 0, 3).reshape(g * cg, n * p)  # one row per channel
+        best = torch.zeros(g * cg, dtype=u.dtype, device=u.device)
+        if self._max_in is not None:
+            best = self._max_in.clone()
+        # a good value to beat first: the exact terms at each channel's few largest bounds
+        top = ub.topk(min(4, n * p), dim=1).indices
+        rows = torch.arange(g * cg, device=u.device).repeat_interleave(top.shape[1])
+        best = torch.maximum(best, self._exact(u, sides, rows, top.reshape(-1)).view(g * cg, -1).amax(1))
+        rows, pos = torch.nonzero(ub > best.unsqueeze(1), as_tuple=True)
+        if len(rows):
+            best.scatter_reduce_(0, rows, self._exact(u, sides, rows, pos), reduce="amax")
+        return best
+
+    def _exact(self, u: torch.Tensor, sides: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor,
+               pos: torch.Tensor) -> torch.Tensor:
+        """``max_{f,k} |w_fck| a_ckp / |z_fp|`` for the channels ``rows`` (``g * Cg + c``) at the points x
+        patches ``pos`` (``n * P + p``), gathered from flat tables."""
+        n, g, jg, p = u.shape
+        k = self.taps
+        cg = jg // k
+        fg = sides[0][0].shape[1]
+        # (G * Cg, K, Fg) weight tables, one per sign
+        tables = [w.reshape(g, fg, cg, k).permute(0, 2, 3, 1).reshape(g * cg, k, fg) for w, _ in sides]
+        out = torch.empty(len(rows), dtype=u.dtype, device=u.device)
+        step = max(1, self.chunk // (fg * k))
+        taps = torch.arange(k, device=u.device) * p
+        filters = torch.arange(fg, device=u.device) * p
+        for i in range(0, len(rows), step):
+            r_, q_ = rows[i:i + step], pos[i:i + step]
+            gi = torch.div(r_, cg, rounding_mode="floor")
+            ni, pi = torch.div(q_, p, rounding_mode="floor"), q_ % p
+            at_r = ((ni * g + gi) * fg * p + pi).unsqueeze(1) + filters  # flat index of r[n, g, f, p]
+            acc: torch.Tensor | None = None
+            for table, (_, r) in zip(tables, sides):
+                t = table.index_select(0, r_).mul_(torch.take(r, at_r).unsqueeze(1)).amax(-1)  # (T, K)
+                acc = t if acc is None else torch.maximum(acc, t)
+            assert acc is not None
+            at_u = ((ni * g * jg + r_ * k) * p + pi).unsqueeze(1) + taps  # u[n, g, c * K + k, p]
+            out[i:i + step] = acc.mul_(torch.take(u, at_u)).amax(1)
+        return out
 
     def _check_seen(self) -> None:
         if self.num_points == 0:
@@ -219,6 +263,33 @@ class LayerSensitivity:
         if self._max_in is None:
             raise PruningError("this tracker was created with channels=False")
         return self._max_in.clone()
+
+
+def _max_over_filters(sides: list[tuple[torch.Tensor, torch.Tensor]], chunk: int) -> torch.Tensor:
+    """``max over sides and filters f of |w_fx| |r_fp|``: ``(N, G, X, P)`` from ``(G, Fg, X)`` weights and
+    ``(N, G, Fg, P)`` reciprocals, without a loop over filters or patches.
+
+    Filters outermost, ``q[f, n, G, x, p]``, so the max over filters reduces the outermost dimension; blocks
+    of filters x points x patches of about ``chunk`` elements (bounded memory, in cache)."""
+    g, fg, x = sides[0][0].shape
+    n, p = sides[0][1].shape[0], sides[0][1].shape[-1]
+    fc = fg if fg * g * x <= chunk else max(1, chunk // (g * x))
+    block = min(p, max(1, chunk // (fc * g * x)))
+    step = max(1, chunk // (fc * g * x * p)) if block == p else 1
+    perm = [(w.permute(1, 0, 2).reshape(fg, 1, g, x, 1), r.permute(2, 0, 1, 3).unsqueeze(3)) for w, r in sides]
+    w0 = sides[0][0]
+    out = torch.zeros(n, g, x, p, dtype=w0.dtype, device=w0.device)
+    buf = torch.empty(fc * step * g * x * block, dtype=w0.dtype, device=w0.device)
+    for i in range(0, n, step):
+        for j in range(0, p, block):
+            acc = out[i:i + step, ..., j:j + block]
+            for k in range(0, fg, fc):
+                for w6, r6 in perm:
+                    rs = r6[k:k + fc, i:i + step, ..., j:j + block]
+                    shape = (rs.shape[0], rs.shape[1], g, x, rs.shape[-1])
+                    q = torch.mul(w6[k:k + fc], rs, out=buf[:math.prod(shape)].view(shape)).amax(0)
+                    torch.maximum(acc, q, out=acc)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- a model

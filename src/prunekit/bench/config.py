@@ -155,6 +155,15 @@ class PruneSpec(_Strict):
     latency_aware: Literal["proxy", "measured", "off"] | None = None
     prune_set: int = Field(1024, ge=0)  # examples held out of the training split for the methods (per seed)
     batch_size: int = Field(128, ge=1)
+    # the prune -> retrain cascade: with rounds >= 2, retrain this many epochs (the finetune section's settings,
+    # on the training set) after every round but the last; after the last the finetune section runs as usual
+    round_epochs: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _cascade_rounds(self) -> PruneSpec:
+        if self.round_epochs and (self.rounds or 1) < 2:
+            raise ValueError("prune.round_epochs retrains between rounds: set prune.rounds >= 2")
+        return self
 
 
 class PruneTrainSpec(_Strict):
@@ -393,7 +402,8 @@ class Experiment(_Strict):
             "model": d["model"], "model_kwargs": d["model_kwargs"], "dataset": d["dataset"],
             "dataset_kwargs": d["dataset_kwargs"],
             "base": {"checkpoint": base["checkpoint"], "train": base["train"]},
-            "finetune": d["finetune"], "prune": d["prune"], "eval_subset": d["measure"]["eval_subset"],
+            "finetune": d["finetune"], "eval_subset": d["measure"]["eval_subset"],
+            "prune": {k: v for k, v in d["prune"].items() if k != "round_epochs" or v is not None},
             # only when set, so that the hashes (cell ids) of one-shot experiments do not change
             **({"prune_train": d["prune_train"]} if d.get("prune_train") is not None else {}),
         }

@@ -776,6 +776,21 @@ class Runner:
             names = set()
         return {k: v for k, v in wanted.items() if v is not None and k in names}
 
+    def _cascade_kwargs(self, prune_fn: PruneFn, c: Cell, env: _Env) -> dict[str, Any]:
+        """``prune.round_epochs``: the engine's retraining between rounds (the cascade), none after the last."""
+        import inspect
+
+        p = self.exp.prune
+        if not p.round_epochs or (p.rounds or 1) < 2 or self.exp.prune_train is not None:
+            return {}
+        try:
+            names = set(inspect.signature(prune_fn).parameters)
+        except (TypeError, ValueError):
+            names = set()
+        if not {"finetune", "finetune_last"} <= names:
+            raise ConfigError("prune.round_epochs needs a prune function that takes finetune / finetune_last")
+        return {"finetune": _RoundRetrain(self, c, env, float(p.round_epochs)), "finetune_last": False}
+
     # -- one cell ------------------------------------------------------------------------------------
     def run_cell(self, c: Cell, env: _Env, prune_fn: PruneFn) -> dict[str, Any]:
         """Prune, measure, fine-tune and measure one cell; never raises for a failing method."""
@@ -793,6 +808,7 @@ class Runner:
             model = copy.deepcopy(env.base_model).to(env.device)
             data = self._prune_loader(env, c.seed)
             engine_kw = self._engine_kwargs(prune_fn, c, env.device)
+            engine_kw.update(self._cascade_kwargs(prune_fn, c, env))
             row["prune_mode"] = engine_kw.get("mode")
             if env.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(env.device)
@@ -813,6 +829,7 @@ class Runner:
             pruned: nn.Module = getattr(result, "model", result)
             report = dict(getattr(result, "report", None) or {})
             row["prune_seconds"] = _first(report, ("prune_seconds", "seconds", "time_s")) or prune_wall
+            row.update(_cascade_columns(engine_kw, report, self.exp.prune.round_epochs))
             row["prune_peak_mem_mb"] = _peak_mb(report, env.device)
             if base.get("epoch_seconds"):
                 row["epoch_seconds"] = base["epoch_seconds"]
@@ -947,6 +964,32 @@ class Runner:
             report.update(peak_memory_delta_mb=cols["score_mem_mb"],
                           peak_memory_method=f"{cols.get('score_mem_source')} (scoring pass, max over rounds)")
         return _PruneTrainResult(model, report, cols)
+
+
+def _cascade_columns(engine_kw: dict[str, Any], report: dict[str, Any], epochs: Any) -> dict[str, Any]:
+    """A cascade cell's retraining between rounds and the reduction reached after each round."""
+    if "finetune" not in engine_kw:
+        return {}
+    return {"cascade_round_epochs": epochs, "cascade_retrain_seconds": report.get("finetune_seconds"),
+            "round_achieved": json.dumps(report.get("round_achieved"))}
+
+
+class _RoundRetrain:
+    """The cascade's retraining after a round: ``epochs`` epochs with the experiment's fine-tuning settings on the
+    training set (a fresh data order per round), as the cell's final fine-tune trains."""
+
+    def __init__(self, runner: Runner, c: Cell, env: _Env, epochs: float):
+        self.runner, self.cell, self.env, self.epochs = runner, c, env, epochs
+        self.calls = 0
+
+    def __call__(self, model: nn.Module, epochs: float) -> None:
+        ft, seed = self.runner.exp.finetune, self.cell.seed + 1000 * (self.calls + 1)
+        cfg = replace(train_config(ft, seed=seed), epochs=epochs)
+        loader = self.runner._train_loader(self.env.train_ds, ft, seed, self.env.device)
+        _trainer(model, cfg, loader, self.env.device, quiet=True).fit()
+        if cfg.channels_last:
+            model.to(memory_format=torch.contiguous_format)
+        self.calls += 1
 
 
 @dataclass

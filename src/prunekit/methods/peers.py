@@ -388,7 +388,12 @@ class TorchPruneGlobalL1(Method):
     def _masks(self, model: nn.Module, ctx: PruneContext, amount: int) -> dict[str, torch.Tensor]:
         from torch.nn.utils import prune
 
-        work = copy.deepcopy(model)
+        from prunekit.surgery.masks import remove_masks_
+
+        # a model pruned before (an earlier round, or a masked checkpoint) carries masks as parametrizations or
+        # torch's own weight_orig / weight_mask: baked into plain weights first, its zeros are the smallest
+        # magnitudes, so this round's masks contain the earlier ones
+        work = remove_masks_(copy.deepcopy(model))
         names = list(_prunable_weights(work, ctx))
         if not names:
             raise PruningError("torch_prune_l1: the model has no prunable weights")
@@ -398,7 +403,7 @@ class TorchPruneGlobalL1(Method):
                 for n, (m, pname) in zip(names, pairs)}
 
     def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
-        from prunekit.metrics import count_flops, count_params, effective_flops
+        from prunekit.metrics import count_params, effective_flops
 
         weights = _prunable_weights(model, ctx)
         total = sum(w.numel() for w in weights.values())
@@ -408,8 +413,10 @@ class TorchPruneGlobalL1(Method):
         if t.kind == "ratio":
             amount = int(round(t.value * total))
         elif t.kind == "params":
-            sizes = count_params(model)
-            remove = sizes["nonzero_params"] - math.ceil(sizes["params"] / t.value)
+            # relative to the model as given, its zeros counted as removed (as the engine's targets are; a later
+            # round of an iterative schedule gets its target relative to what the earlier rounds left)
+            nonzero = count_params(model)["nonzero_params"]
+            remove = nonzero - math.ceil(nonzero / t.value)
             amount = zeros + max(0, remove)
             if amount > total:
                 raise PruningError(f"torch_prune_l1: params={t.value:g} needs {remove:,} of the "
@@ -417,7 +424,7 @@ class TorchPruneGlobalL1(Method):
         else:  # flops: bisection on the pruned fraction, zero-skipping multiply-adds
             from prunekit.surgery.masks import apply_masks_
 
-            base = count_flops(model, ctx.input_shape)
+            base = effective_flops(model, ctx.input_shape)
 
             def achieved(frac: float) -> tuple[float, Any]:
                 masks = self._masks(model, ctx, int(round(frac * total)))
