@@ -151,6 +151,42 @@ def summarize(model: Any, test_ds: Any, args: argparse.Namespace, device: str, r
                          latency=not args.no_latency)
 
 
+def load_checked(path: str) -> Any:
+    """A checkpoint for a command: loaded with ``weights_only=True``; non-finite weights are an error (they
+    would evaluate to chance level without a word)."""
+    from prunekit.io import load
+
+    return load(path, require_finite=True)
+
+
+def check_fits(model: Any, info: Any, what: str) -> None:
+    """``model`` (from ``what``) takes this dataset's images and predicts its classes, else exit 2 naming
+    both -- checked with one forward pass of two blank images before any work, instead of a shape error
+    from the first batch (or a wrong accuracy when only the class count differs)."""
+    import torch
+
+    shape = (info.in_channels, info.image_size, info.image_size)
+    was_training = model.training
+    param = next(iter(model.parameters()), None)
+    x = torch.zeros(2, *shape, device=param.device if param is not None else "cpu")
+    recorded = (getattr(model, "prunekit_meta", None) or {}).get("dataset")
+    hint = f" (it records dataset {recorded!r})" if recorded and recorded != info.name else ""
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PrunekitError(f"{what} does not take the images of dataset {info.name!r} "
+                            f"({' x '.join(map(str, shape))}){hint}: {first}") from None
+    finally:
+        model.train(was_training)
+    n = out.shape[-1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None
+    if n is not None and n != info.num_classes:
+        raise PrunekitError(f"{what} predicts {n} classes but dataset {info.name!r} has {info.num_classes}{hint}; "
+                            "use the dataset the model was trained on")
+
+
 def prepare_out(out: str) -> Path:
     """``--out``: checked and created before any work (not an existing file, writable), else exit 2."""
     from prunekit.io import writable_dir
@@ -217,7 +253,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from prunekit import distributed
     from prunekit.data import BatchLoader
-    from prunekit.io import load
     from prunekit.models import create_model_for_dataset, get_model_info
     from prunekit.train import TrainConfig, Trainer, config_dict
 
@@ -230,10 +265,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = create_model_for_dataset(args.model, train_ds.info, **model_kw)
     if args.init_from:
-        init = load(args.init_from)
+        init = load_checked(args.init_from)
         if getattr(init, "prunekit_config", {}).get("name") != args.model:
             raise PrunekitError(f"--init-from {args.init_from} holds a {init.prunekit_config.get('name')!r} model, "
                                 f"not {args.model!r}")
+        check_fits(init, train_ds.info, f"--init-from {args.init_from}")
         model = init
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
                       weight_decay=args.weight_decay, schedule=args.schedule, label_smoothing=args.label_smoothing,
@@ -324,17 +360,17 @@ def _callback_metrics(callbacks: list[Any]) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from prunekit.io import load
-
     _setup_runtime(args)
-    model = load(args.checkpoint)
+    device = _device(args.device)
+    model = load_checked(args.checkpoint)
     meta = getattr(model, "prunekit_meta", {})
     dataset = args.dataset or meta.get("dataset")
     if not dataset:
         raise PrunekitError("the checkpoint does not record its dataset: pass --dataset")
     args.dataset = dataset
     _, test_ds = load_data(args)
-    metrics = summarize(model.eval(), test_ds, args, _device(args.device))
+    check_fits(model, test_ds.info, f"checkpoint {args.checkpoint}")
+    metrics = summarize(model.eval(), test_ds, args, device)
     metrics.update({"checkpoint": str(args.checkpoint), "dataset": dataset,
                     "file_size": Path(args.checkpoint).stat().st_size})
     deployed = [r for r in args.runtimes if r != "eager"]
@@ -367,9 +403,8 @@ def _input_shape(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[int, .
 
 def cmd_export(args: argparse.Namespace) -> int:
     from prunekit.deploy import export
-    from prunekit.io import load
 
-    model = load(args.checkpoint)
+    model = load_checked(args.checkpoint)
     shape = _input_shape(args, getattr(model, "prunekit_meta", {}) or {})
     out = args.out or str(Path(args.checkpoint).with_suffix(".onnx" if args.format == "onnx" else ".ts"))
     report = export(model, out, shape, format=args.format, fold_bn=not args.no_fold_bn,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -377,7 +378,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on a refused pickle (protocol, weights_only) are not ours
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
         raise CheckpointError(f"{str(path)!r} is not a readable checkpoint (corrupt, truncated, or a pickled "
                               f"object that weights_only loading refuses): {type(e).__name__}: "
@@ -455,6 +458,24 @@ def _resize_tensors(model: nn.Module, shapes: dict[str, list[int]]) -> None:
             mod._buffers[attr] = buf.new_empty(tuple(shape))
 
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """Load a model saved by :func:`save`; ``model.prunekit_meta`` holds its metadata."""
-    return model_from_checkpoint(read_checkpoint(path), source=repr(str(path)))
+def nonfinite_tensors(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters / buffers that hold a NaN or an infinity."""
+    return [name for name, t in model.state_dict().items()
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def load(path: str | os.PathLike, *, require_finite: bool = False) -> nn.Module:
+    """Load a model saved by :func:`save`; ``model.prunekit_meta`` holds its metadata.
+
+    Weights holding NaN or infinity (a diverged training, a damaged file) give a warning naming them, or with
+    ``require_finite`` a :class:`CheckpointError`: such a model predicts one class whatever its input."""
+    model = model_from_checkpoint(read_checkpoint(path), source=repr(str(path)))
+    bad = nonfinite_tensors(model)
+    if bad:
+        msg = (f"checkpoint {str(path)!r} has NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:4])}"
+               f"{', ...' if len(bad) > 4 else ''}): its outputs are meaningless (a diverged training or a damaged "
+               "file)")
+        if require_finite:
+            raise CheckpointError(msg + "; retrain it or use another checkpoint")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    return model
