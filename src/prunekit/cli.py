@@ -159,30 +159,37 @@ def load_checked(path: str) -> Any:
     return load(path, require_finite=True)
 
 
-def check_fits(model: Any, info: Any, what: str) -> None:
+def check_fits(model: Any, info: Any, what: str, shape: tuple[int, ...] | None = None) -> None:
     """``model`` (from ``what``) takes this dataset's images and predicts its classes, else exit 2 naming
     both -- checked with one forward pass of two blank images before any work, instead of a shape error
-    from the first batch (or a wrong accuracy when only the class count differs)."""
+    from the first batch (or a wrong accuracy when only the class count differs). ``shape``: an input
+    shape the user gave instead (``--input-shape``; ``info`` may then be None)."""
     import torch
 
-    shape = (info.in_channels, info.image_size, info.image_size)
+    given = shape is not None
+    shape = tuple(shape) if given else (info.in_channels, info.image_size, info.image_size)
+    if math.prod(shape) > 2**26:
+        raise PrunekitError(f"input shape {','.join(map(str, shape))} is too large for one example")
     was_training = model.training
     param = next(iter(model.parameters()), None)
     x = torch.zeros(2, *shape, device=param.device if param is not None else "cpu")
-    recorded = (getattr(model, "prunekit_meta", None) or {}).get("dataset")
-    hint = f" (it records dataset {recorded!r})" if recorded and recorded != info.name else ""
+    meta = getattr(model, "prunekit_meta", None)
+    recorded = meta.get("dataset") if isinstance(meta, dict) else None
+    hint = (f" (it records dataset {recorded!r})" if info is not None and isinstance(recorded, str)
+            and recorded != info.name else "")
     model.eval()
     try:
         with torch.no_grad():
             out = model(x)
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PrunekitError(f"{what} does not take the images of dataset {info.name!r} "
-                            f"({' x '.join(map(str, shape))}){hint}: {first}") from None
+        inputs = (f"inputs of shape {','.join(map(str, shape))}" if given else
+                  f"the images of dataset {info.name!r} ({' x '.join(map(str, shape))})")
+        raise PrunekitError(f"{what} does not take {inputs}{hint}: {first}") from None
     finally:
         model.train(was_training)
     n = out.shape[-1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None
-    if n is not None and n != info.num_classes:
+    if info is not None and n is not None and n != info.num_classes:
         raise PrunekitError(f"{what} predicts {n} classes but dataset {info.name!r} has {info.num_classes}{hint}; "
                             "use the dataset the model was trained on")
 
@@ -406,6 +413,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model = load_checked(args.checkpoint)
     shape = _input_shape(args, getattr(model, "prunekit_meta", {}) or {})
+    check_fits(model, None, f"checkpoint {args.checkpoint}", shape=shape)
     out = args.out or str(Path(args.checkpoint).with_suffix(".onnx" if args.format == "onnx" else ".ts"))
     report = export(model, out, shape, format=args.format, fold_bn=not args.no_fold_bn,
                     merge_lowrank=args.merge_lowrank, atol=args.atol)
