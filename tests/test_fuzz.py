@@ -35,7 +35,7 @@ from prunekit.cli import main
 from prunekit.errors import PrunekitError
 from prunekit.models import create_model
 
-CI_CLI_EXAMPLES, CI_CHECKPOINT_EXAMPLES = 150, 300
+CI_CLI_EXAMPLES, CI_CHECKPOINT_EXAMPLES = 150, 1000
 _N = os.environ.get("PRUNEKIT_FUZZ_EXAMPLES")
 CLI_EXAMPLES = int(_N) if _N else CI_CLI_EXAMPLES
 CHECKPOINT_EXAMPLES = int(_N) if _N else CI_CHECKPOINT_EXAMPLES
@@ -226,7 +226,7 @@ def _export_argv(draw, f: dict[str, str]) -> list[str]:
              "--dataset": _DATASETS, "--atol": _SMALL, "--no-fold-bn": None, "--json": None,
              "--merge-lowrank": st.sampled_from(["auto", "always", "never", "x"]),
              "--out": st.sampled_from([f["dir"], f["file"] + "/x.onnx", f["tmp"] + "/e.onnx", f["tmp"] + "/e.ts",
-                                       "/nonexistent/x.onnx"])}
+                                       f["tmp"] + "/new/x.onnx", f["good"], "/proc/x.onnx"])}
     return argv + _flags(draw, table)
 
 
@@ -235,7 +235,7 @@ def _inspect_argv(draw, f: dict[str, str]) -> list[str]:
     argv = ["inspect", f[draw(_CHECKPOINTS)], "--no-latency"]
     table = {"--base": _CHECKPOINTS.map(lambda k: f[k]), "--json": None, "--dataset": _DATASETS,
              "--input-shape": st.sampled_from(["3,32,32", "1,28,28", "x", "0"]),
-             "--png": st.sampled_from([f["dir"], f["tmp"] + "/l.png", "/nonexistent/l.png"])}
+             "--png": st.sampled_from([f["dir"], f["tmp"] + "/l.png", f["file"] + "/l.png"])}
     return argv + _flags(draw, table, most=2)
 
 

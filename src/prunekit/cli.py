@@ -408,6 +408,23 @@ def _input_shape(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[int, .
     return (info.in_channels, info.image_size, info.image_size)
 
 
+def _check_export_out(out: Path, checkpoint: Path) -> None:
+    """``export --out``: a file to write in an existing, writable folder -- not a folder, not the checkpoint."""
+    if out.is_dir():
+        raise PrunekitError(f"--out {str(out)!r} is a directory; give the file to write, e.g. {out / 'model.onnx'}")
+    with contextlib.suppress(OSError):
+        if out.exists() and out.resolve() == checkpoint.resolve():
+            raise PrunekitError(f"--out {str(out)!r} is the checkpoint itself; give another file")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)  # as export would
+    except OSError as e:
+        raise PrunekitError(f"--out {str(out)!r}: the folder {str(parent)!r} cannot be created: "
+                            f"{e.strerror or e}") from None
+    if not os.access(parent, os.W_OK):
+        raise PrunekitError(f"--out {str(out)!r}: the folder {str(parent)!r} is not writable")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from prunekit.deploy import export
 
@@ -415,8 +432,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     shape = _input_shape(args, getattr(model, "prunekit_meta", {}) or {})
     check_fits(model, None, f"checkpoint {args.checkpoint}", shape=shape)
     out = args.out or str(Path(args.checkpoint).with_suffix(".onnx" if args.format == "onnx" else ".ts"))
-    report = export(model, out, shape, format=args.format, fold_bn=not args.no_fold_bn,
-                    merge_lowrank=args.merge_lowrank, atol=args.atol)
+    _check_export_out(Path(out), Path(args.checkpoint))
+    try:
+        report = export(model, out, shape, format=args.format, fold_bn=not args.no_fold_bn,
+                        merge_lowrank=args.merge_lowrank, atol=args.atol)
+    except OSError as e:  # the disk filled up, the folder went away ...
+        raise PrunekitError(f"--out {out!r} cannot be written: {e.strerror or e}") from None
     report["input_shape"] = list(shape)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))

@@ -388,7 +388,9 @@ class TorchPruneGlobalL1(Method):
     def _masks(self, model: nn.Module, ctx: PruneContext, amount: int) -> dict[str, torch.Tensor]:
         from torch.nn.utils import prune
 
-        work = copy.deepcopy(model)
+        from prunekit.surgery.masks import remove_masks_
+
+        work = remove_masks_(copy.deepcopy(model))  # masks of earlier rounds baked in: torch prunes plain weights
         names = list(_prunable_weights(work, ctx))
         if not names:
             raise PruningError("torch_prune_l1: the model has no prunable weights")
@@ -409,7 +411,7 @@ class TorchPruneGlobalL1(Method):
             amount = int(round(t.value * total))
         elif t.kind == "params":
             sizes = count_params(model)
-            remove = sizes["nonzero_params"] - math.ceil(sizes["params"] / t.value)
+            remove = sizes["nonzero_params"] - math.ceil(sizes["nonzero_params"] / t.value)  # relative to as given
             amount = zeros + max(0, remove)
             if amount > total:
                 raise PruningError(f"torch_prune_l1: params={t.value:g} needs {remove:,} of the "
