@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import io
@@ -21,6 +22,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -487,6 +489,7 @@ def good_checkpoints() -> list[tuple[bytes, dict]]:
     """Checkpoints to damage: dense, channel-pruned, low-rank and masked LeNet-5 (not a fixture: hypothesis
     would print them with every failure)."""
     d = Path(tempfile.mkdtemp(prefix="prunekit-fuzz-"))
+    atexit.register(shutil.rmtree, d, True)
     out = []
     base = create_model("lenet5", in_channels=3, image_size=32)
     for i, model in enumerate([base, prunekit.prune(base, "l1", "flops=2", input_shape=(3, 32, 32)).model,
