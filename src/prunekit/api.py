@@ -561,6 +561,11 @@ def _prepare(model: nn.Module, method: str | Method, target: Any, data: Any, met
         raise PruningError(f"rounds must be >= 1, got {rounds}")
     dev = torch.device(device)
     loader = _as_batches(data)
+    if loader is not None:  # (x, y) pairs with labels of the model's classes; the shape once it is known
+        from prunekit.data.checks import CheckedBatches
+
+        loader = CheckedBatches(loader, None, num_classes or (getattr(model, "prunekit_config", None) or {}).get(
+            "num_classes"))
     _latency_mode(budget.latency_aware)  # a clear error for a bad value, before any work
     if copy:
         model = _copy.deepcopy(model)
@@ -573,6 +578,8 @@ def _prepare(model: nn.Module, method: str | Method, target: Any, data: Any, met
     shape = _input_shape(model, input_shape, loader, example_inputs)
     if hasattr(shape, "kwargs"):  # ExampleInputs: on the model's device
         shape = shape.to(dev)
+    if loader is not None:  # every batch checked as it is read: pairs of the model's input shape and classes
+        loader.input_shape = shape
     ctx = PruneContext(target=tgt, input_shape=shape, budget=budget, data=loader, device=dev,
                        trajectory=trajectory, num_classes=num_classes)
     ctx.verify = verify

@@ -151,6 +151,49 @@ def summarize(model: Any, test_ds: Any, args: argparse.Namespace, device: str, r
                          latency=not args.no_latency)
 
 
+def load_checked(path: str) -> Any:
+    """A checkpoint for a command: loaded with ``weights_only=True``; non-finite weights are an error (they
+    would evaluate to chance level without a word)."""
+    from prunekit.io import load
+
+    return load(path, require_finite=True)
+
+
+def check_fits(model: Any, info: Any, what: str, shape: tuple[int, ...] | None = None) -> None:
+    """``model`` (from ``what``) takes this dataset's images and predicts its classes, else exit 2 naming
+    both -- checked with one forward pass of two blank images before any work, instead of a shape error
+    from the first batch (or a wrong accuracy when only the class count differs). ``shape``: an input
+    shape the user gave instead (``--input-shape``; ``info`` may then be None)."""
+    import torch
+
+    given = shape is not None
+    shape = tuple(shape) if given else (info.in_channels, info.image_size, info.image_size)
+    if math.prod(shape) > 2**26:
+        raise PrunekitError(f"input shape {','.join(map(str, shape))} is too large for one example")
+    was_training = model.training
+    param = next(iter(model.parameters()), None)
+    x = torch.zeros(2, *shape, device=param.device if param is not None else "cpu")
+    meta = getattr(model, "prunekit_meta", None)
+    recorded = meta.get("dataset") if isinstance(meta, dict) else None
+    hint = (f" (it records dataset {recorded!r})" if info is not None and isinstance(recorded, str)
+            and recorded != info.name else "")
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        inputs = (f"inputs of shape {','.join(map(str, shape))}" if given else
+                  f"the images of dataset {info.name!r} ({' x '.join(map(str, shape))})")
+        raise PrunekitError(f"{what} does not take {inputs}{hint}: {first}") from None
+    finally:
+        model.train(was_training)
+    n = out.shape[-1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None
+    if info is not None and n is not None and n != info.num_classes:
+        raise PrunekitError(f"{what} predicts {n} classes but dataset {info.name!r} has {info.num_classes}{hint}; "
+                            "use the dataset the model was trained on")
+
+
 def prepare_out(out: str) -> Path:
     """``--out``: checked and created before any work (not an existing file, writable), else exit 2."""
     from prunekit.io import writable_dir
@@ -217,7 +260,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from prunekit import distributed
     from prunekit.data import BatchLoader
-    from prunekit.io import load
     from prunekit.models import create_model_for_dataset, get_model_info
     from prunekit.train import TrainConfig, Trainer, config_dict
 
@@ -230,10 +272,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = create_model_for_dataset(args.model, train_ds.info, **model_kw)
     if args.init_from:
-        init = load(args.init_from)
+        init = load_checked(args.init_from)
         if getattr(init, "prunekit_config", {}).get("name") != args.model:
             raise PrunekitError(f"--init-from {args.init_from} holds a {init.prunekit_config.get('name')!r} model, "
                                 f"not {args.model!r}")
+        check_fits(init, train_ds.info, f"--init-from {args.init_from}")
         model = init
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
                       weight_decay=args.weight_decay, schedule=args.schedule, label_smoothing=args.label_smoothing,
@@ -324,17 +367,17 @@ def _callback_metrics(callbacks: list[Any]) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from prunekit.io import load
-
     _setup_runtime(args)
-    model = load(args.checkpoint)
+    device = _device(args.device)
+    model = load_checked(args.checkpoint)
     meta = getattr(model, "prunekit_meta", {})
     dataset = args.dataset or meta.get("dataset")
     if not dataset:
         raise PrunekitError("the checkpoint does not record its dataset: pass --dataset")
     args.dataset = dataset
     _, test_ds = load_data(args)
-    metrics = summarize(model.eval(), test_ds, args, _device(args.device))
+    check_fits(model, test_ds.info, f"checkpoint {args.checkpoint}")
+    metrics = summarize(model.eval(), test_ds, args, device)
     metrics.update({"checkpoint": str(args.checkpoint), "dataset": dataset,
                     "file_size": Path(args.checkpoint).stat().st_size})
     deployed = [r for r in args.runtimes if r != "eager"]
@@ -365,15 +408,36 @@ def _input_shape(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[int, .
     return (info.in_channels, info.image_size, info.image_size)
 
 
+def _check_export_out(out: Path, checkpoint: Path) -> None:
+    """``export --out``: a file to write in an existing, writable folder -- not a folder, not the checkpoint."""
+    if out.is_dir():
+        raise PrunekitError(f"--out {str(out)!r} is a directory; give the file to write, e.g. {out / 'model.onnx'}")
+    with contextlib.suppress(OSError):
+        if out.exists() and out.resolve() == checkpoint.resolve():
+            raise PrunekitError(f"--out {str(out)!r} is the checkpoint itself; give another file")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)  # as export would
+    except OSError as e:
+        raise PrunekitError(f"--out {str(out)!r}: the folder {str(parent)!r} cannot be created: "
+                            f"{e.strerror or e}") from None
+    if not os.access(parent, os.W_OK):
+        raise PrunekitError(f"--out {str(out)!r}: the folder {str(parent)!r} is not writable")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from prunekit.deploy import export
-    from prunekit.io import load
 
-    model = load(args.checkpoint)
+    model = load_checked(args.checkpoint)
     shape = _input_shape(args, getattr(model, "prunekit_meta", {}) or {})
+    check_fits(model, None, f"checkpoint {args.checkpoint}", shape=shape)
     out = args.out or str(Path(args.checkpoint).with_suffix(".onnx" if args.format == "onnx" else ".ts"))
-    report = export(model, out, shape, format=args.format, fold_bn=not args.no_fold_bn,
-                    merge_lowrank=args.merge_lowrank, atol=args.atol)
+    _check_export_out(Path(out), Path(args.checkpoint))
+    try:
+        report = export(model, out, shape, format=args.format, fold_bn=not args.no_fold_bn,
+                        merge_lowrank=args.merge_lowrank, atol=args.atol)
+    except OSError as e:  # the disk filled up, the folder went away ...
+        raise PrunekitError(f"--out {out!r} cannot be written: {e.strerror or e}") from None
     report["input_shape"] = list(shape)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))

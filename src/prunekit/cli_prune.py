@@ -168,16 +168,16 @@ def _checked_method(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 def _base_and_data(args: argparse.Namespace, device: str) -> tuple[Any, Any, Any, Any, int]:
     """The checkpoint, its train / test splits and the prune loader (``--prune-samples`` held out)."""
-    from prunekit.cli import load_data
+    from prunekit.cli import check_fits, load_checked, load_data
     from prunekit.data import BatchLoader, train_holdout_split
-    from prunekit.io import load
 
-    base = load(args.checkpoint).eval()
+    base = load_checked(args.checkpoint).eval()
     meta = getattr(base, "prunekit_meta", {}) or {}
     args.dataset = args.dataset or meta.get("dataset")
     if not args.dataset:
         raise PrunekitError("the checkpoint does not record its dataset: pass --dataset")
     train_ds, test_ds = load_data(args)
+    check_fits(base, train_ds.info, f"--checkpoint {args.checkpoint}")
     n_prune = min(int(args.prune_samples), len(train_ds) - 1)
     if n_prune < 1:
         raise PrunekitError(f"--prune-samples must be >= 1, got {args.prune_samples}")
@@ -341,9 +341,8 @@ def cmd_prune_train(args: argparse.Namespace, options: dict[str, Any], device: s
 
     import torch
 
-    from prunekit.cli import _test_loader, load_data, summarize
+    from prunekit.cli import _test_loader, check_fits, load_checked, load_data, summarize
     from prunekit.data import BatchLoader
-    from prunekit.io import load
     from prunekit.metrics import count_flops, count_params
     from prunekit.models import create_model_for_dataset, get_model_info
     from prunekit.prune_train import run_prune_train
@@ -355,7 +354,7 @@ def cmd_prune_train(args: argparse.Namespace, options: dict[str, Any], device: s
         args.weight_decay = 1e-4  # the gradient-flow seed's setting
     base = None
     if args.checkpoint:
-        base = load(args.checkpoint).eval()
+        base = load_checked(args.checkpoint).eval()
         name = (getattr(base, "prunekit_config", {}) or {}).get("name")
         if args.model and name and args.model != name:
             raise PrunekitError(f"--checkpoint {args.checkpoint} holds a {name!r} model, not --model {args.model!r}")
@@ -371,6 +370,8 @@ def cmd_prune_train(args: argparse.Namespace, options: dict[str, Any], device: s
             raise PrunekitError("--model needs --dataset")
     train_ds, test_ds = load_data(args)
     shape = (test_ds.info.in_channels, test_ds.info.image_size, test_ds.info.image_size)
+    if base is not None:
+        check_fits(base, train_ds.info, f"--checkpoint {args.checkpoint}")
     torch.manual_seed(args.seed)
     if base is not None:
         model = copy.deepcopy(base)

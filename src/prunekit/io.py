@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ import torch.nn as nn
 
 from prunekit._version import __version__
 from prunekit.errors import CheckpointError, PrunekitError
-from prunekit.specs import _SPECS, conv_geometry, module_spec, register_module_spec  # noqa: F401  (re-exported)
+from prunekit.specs import _SHAPE_ATTRS, _SPECS, conv_geometry, module_spec, register_module_spec  # noqa: F401  (re-exported)
 
 FORMAT = "prunekit-checkpoint"
 FORMAT_VERSION = 1
@@ -377,7 +378,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on a refused pickle (protocol, weights_only) are not ours
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
         raise CheckpointError(f"{str(path)!r} is not a readable checkpoint (corrupt, truncated, or a pickled "
                               f"object that weights_only loading refuses): {type(e).__name__}: "
@@ -388,21 +391,78 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             hint = (" It looks like a bare state_dict: build the model with prunekit.create_model(...) and call "
                     "model.load_state_dict(torch.load(path, weights_only=True)).")
         raise CheckpointError(f"{str(path)!r} is not a prunekit checkpoint.{hint}")
-    if int(payload.get("format_version", 0)) > FORMAT_VERSION:
+    version = payload.get("format_version", 0)
+    if not _is_int(version) or version < 0:
+        raise CheckpointError(f"{str(path)!r} has format_version {version!r:.40}, not a version number: the file is "
+                              "damaged")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{str(path)!r} was written by a newer prunekit (format "
                               f"{payload.get('format_version')}); upgrade prunekit to read it")
     return payload
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_entries(payload: dict[str, Any], source: str) -> None:
+    """Every entry of a checkpoint has the type :func:`save` writes, else a :class:`CheckpointError` naming it
+    (a crafted or confused file must not reach the model code with a list where a mapping belongs)."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{source}: {what} (the file is damaged or was not written by prunekit.save)")
+
+    arch = payload["arch"]
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) \
+            or not all(_is_int(arch.get(k)) and 0 < arch[k] <= 2**20 for k in ("num_classes", "in_channels")) \
+            or not isinstance(arch.get("kwargs", {}), dict):
+        raise bad(f"its architecture entry {arch!r:.200} is not a mapping of name, num_classes, in_channels and "
+                  "kwargs")
+    for key, kind in (("state_dict", "tensors"), ("masks", "boolean tensors")):
+        entry = payload.get(key, {})
+        if not isinstance(entry, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) and (key != "masks" or v.dtype == torch.bool)
+                for k, v in entry.items()):
+            raise bad(f"its {key} entry is not a mapping of names to {kind}")
+    modules = payload.get("modules", {})
+    if not isinstance(modules, dict):
+        raise bad("its modules entry is not a mapping")
+    for path, spec in modules.items():
+        if not isinstance(path, str) or not isinstance(spec, dict) or not isinstance(spec.get("type", ""), str) \
+                or not isinstance(spec.get("args", {}), dict) or not isinstance(spec.get("attrs", {}), dict):
+            raise bad(f"layer {path!r:.80}: its spec {spec!r:.200} is not a mapping of type, args and attrs")
+        for a, v in spec.get("attrs", {}).items():
+            if a not in _SHAPE_ATTRS or not _is_int(v) or not 0 <= v <= MAX_LAYER_ELEMENTS:
+                raise bad(f"layer {path!r}: attribute {a!r}={v!r:.40} is not a size prunekit records")
+    for key in ("tensor_shapes", "meta"):
+        if not isinstance(payload.get(key, {}), dict):
+            raise bad(f"its {key} entry is not a mapping")
+    dataset = payload.get("meta", {}).get("dataset")
+    if dataset is not None and not isinstance(dataset, str):
+        raise bad(f"the dataset it records, {dataset!r:.60}, is not a name")
+
+
 def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -> nn.Module:
     """Rebuild the model stored in a checkpoint dictionary (see :func:`read_checkpoint`)."""
-    import prunekit.surgery  # noqa: F401  (registers the specs of prunekit's own layers, e.g. low-rank chains)
-    from prunekit.errors import UnknownNameError
-
     missing = [k for k in ("arch", "state_dict") if k not in payload]
     if missing:
         raise CheckpointError(f"{source}: the checkpoint has no {' or '.join(missing)} entry (truncated or not "
                               "written by prunekit.save)")
+    _check_entries(payload, source)
+    try:
+        return _rebuild(payload, source)
+    except PrunekitError:
+        raise
+    except (TypeError, ValueError, AttributeError, IndexError, KeyError, RuntimeError, OverflowError) as e:
+        # whatever else a crafted file gets wrong (a path that names no layer, a mask of another shape ...)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{source}: cannot rebuild the model it records ({type(e).__name__}: {first}); the "
+                              "file is damaged or was not written by prunekit.save") from None
+
+
+def _rebuild(payload: dict[str, Any], source: str) -> nn.Module:
+    import prunekit.surgery  # noqa: F401  (registers the specs of prunekit's own layers, e.g. low-rank chains)
+    from prunekit.errors import UnknownNameError
+
     try:
         model = _build_base(payload["arch"])
     except (UnknownNameError, KeyError, TypeError, AttributeError, PrunekitError) as e:
@@ -455,6 +515,24 @@ def _resize_tensors(model: nn.Module, shapes: dict[str, list[int]]) -> None:
             mod._buffers[attr] = buf.new_empty(tuple(shape))
 
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """Load a model saved by :func:`save`; ``model.prunekit_meta`` holds its metadata."""
-    return model_from_checkpoint(read_checkpoint(path), source=repr(str(path)))
+def nonfinite_tensors(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters / buffers that hold a NaN or an infinity."""
+    return [name for name, t in model.state_dict().items()
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def load(path: str | os.PathLike, *, require_finite: bool = False) -> nn.Module:
+    """Load a model saved by :func:`save`; ``model.prunekit_meta`` holds its metadata.
+
+    Weights holding NaN or infinity (a diverged training, a damaged file) give a warning naming them, or with
+    ``require_finite`` a :class:`CheckpointError`: such a model predicts one class whatever its input."""
+    model = model_from_checkpoint(read_checkpoint(path), source=repr(str(path)))
+    bad = nonfinite_tensors(model)
+    if bad:
+        msg = (f"checkpoint {str(path)!r} has NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:4])}"
+               f"{', ...' if len(bad) > 4 else ''}): its outputs are meaningless (a diverged training or a damaged "
+               "file)")
+        if require_finite:
+            raise CheckpointError(msg + "; retrain it or use another checkpoint")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    return model

@@ -80,6 +80,13 @@ class ImageDataset(torch.utils.data.Dataset):
             )
         if labels.ndim != 1 or len(labels) != len(images):
             raise DatasetFormatError(f"{len(images)} images but labels of shape {tuple(labels.shape)}")
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(classes)):
+            # found here, when the data is loaded -- not an epoch later as an index error in the loss
+            bad = labels[(labels < 0) | (labels >= len(classes))]
+            raise DatasetFormatError(
+                f"{info.name} {split}: {len(bad)} label(s) outside 0..{len(classes) - 1} (e.g. {int(bad[0])}) "
+                f"for {len(classes)} classes; the label file does not belong to this dataset or is corrupt"
+            )
         self.images = images.contiguous()
         self.labels = labels.contiguous()
         self.classes = list(classes)

@@ -188,9 +188,11 @@ def list_image_folder(
     """Files of an image-folder split ``split_dir/<class>/<image>``, sorted by class then file name.
 
     ``classes`` fixes the class list (e.g. taken from the train split); by default the sorted
-    sub-directory names. Returns ``(classes, paths, labels)``.
+    sub-directory names, each of which must then hold an image (an empty folder is a
+    :class:`DatasetFormatError`, not a class without examples). Returns ``(classes, paths, labels)``.
     """
     found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    own_classes = classes is None  # the class list comes from this split's folders
     if classes is None:
         classes = found
     else:
@@ -208,6 +210,12 @@ def list_image_folder(
                 e.name
                 for e in it
                 if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS)
+            )
+        if not names and own_classes:
+            # an empty class folder would become a class the model must predict but never sees
+            raise DatasetFormatError(
+                f"{split_dir / c} holds no image files ({', '.join(IMAGE_EXTENSIONS)}): a class without "
+                "training images cannot be learnt; remove the folder or add its images"
             )
         paths += [split_dir / c / n for n in names]
         labels += [index[c]] * len(names)

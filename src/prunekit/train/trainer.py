@@ -11,6 +11,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +51,17 @@ class TrainConfig:
     swa_start: float | None = None
 
     def validate(self) -> None:
+        for name in ("epochs", "lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "temperature",
+                     "gamma"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise PrunekitError(f"{name} must be a finite number, got {v!r}")
+        for name, lo, hi in (("momentum", 0, 1), ("label_smoothing", 0, 1)):
+            if not lo <= getattr(self, name) < hi:
+                raise PrunekitError(f"{name} must be in [{lo}, {hi}), got {getattr(self, name)}")
+        for name in ("weight_decay", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise PrunekitError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.epochs <= 0:
             raise PrunekitError(f"epochs must be > 0, got {self.epochs}")
         if self.lr <= 0:
@@ -173,6 +185,9 @@ class Trainer:
         self._tb = self._make_tb(log_dir)
         self.swa_model: Any = None  # torch.optim.swa_utils.AveragedModel once averaging has started
         self.swa_averaged = 0  # how many epoch-end weights went into the final average
+        if _has_len(train_loader) and len(train_loader) == 0:
+            raise PrunekitError(f"the training data gives no batch ({_describe_loader(train_loader)}): no "
+                                "optimisation step could be taken; lower the batch size or give more data")
         if resume and self.checkpoint_dir and (self.checkpoint_dir / "last.pt").exists():
             self._load_state(self.checkpoint_dir / "last.pt")
 
@@ -219,6 +234,8 @@ class Trainer:
             "step": self.step,
             "history": json.dumps(self.history),
             "torch_rng": torch.get_rng_state(),
+            # what a resume must match: the schedule depends on every one of them
+            "resume_config": json.dumps(self._resume_config(), sort_keys=True),
             **({"swa": self.swa_model.state_dict()} if self.swa_model is not None else {}),
         }
 
@@ -231,9 +248,38 @@ class Trainer:
             os.replace(tmp, path)
         distributed.barrier()
 
+    def _resume_config(self) -> dict[str, Any]:
+        keep = ("epochs", "lr", "optimizer", "momentum", "nesterov", "weight_decay", "schedule", "milestones",
+                "gamma", "warmup_epochs", "label_smoothing", "temperature", "grad_clip", "seed", "swa_start")
+        d = config_dict(self.cfg)
+        return {**{k: d[k] for k in keep}, "steps_per_epoch": self.steps_per_epoch}
+
+    def _check_resume_config(self, path: Path, saved_json: Any) -> None:
+        """The saved state was written by the same settings as this run's, else exit 2 naming each that differs
+        (a resume with another epoch count, learning rate or batch size would silently follow another schedule)."""
+        try:
+            saved = json.loads(str(saved_json))
+        except ValueError:
+            saved = None
+        if not isinstance(saved, dict):
+            raise PrunekitError(f"cannot resume from {path}: its recorded settings are damaged; delete it or train "
+                                "into another --out without --resume")
+        now = self._resume_config()
+        diff = [k for k in now if k in saved and saved[k] != now[k]]
+        if diff:
+            names = {"steps_per_epoch": "batches per epoch (--batch-size or the dataset)"}
+            parts = [f"{names.get(k, '--' + k.replace('_', '-'))}: saved {saved[k]!r}, now {now[k]!r}" for k in diff]
+            raise PrunekitError(f"cannot resume from {path}: it was saved by a run with other settings ("
+                                f"{'; '.join(parts)}); resume with the same settings, or train into another --out "
+                                "without --resume")
+
     def _load_state(self, path: Path) -> None:
         try:
-            st = torch.load(path, map_location=self.device, weights_only=True)
+            with warnings.catch_warnings():  # torch's notes about the refused pickle are not for the user
+                warnings.simplefilter("ignore")
+                st = torch.load(path, map_location=self.device, weights_only=True)
+            if not isinstance(st, dict):
+                raise TypeError(type(st).__name__)
         except Exception as e:  # noqa: BLE001 - a damaged or foreign file: say which and what to do
             raise PrunekitError(f"cannot resume from {path}: it is not a prunekit training state ({type(e).__name__}); "
                                 "delete it or train into another --out without --resume") from None
@@ -245,9 +291,15 @@ class Trainer:
             raise PrunekitError(f"cannot resume from {path}: it was saved for another model or optimizer than this "
                                 f"command builds ({first[-1].strip() if first else type(e).__name__}); resume with the "
                                 "same --model / --model-kwargs / --optimizer, or train into another --out") from None
-        self.epoch, self.step = int(st["epoch"]), int(st["step"])
-        self.history = json.loads(st["history"])
-        torch.set_rng_state(st["torch_rng"].cpu())
+        if "resume_config" in st:  # states of older versions do not record it
+            self._check_resume_config(path, st["resume_config"])
+        try:
+            self.epoch, self.step = int(st["epoch"]), int(st["step"])
+            self.history = json.loads(st["history"])
+            torch.set_rng_state(st["torch_rng"].cpu())
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise PrunekitError(f"cannot resume from {path}: its training state is damaged ({type(e).__name__}: "
+                                f"{e}); delete it or train into another --out without --resume") from None
         if "swa" in st:
             self._swa().load_state_dict(st["swa"])
 
@@ -360,12 +412,30 @@ class Trainer:
             self._call("on_epoch_end", record)
             if self.checkpoint_dir is not None:
                 self.save_state(self.checkpoint_dir / "last.pt")
+        if self.step == 0 and not self.stop:  # not a success: nothing was trained
+            raise PrunekitError(f"training took no optimisation step ({_describe_loader(self.train_loader)}); "
+                                "lower the batch size or give more data")
         if self.swa_model is not None and not self.stop:
             self._finish_swa()
         self._call("on_train_end")
         if self._tb is not None:
             self._tb.flush()
         return self.history
+
+
+def _has_len(obj: Any) -> bool:
+    try:
+        len(obj)
+    except TypeError:
+        return False
+    return True
+
+
+def _describe_loader(loader: Any) -> str:
+    ds, bs = getattr(loader, "dataset", None), getattr(loader, "batch_size", None)
+    parts = [f"{len(ds)} examples" if _has_len(ds) else "", f"batch size {bs}" if bs else "",
+             "the last incomplete batch dropped" if getattr(loader, "drop_last", False) else ""]
+    return ", ".join(p for p in parts if p) or f"{type(loader).__name__} yielded no batch"
 
 
 def train(model: nn.Module, train_loader: Any, cfg: TrainConfig | None = None, **kwargs: Any) -> list[dict]:
