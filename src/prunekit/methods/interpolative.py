@@ -77,7 +77,7 @@ from prunekit.methods.base import Method, PruneContext, Target
 from prunekit.methods.id_executor import _FxRunner, _GroupState, _HookRunner, _ReadPoint, _Runner
 from prunekit.methods.registry import register_method
 from prunekit.surgery.plan import Plan
-from prunekit.surgery.allocate import latency_mode, resolve_round_to, runtime_round_to
+from prunekit.surgery.allocate import latency_mode, resolve_round_to, runtime_breakpoint, runtime_step
 
 _PAPER = "Chee et al., Model Preserving Compression for Neural Networks, NeurIPS 2022"
 
@@ -134,13 +134,13 @@ class _IDState:
     def _multiple(self, g: Any) -> int:
         """Kept counts are multiples of this: the group's GroupNorm groups and the shared allocator's
         channel multiple: an explicit ``round_to`` (:func:`~prunekit.surgery.allocate.resolve_round_to`), else,
-        when the search is latency-aware, the runtime's block (:func:`~prunekit.surgery.allocate.runtime_round_to`)."""
+        when the search is latency-aware, the runtime's channel step (:func:`~prunekit.surgery.allocate.runtime_step`)."""
         m = max(1, int(g.multiple_of))
         b = self.ctx.budget
         if b.round_to is not None:
             rt = resolve_round_to(g.size, b.round_to)
         else:
-            rt = runtime_round_to(g.size) if self.latency_aware else 1
+            rt = runtime_step() if self.latency_aware else 1
         if rt > 1:
             m = m * rt // math.gcd(m, rt)
         return m
@@ -794,9 +794,12 @@ class IterativeInterpolativeDecomposition(_IDBase):
         cands = []  # (score, key, width)
         for key in st.groups:
             n = widths[key]
-            k = st.width_options(key, int(math.floor(float(self.k) * n)))
-            if 0 < k < n:
-                cands.append((self._score(st, widths, gains, key, k, kind), key, k))
+            ks = {st.width_options(key, int(math.floor(float(self.k) * n)))}
+            if st.latency_aware:  # also the next width where the runtime's kernels save time
+                ks.add(st.width_options(key, runtime_breakpoint(n)))
+            for k in ks:
+                if 0 < k < n:
+                    cands.append((self._score(st, widths, gains, key, k, kind), key, k))
         if not cands:
             raise PruningError(f"method 'id_iter' cannot reach {ctx.target}: every group is at its minimum "
                                f"width and the model still has {st.cost(kind, widths):.4g} {kind} (goal {goal:.4g})")

@@ -136,7 +136,9 @@ class CostModel:
         # input channels are blocked too, except for depthwise / grouped kernels with one input per group
         cin_aligned = _align(cin, block, partial=True) if cin > 1 else cin
         rest = math.prod(sizes[2:]) if len(sizes) > 2 else 1
-        return t.macs_per_entry * (_align(out, block, partial=False) * cin_aligned * rest + per_element * (out + cin))
+        out_aligned = _align(out, block, partial=False)
+        # blocked layouts store (and normalise, add, reorder) whole blocks: the memory-bound work is aligned too
+        return t.macs_per_entry * (out_aligned * cin_aligned * rest + per_element * (out_aligned + cin_aligned))
 
     def latency(
         self, widths: dict[str, int] | None = None, block: int | None = None, per_element: float = LATENCY_PER_ELEMENT
@@ -147,7 +149,7 @@ class CostModel:
         ``block`` (default :func:`cpu_block`: 16 floats per SIMD register with AVX-512, 8 with AVX2; a
         partial block costs a full one) and the input channels rounded up likewise (to half a block when
         there are fewer than ``block``), plus ``per_element`` for every element of its input and output
-        activations (memory-bound work that does not shrink with multiply-adds: normalisation,
+        activations, counted in whole blocks too (blocked layouts store whole blocks) (memory-bound work that does not shrink with multiply-adds: normalisation,
         activation functions, residual additions, layout reorders). Only relative values matter.
         """
         w = self._full(widths)
@@ -182,7 +184,8 @@ def proxy_layer_latency(block: int | None = None, per_element: float = LATENCY_P
 
     def cost(cin: int, cout: int, taps: int, positions: float) -> float:
         cin_a = _align(cin, b, partial=True) if cin > 1 else cin
-        return positions * (_align(cout, b, partial=False) * cin_a * taps + per_element * (cin + cout))
+        cout_a = _align(cout, b, partial=False)
+        return positions * (cout_a * cin_a * taps + per_element * (cin_a + cout_a))
 
     return cost
 
@@ -211,10 +214,10 @@ def chain_latency(shape: LayerShape, r: int, latency: LayerLatency, pre: bool = 
 def aligned_rank(shape: LayerShape, r: int, latency: LayerLatency, multiple: int, max_rank: int,
                  pre: bool = False) -> int | None:
     """The rank a low-rank method should use for ``shape`` instead of ``r``: ``r`` rounded up to
-    ``multiple`` (at most ``max_rank``); None when that chain is not faster than the dense layer (keep it
-    dense)."""
+    ``multiple`` (at most the largest multiple within ``max_rank``); None when that chain is not faster than
+    the dense layer (keep it dense)."""
     m = max(1, int(multiple))
-    ra = min(-(-int(r) // m) * m, int(max_rank))
+    ra = min(-(-int(r) // m) * m, (int(max_rank) // m) * m)
     if ra < 1:
         return None
     return ra if chain_latency(shape, ra, latency, pre) < dense_latency(shape, latency) else None
