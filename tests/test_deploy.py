@@ -118,7 +118,7 @@ def test_masks_are_baked_into_the_export(tmp_path):
 def _chain(r: int, c: int = 16) -> tuple[nn.Module, nn.Module]:
     conv = nn.Conv2d(c, c, 3, padding=1)
     g = torch.Generator().manual_seed(0)
-    f = LowRankFactors(core=torch.randn(r, r, 3, 3, generator=g), pre=torch.randn(r, c, generator=g),
+    f = LowRankFactors(core=torch.randn(r, r, 3, 3, generator=g), pre=torch.randn(r, c, generator=g) * (16 / c),
                        post=torch.randn(c, r, generator=g), bias=torch.randn(c, generator=g))
     return nn.Sequential(LowRankConv2d.from_factors(conv, f), nn.ReLU()), conv
 

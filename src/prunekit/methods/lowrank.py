@@ -44,8 +44,8 @@ from prunekit.methods.base import Method, PruneContext
 from prunekit.methods.interpolative import cost_goal, measured_costs
 from prunekit.methods.registry import register_method
 from prunekit.surgery.allocate import latency_mode
-from prunekit.surgery.graph import PruningWarning
 from prunekit.surgery.cost import LayerLatency, LayerShape, aligned_rank, proxy_layer_latency, rank_multiple
+from prunekit.surgery.graph import PruningWarning
 from prunekit.surgery.plan import LowRankFactors, Plan
 
 

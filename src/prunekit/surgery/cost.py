@@ -149,8 +149,9 @@ class CostModel:
         ``block`` (default :func:`cpu_block`: 16 floats per SIMD register with AVX-512, 8 with AVX2; a
         partial block costs a full one) and the input channels rounded up likewise (to half a block when
         there are fewer than ``block``), plus ``per_element`` for every element of its input and output
-        activations, counted in whole blocks too (blocked layouts store whole blocks) (memory-bound work that does not shrink with multiply-adds: normalisation,
-        activation functions, residual additions, layout reorders). Only relative values matter.
+        activations, counted in whole blocks too (blocked layouts store whole blocks): memory-bound work that
+        does not shrink with multiply-adds (normalisation, activation functions, residual additions, layout
+        reorders). Only relative values matter.
         """
         w = self._full(widths)
         return sum(self.layer_latency(t, w, block, per_element) for t in self._mac_tensors)
