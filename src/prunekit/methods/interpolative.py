@@ -77,6 +77,7 @@ from prunekit.methods.base import Method, PruneContext, Target
 from prunekit.methods.id_executor import _FxRunner, _GroupState, _HookRunner, _ReadPoint, _Runner
 from prunekit.methods.registry import register_method
 from prunekit.surgery.allocate import latency_mode, resolve_round_to, runtime_breakpoint, runtime_step
+from prunekit.surgery.cost import cpu_block
 from prunekit.surgery.plan import Plan
 
 _PAPER = "Chee et al., Model Preserving Compression for Neural Networks, NeurIPS 2022"
@@ -102,7 +103,8 @@ class _IDState:
             self.graph = analyze(model, ctx.input_shape, ignored=ctx.budget.ignored, warn=False)
             ctx.graph = self.graph
         # a latency-aware search keeps widths at the runtime's multiples and scores steps by the latency they save
-        self.latency_aware = latency_mode(ctx.budget.latency_aware) != "off"
+        self.latency_aware = bool(getattr(method, "searches_widths", False)) and (
+            latency_mode(ctx.budget.latency_aware) != "off")
         self.model = _working_copy(model)
         self.model.eval()
         self.batches = _prune_batches(ctx, int(method.samples), int(method.batch_size), method.name)
@@ -141,7 +143,7 @@ class _IDState:
         if b.round_to is not None:
             rt = resolve_round_to(g.size, b.round_to)
         else:
-            rt = runtime_step() if self.latency_aware else 1
+            rt = runtime_step() if self.latency_aware and g.size >= cpu_block() else 1  # tiny groups: as they come
         if rt > 1:
             m = m * rt // math.gcd(m, rt)
         return m
@@ -757,6 +759,7 @@ class IterativeInterpolativeDecomposition(_IDBase):
 
     defaults = {**_IDBase.defaults, "k": 0.95, "criterion": "output", "remeasure": 4, "calibrate": 256,
                 "probe": 0.75}
+    searches_widths = True  # its width search is latency-aware (runtime steps, steps scored by latency saved)
 
     def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
         t0 = time.perf_counter()
