@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import prunekit
+from prunekit.budget import BudgetOptions
 from prunekit.errors import PruningError
 from prunekit.methods import PruneContext, Target, create_method, get_method_info
 from prunekit.metrics import count_params
@@ -51,8 +52,10 @@ class _LowRankNet(nn.Module):
         return self.head(torch.relu(self.fc(self.flatten(torch.relu(self.conv(x))))))
 
 
-def _plan(method: str, model: nn.Module, target: str, shape, data=None, **opts):
-    ctx = PruneContext(target=Target.parse(target), input_shape=shape, data=data, graph=analyze(model, shape))
+def _plan(method: str, model: nn.Module, target: str, shape, data=None, latency_aware="off", **opts):
+    """A plan on a toy model; ``latency_aware="off"`` (the factor tests): ranks exactly as the energy says."""
+    ctx = PruneContext(target=Target.parse(target), input_shape=shape, data=data, graph=analyze(model, shape),
+                       budget=BudgetOptions(latency_aware=latency_aware))
     return create_method(method, **opts).plan(model, ctx), ctx
 
 

@@ -8,9 +8,11 @@ never changed):
   ``torch.fx`` tracing; a model fx cannot trace is exported unfolded -- ONNX Runtime folds them
   itself, TorchScript freezing usually does too -- and the report says so);
 * low-rank chains (:class:`~prunekit.surgery.lowrank.LowRankConv2d` / ``LowRankLinear``) are kept,
-  or merged back into one dense layer where the chain does not save enough multiply-adds to be
-  faster (``merge_lowrank="auto"``: the chain must cost at most ``LOWRANK_KEEP_RATIO`` of the dense
-  layer's MACs; three small kernels are slower than one of the same total work on CPUs).
+  or merged back into one dense layer where the chain is not faster (``merge_lowrank="auto"``: by the
+  shared cost model's layer latency, :func:`~prunekit.surgery.cost.chain_latency` against
+  :func:`~prunekit.surgery.cost.dense_latency` -- SIMD-block-aligned multiply-adds plus memory-bound
+  work per activation element, the same model svd / pca / lrank choose their ranks with; a 16 -> 8 -> 16
+  chain of a 3x3 conv on a 32x32 map is slower than the dense conv in ONNX Runtime).
 
 The exported file has a dynamic batch dimension, and its outputs are checked against eager PyTorch
 on a random batch (``max_abs_diff`` in the report; above ``atol`` is an error).
@@ -39,12 +41,13 @@ import torch.nn as nn
 
 from prunekit.errors import PrunekitError
 from prunekit.metrics._common import InputShape, example_input
+from prunekit.surgery.cost import LayerLatency, LayerShape, chain_latency, dense_latency, proxy_layer_latency
 from prunekit.surgery.lowrank import LowRankConv2d, LowRankLinear
 from prunekit.surgery.masks import remove_masks_
 
 FORMATS = ("onnx", "torchscript")
 RUNTIMES = ("eager", "torchscript", "onnxruntime")
-LOWRANK_KEEP_RATIO = 0.6  # merge a chain back unless it costs at most this share of the dense layer's MACs
+LOWRANK_KEEP_RATIO = 1.0  # merge a chain back unless the cost model says it is faster than the dense layer
 ONNX_OPSET = 17
 
 
@@ -53,16 +56,27 @@ class DeployError(PrunekitError, ValueError):
 
 
 # --------------------------------------------------------------------------------------------- inference copy
-def _lowrank_ratio(m: nn.Module) -> float:
-    """MACs of a low-rank chain per output position over those of the dense layer it replaces."""
-    chain = m.core.weight.numel()
-    if "post" in m._modules:
-        chain += m.post.weight.numel()
-    if "pre" in m._modules:
-        # a conv's 1x1 input projection runs at the input resolution: stride^2 times the output's
-        s = m.stride[0] * m.stride[1] if isinstance(m, LowRankConv2d) else 1
-        chain += s * m.pre.weight.numel()
-    return chain / max(1, m.dense_weight().numel())
+def _lowrank_shape(m: nn.Module) -> LayerShape:
+    if isinstance(m, LowRankConv2d):
+        kh, kw = m.kernel_size
+        return LayerShape(m.in_channels, m.out_channels, kh * kw, m.stride[0] * m.stride[1])
+    return LayerShape(m.in_features, m.out_features)
+
+
+def _lowrank_ratio(m: nn.Module, latency: LayerLatency | None = None) -> float:
+    """Latency of a low-rank chain over that of the dense layer it replaces, by the shared cost model's layer
+    latency (default: the CPU proxy, :func:`~prunekit.surgery.cost.proxy_layer_latency`)."""
+    lat = latency or proxy_layer_latency()
+    shape = _lowrank_shape(m)
+    if "pre" in m._modules and "post" in m._modules:  # pre -> core -> post: both projections
+        r_in, r_out = int(m.r_in), int(m.r_out)
+        chain = (lat(shape.cin, r_in, 1, float(shape.stride_area)) + lat(r_in, r_out, shape.taps, 1.0)
+                 + lat(r_out, shape.cout, 1, 1.0))
+    elif "pre" in m._modules:
+        chain = chain_latency(shape, int(m.r_in), lat, pre=True)
+    else:
+        chain = chain_latency(shape, int(m.r_out), lat)
+    return chain / max(dense_latency(shape, lat), 1e-12)
 
 
 def _merged(m: nn.Module) -> nn.Module:
@@ -88,7 +102,7 @@ def _merge_lowrank_(model: nn.Module, policy: str) -> list[str]:
     for path, m in list(model.named_modules()):
         if not isinstance(m, (LowRankConv2d, LowRankLinear)):
             continue
-        if policy == "always" or (policy == "auto" and _lowrank_ratio(m) > LOWRANK_KEEP_RATIO):
+        if policy == "always" or (policy == "auto" and _lowrank_ratio(m) >= LOWRANK_KEEP_RATIO):
             parent_path, _, name = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
             setattr(parent, name, _merged(m))

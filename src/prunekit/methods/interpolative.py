@@ -76,6 +76,8 @@ from prunekit.linalg import (
 from prunekit.methods.base import Method, PruneContext, Target
 from prunekit.methods.id_executor import _FxRunner, _GroupState, _HookRunner, _ReadPoint, _Runner
 from prunekit.methods.registry import register_method
+from prunekit.surgery.allocate import latency_mode, resolve_round_to, runtime_breakpoint, runtime_step
+from prunekit.surgery.cost import cpu_block
 from prunekit.surgery.plan import Plan
 
 _PAPER = "Chee et al., Model Preserving Compression for Neural Networks, NeurIPS 2022"
@@ -100,6 +102,9 @@ class _IDState:
         if self.graph is None:
             self.graph = analyze(model, ctx.input_shape, ignored=ctx.budget.ignored, warn=False)
             ctx.graph = self.graph
+        # a latency-aware search keeps widths at the runtime's multiples and scores steps by the latency they save
+        self.latency_aware = bool(getattr(method, "searches_widths", False)) and (
+            latency_mode(ctx.budget.latency_aware) != "off")
         self.model = _working_copy(model)
         self.model.eval()
         self.batches = _prune_batches(ctx, int(method.samples), int(method.batch_size), method.name)
@@ -129,10 +134,17 @@ class _IDState:
             return _HookRunner(self.model, self.batches, consumers, block)
 
     def _multiple(self, g: Any) -> int:
-        """Kept counts are multiples of this: the group's GroupNorm groups and an explicit ``round_to``."""
+        """Kept counts are multiples of this: the group's GroupNorm groups and the shared allocator's
+        channel multiple: an explicit ``round_to`` (:func:`~prunekit.surgery.allocate.resolve_round_to`),
+        else, when the search is latency-aware, the runtime's channel step
+        (:func:`~prunekit.surgery.allocate.runtime_step`)."""
         m = max(1, int(g.multiple_of))
-        rt = self.ctx.budget.round_to
-        if isinstance(rt, int) and not isinstance(rt, bool) and rt > 1:
+        b = self.ctx.budget
+        if b.round_to is not None:
+            rt = resolve_round_to(g.size, b.round_to)
+        else:
+            rt = runtime_step() if self.latency_aware and g.size >= cpu_block() else 1  # tiny groups: as they come
+        if rt > 1:
             m = m * rt // math.gcd(m, rt)
         return m
 
@@ -380,6 +392,23 @@ class _IDState:
             n = t.numel(w)
             total += t.macs_per_entry * n if kind == "flops" else n
         return total
+
+    def latency(self, widths: dict[str, int] | None = None) -> float:
+        """The shared cost model's CPU latency proxy (:meth:`~prunekit.surgery.cost.CostModel.latency`) of
+        the model at ``widths`` (block-aligned multiply-adds plus memory-bound work per activation element)."""
+        return float(self.graph.cost.latency(self.widths() if widths is None else widths))
+
+    def saved(self, kind: str, widths: dict[str, int], key: str, k: int) -> float:
+        """What taking group ``key`` from ``widths[key]`` to ``k`` channels saves: the latency proxy's drop when
+        the search is latency-aware and it drops, else the target kind's cost. (Scoring a step the runtime pads
+        back to the same blocks by latency alone -- never worth it -- cost 6 points of ResNet-20 top-1 at
+        flops=2 for 3 % more speed in ONNX Runtime: the FLOPs fallback keeps such fine steps possible.)"""
+        trial = {**widths, key: k}
+        if self.latency_aware:
+            lat = self.latency(widths) - self.latency(trial)
+            if lat > 0:
+                return lat
+        return self.cost(kind, widths) - self.cost(kind, trial)
 
     def width_options(self, key: str, k: int) -> int:
         """``k`` rounded down to the group's multiple (``0`` when below its minimum)."""
@@ -730,6 +759,7 @@ class IterativeInterpolativeDecomposition(_IDBase):
 
     defaults = {**_IDBase.defaults, "k": 0.95, "criterion": "output", "remeasure": 4, "calibrate": 256,
                 "probe": 0.75}
+    searches_widths = True  # its width search is latency-aware (runtime steps, steps scored by latency saved)
 
     def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
         t0 = time.perf_counter()
@@ -770,9 +800,12 @@ class IterativeInterpolativeDecomposition(_IDBase):
         cands = []  # (score, key, width)
         for key in st.groups:
             n = widths[key]
-            k = st.width_options(key, int(math.floor(float(self.k) * n)))
-            if 0 < k < n:
-                cands.append((self._score(st, widths, gains, key, k, kind), key, k))
+            ks = {st.width_options(key, int(math.floor(float(self.k) * n)))}
+            if st.latency_aware:  # also the next width where the runtime's kernels save time
+                ks.add(st.width_options(key, runtime_breakpoint(n)))
+            for k in ks:
+                if 0 < k < n:
+                    cands.append((self._score(st, widths, gains, key, k, kind), key, k))
         if not cands:
             raise PruningError(f"method 'id_iter' cannot reach {ctx.target}: every group is at its minimum "
                                f"width and the model still has {st.cost(kind, widths):.4g} {kind} (goal {goal:.4g})")
@@ -784,7 +817,7 @@ class IterativeInterpolativeDecomposition(_IDBase):
         (lower is pruned first)."""
         if self.criterion == "paper":
             return st.error(key, k) / max(st.group_cost(key, kind, widths), 1e-12)
-        saved = st.cost(kind, widths) - st.cost(kind, {**widths, key: k})
+        saved = st.saved(kind, widths, key, k)
         added = st.output_error(key, k) - st.output_error(key, widths[key])
         return max(added, 0.0) * gains.get(key, 1.0) / max(saved, 1e-12)
 

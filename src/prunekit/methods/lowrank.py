@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,9 @@ from prunekit.errors import PruningError
 from prunekit.methods.base import Method, PruneContext
 from prunekit.methods.interpolative import cost_goal, measured_costs
 from prunekit.methods.registry import register_method
+from prunekit.surgery.allocate import latency_mode
+from prunekit.surgery.cost import LayerLatency, LayerShape, aligned_rank, proxy_layer_latency, rank_multiple
+from prunekit.surgery.graph import PruningWarning
 from prunekit.surgery.plan import LowRankFactors, Plan
 
 
@@ -64,6 +68,9 @@ class _Layer:
     zero_bias: int = 0  # zero entries of the bias now
     adds_bias: bool = False  # the factor chain gets a (non-zero) bias of its own (pca: the mean)
     spectrum: torch.Tensor | None = None  # descending energies (sigma^2 or PCA eigenvalues)
+    shape: LayerShape | None = None  # channels and kernel taps, for the latency check of its chains
+    latency: LayerLatency | None = None  # the shared cost model's layer latency (None: ranks as they come)
+    multiple: int = 1  # ranks are multiples of this (the runtime's rank step) when ``latency`` is set
 
     @property
     def dense(self) -> int:
@@ -74,9 +81,25 @@ class _Layer:
         """Bias entries the chain adds (pca's mean correction on a layer without bias)."""
         return self.out if self.adds_bias and not self.has_bias else 0
 
-    def factored(self, r: int) -> bool:
-        """Whether the rank-``r`` chain has fewer parameters than the layer."""
-        return r * (self.cols + self.out) + self._new_bias < self.dense
+    def factored(self, r: int | None) -> bool:
+        """Whether the rank-``r`` chain has fewer parameters than the layer (``None``: kept dense)."""
+        return r is not None and r * (self.cols + self.out) + self._new_bias < self.dense
+
+    def aligned(self, r: int) -> int | None:
+        """The rank the layer is factorised at instead of ``r``: with a latency model, ``r`` rounded up to the
+        rank multiple, or None (kept dense) where that chain is not faster than the dense layer
+        (:func:`~prunekit.surgery.cost.aligned_rank`); without one, ``r`` itself."""
+        if self.latency is None or self.shape is None:
+            return r
+        ra = aligned_rank(self.shape, r, self.latency, self.multiple, self.max_useful_rank())
+        return ra if ra is not None and self.factored(ra) else None
+
+    def rank_options(self) -> list[int]:
+        """The ranks the layer may be factorised at (ascending)."""
+        useful = self.max_useful_rank()
+        if self.latency is None or self.shape is None:
+            return list(range(1, useful + 1))
+        return sorted({r for r in (self.aligned(q) for q in range(1, useful + 1)) if r is not None})
 
     def max_useful_rank(self) -> int:
         """Largest rank whose chain is smaller than the layer (0: never worth it)."""
@@ -104,6 +127,10 @@ class _Layer:
         r = int(torch.searchsorted(cum, torch.tensor(tau, dtype=cum.dtype) - 1e-12).item()) + 1
         return max(1, min(r, len(self.spectrum)))
 
+    def rank_at(self, tau: float) -> int | None:
+        """The rank the layer gets at energy threshold ``tau`` (None: kept dense)."""
+        return self.aligned(self.rank_for_energy(tau))
+
 
 def _eligible(model: nn.Module, ctx: PruneContext, method: str, dense: bool = False) -> tuple[list[_Layer], Any]:
     """Conv2d (groups = 1) and Linear layers that may be factored, with their per-entry costs."""
@@ -115,6 +142,7 @@ def _eligible(model: nn.Module, ctx: PruneContext, method: str, dense: bool = Fa
         ctx.graph = graph
     ignored = set(ctx.budget.ignored) if ctx.budget.ignored is not None else set(graph.output_layers)
     uses = {t.path[: -len(".weight")]: t.macs_per_entry for t in graph.cost.tensors if t.path.endswith(".weight")}
+    latency = proxy_layer_latency() if latency_mode(ctx.budget.latency_aware) != "off" else None
     layers = []
     for path, m in model.named_modules():
         if path in ignored or any(path.startswith(f"{i}.") for i in ignored):
@@ -127,6 +155,9 @@ def _eligible(model: nn.Module, ctx: PruneContext, method: str, dense: bool = Fa
             zero_bias = 0 if m.bias is None or dense else int(m.bias.numel() - torch.count_nonzero(m.bias))
             layer = _Layer(path, int(w.shape[0]), int(w[0].numel()), float(uses[path]), m.bias is not None, nonzero,
                            zero_bias)
+            if latency is not None:
+                layer.shape = LayerShape(int(w.shape[1]), int(w.shape[0]), int(w[0, 0].numel()) if w.dim() > 2 else 1)
+                layer.latency, layer.multiple = latency, rank_multiple()
             if layer.max_useful_rank() >= 1:
                 layers.append(layer)
     if not layers:
@@ -156,7 +187,7 @@ def _goal_of(base: dict[str, float], ctx: PruneContext, keep_ratio: float | None
     return cost_goal(ctx.target, base, target_kind, method, default_kind="params")
 
 
-def _total(layers: list[_Layer], ranks: dict[str, int], kind: str, base: float) -> float:
+def _total(layers: list[_Layer], ranks: dict[str, int | None], kind: str, base: float) -> float:
     """Model cost when every layer is at its rank (``base``: the model's full cost)."""
     return base - sum(l.cost(None, kind) - l.cost(ranks[l.path], kind) for l in layers)
 
@@ -165,10 +196,16 @@ def _bisect_threshold(layers: list[_Layer], kind: str, base: float, goal: float,
                       method: str) -> tuple[float, dict[str, int]]:
     """The largest global energy threshold whose ranks meet ``goal``."""
 
-    def ranks_at(tau: float) -> dict[str, int]:
-        return {l.path: l.rank_for_energy(tau) for l in layers}
+    def ranks_at(tau: float) -> dict[str, int | None]:
+        return {l.path: l.rank_at(tau) for l in layers}
 
-    lowest = _total(layers, {l.path: 1 for l in layers}, kind, base)
+    lowest = _total(layers, {l.path: min(l.rank_options(), default=None) for l in layers}, kind, base)
+    if lowest > goal and any(l.latency is not None for l in layers):
+        warnings.warn(f"method {method!r}: the target needs chains the latency model says are not faster than the "
+                      "layers they replace; ranks are chosen without it", PruningWarning, stacklevel=3)
+        for l in layers:
+            l.latency = None
+        return _bisect_threshold(layers, kind, base, goal, method)
     if lowest > goal:
         raise PruningError(f"method {method!r} cannot reach the target: with every factorisable layer at rank 1 "
                            f"the model still has {lowest:.4g} {kind} (goal {goal:.4g}); the other layers are too "
@@ -207,6 +244,7 @@ def _plan_meta(layers: list[_Layer], ranks: dict[str, int], kind: str, base: flo
                extra: dict[str, Any]) -> dict[str, Any]:
     return {
         "ranks": {l.path: [ranks[l.path], min(l.out, l.cols)] for l in layers if l.factored(ranks[l.path])},
+        "rank_multiple": max((l.multiple for l in layers if l.latency is not None), default=1),
         "kept_dense": sorted(l.path for l in layers if not l.factored(ranks[l.path])),
         "predicted": {kind: _total(layers, ranks, kind, base)},
         "goal": {kind: goal},
@@ -345,8 +383,7 @@ def _c_step(layers: list[_Layer], sigmas: dict[str, torch.Tensor], mu: float, la
         full = len(s2)
         tail = torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0])  # tail[i] = sum_{j >= i} s2_j
         tail = torch.cat([tail, tail.new_zeros(1)])
-        useful = min(l.max_useful_rank(), full)
-        cand = list(range(1, useful + 1)) + [full]
+        cand = [r for r in l.rank_options() if r <= full] + [full]
         obj = [lam * l.cost(r, kind) + 0.5 * mu * float(tail[r]) for r in cand]
         ranks[l.path] = cand[min(range(len(cand)), key=obj.__getitem__)]
     return ranks

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,7 +136,9 @@ class CostModel:
         # input channels are blocked too, except for depthwise / grouped kernels with one input per group
         cin_aligned = _align(cin, block, partial=True) if cin > 1 else cin
         rest = math.prod(sizes[2:]) if len(sizes) > 2 else 1
-        return t.macs_per_entry * (_align(out, block, partial=False) * cin_aligned * rest + per_element * (out + cin))
+        out_aligned = _align(out, block, partial=False)
+        # blocked layouts store (and normalise, add, reorder) whole blocks: the memory-bound work is aligned too
+        return t.macs_per_entry * (out_aligned * cin_aligned * rest + per_element * (out_aligned + cin_aligned))
 
     def latency(
         self, widths: dict[str, int] | None = None, block: int | None = None, per_element: float = LATENCY_PER_ELEMENT
@@ -146,8 +149,9 @@ class CostModel:
         ``block`` (default :func:`cpu_block`: 16 floats per SIMD register with AVX-512, 8 with AVX2; a
         partial block costs a full one) and the input channels rounded up likewise (to half a block when
         there are fewer than ``block``), plus ``per_element`` for every element of its input and output
-        activations (memory-bound work that does not shrink with multiply-adds: normalisation,
-        activation functions, residual additions, layout reorders). Only relative values matter.
+        activations, counted in whole blocks too (blocked layouts store whole blocks): memory-bound work that
+        does not shrink with multiply-adds (normalisation, activation functions, residual additions, layout
+        reorders). Only relative values matter.
         """
         w = self._full(widths)
         return sum(self.layer_latency(t, w, block, per_element) for t in self._mac_tensors)
@@ -155,6 +159,69 @@ class CostModel:
     def latency_tensors(self) -> list[TensorCost]:
         """The conv / linear weights the latency proxy sums over."""
         return list(self._mac_tensors)
+
+
+# --------------------------------------------------------------------------------------------- low-rank chains
+@dataclass(frozen=True)
+class LayerShape:
+    """One conv / linear layer as the latency proxy sees it: channels, kernel taps and the stride of its
+    input relative to its output (a 1x1 projection in front of a strided conv runs at the input's
+    resolution: ``stride_area`` times as many positions as the conv's output)."""
+
+    cin: int
+    cout: int
+    taps: int = 1  # kernel elements (kh * kw); 1 for a linear layer
+    stride_area: int = 1  # input positions per output position
+
+
+# a layer latency function: (cin, cout, taps, positions per output position) -> cost in any fixed unit
+LayerLatency = Callable[[int, int, int, float], float]
+
+
+def proxy_layer_latency(block: int | None = None, per_element: float = LATENCY_PER_ELEMENT) -> LayerLatency:
+    """The analytic proxy of :meth:`CostModel.layer_latency` as a function of one layer's shape, per output
+    position: block-aligned multiply-adds plus ``per_element`` per activation element read or written."""
+    b = cpu_block() if block is None else int(block)
+
+    def cost(cin: int, cout: int, taps: int, positions: float) -> float:
+        cin_a = _align(cin, b, partial=True) if cin > 1 else cin
+        cout_a = _align(cout, b, partial=False)
+        return positions * (cout_a * cin_a * taps + per_element * (cin_a + cout_a))
+
+    return cost
+
+
+def rank_multiple(block: int | None = None) -> int:
+    """Ranks of low-rank chains are multiples of this: half a SIMD block (8 with AVX-512, 4 with AVX2), the
+    finest step the block-aligned kernels still run at the speed of its multiply-adds (a partial output
+    block costs a whole one; input channels below one block run in half blocks)."""
+    b = cpu_block() if block is None else int(block)
+    return max(1, b // 2)
+
+
+def dense_latency(shape: LayerShape, latency: LayerLatency) -> float:
+    return latency(shape.cin, shape.cout, shape.taps, 1.0)
+
+
+def chain_latency(shape: LayerShape, r: int, latency: LayerLatency, pre: bool = False) -> float:
+    """Latency of the chain replacing ``shape`` at rank ``r``: ``core`` (``cin -> r``, the layer's kernel)
+    then a 1x1 ``post`` (``r -> cout``); with ``pre``, a 1x1 ``pre`` (``cin -> r``, at the input's
+    resolution) then ``core`` (``r -> cout``)."""
+    if pre:
+        return latency(shape.cin, r, 1, float(shape.stride_area)) + latency(r, shape.cout, shape.taps, 1.0)
+    return latency(shape.cin, r, shape.taps, 1.0) + latency(r, shape.cout, 1, 1.0)
+
+
+def aligned_rank(shape: LayerShape, r: int, latency: LayerLatency, multiple: int, max_rank: int,
+                 pre: bool = False) -> int | None:
+    """The rank a low-rank method should use for ``shape`` instead of ``r``: ``r`` rounded up to
+    ``multiple`` (at most the largest multiple within ``max_rank``); None when that chain is not faster than
+    the dense layer (keep it dense)."""
+    m = max(1, int(multiple))
+    ra = min(-(-int(r) // m) * m, (int(max_rank) // m) * m)
+    if ra < 1:
+        return None
+    return ra if chain_latency(shape, ra, latency, pre) < dense_latency(shape, latency) else None
 
 
 # --------------------------------------------------------------------------------------------- building
@@ -205,4 +272,7 @@ def build_cost_model(
     return CostModel(tensors, sizes, flops, params, extra)
 
 
-__all__ = ["LATENCY_PER_ELEMENT", "CostModel", "TensorCost", "build_cost_model", "cpu_block"]
+__all__ = [
+    "LATENCY_PER_ELEMENT", "CostModel", "LayerLatency", "LayerShape", "TensorCost", "aligned_rank", "build_cost_model",
+    "chain_latency", "cpu_block", "dense_latency", "proxy_layer_latency", "rank_multiple",
+]
