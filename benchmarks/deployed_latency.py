@@ -24,6 +24,7 @@ import prunekit
 from prunekit.data import BatchLoader, get_dataset
 from prunekit.data.datasets import train_holdout_split
 from prunekit.deploy import export, measure_runtimes
+from prunekit.methods import get_method_info
 from prunekit.metrics import count_flops, count_params, evaluate
 
 METHODS = ("l1", "tp_l1", "id_iter", "svd", "pca")
@@ -46,6 +47,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runtimes", nargs="+", default=["eager", "torchscript", "onnxruntime"])
     ap.add_argument("--out", default="runs/deployed")
+    ap.add_argument("--exact-ranks", action="store_true",
+                    help="low-rank methods with their default exact ranks (no aligned_ranks=True)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +70,9 @@ def main() -> None:
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res = prunekit.prune(base, m, a.target, data=prune_loader)
+            lowrank = get_method_info(m).granularity == "lowrank"
+            kw = {"aligned_ranks": True} if lowrank and not a.exact_ranks else {}
+            res = prunekit.prune(base, m, a.target, data=prune_loader, **kw)
         pm = res.model.eval()
         models[m] = pm
         rows[m] = {"top1": evaluate(pm, test_loader)["top1"], "flops": count_flops(pm, shape),

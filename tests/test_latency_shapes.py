@@ -94,14 +94,15 @@ def test_runtime_steps_and_breakpoints():
 def test_svd_ranks_are_multiples_and_narrow_layers_stay_dense():
     torch.manual_seed(0)
     model = create_model("resnet20")
-    res = prunekit.prune(model, "svd", "flops=1.5", input_shape=(3, 32, 32))
+    res = prunekit.prune(model, "svd", "flops=1.5", input_shape=(3, 32, 32), aligned_ranks=True)
     mult = res.plan.meta["rank_multiple"]
     assert mult >= 4
     for path, (r, _) in res.plan.meta["ranks"].items():
         assert r % mult == 0, path
         assert not path.startswith("layer1.")  # 16-channel convs: no chain is faster than the conv
-    off = prunekit.prune(model, "svd", "flops=1.5", input_shape=(3, 32, 32), latency_aware="off")
-    assert any(p.startswith("layer1.") for p in off.plan.meta["ranks"])
+    for kw in ({"aligned_ranks": True, "latency_aware": "off"}, {}):  # off, and the default: exact ranks
+        off = prunekit.prune(model, "svd", "flops=1.5", input_shape=(3, 32, 32), **kw)
+        assert any(p.startswith("layer1.") for p in off.plan.meta["ranks"])
 
 
 def test_id_iter_widths_are_runtime_multiples_when_latency_aware():

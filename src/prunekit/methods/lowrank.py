@@ -132,8 +132,13 @@ class _Layer:
         return self.aligned(self.rank_for_energy(tau))
 
 
-def _eligible(model: nn.Module, ctx: PruneContext, method: str, dense: bool = False) -> tuple[list[_Layer], Any]:
-    """Conv2d (groups = 1) and Linear layers that may be factored, with their per-entry costs."""
+def _eligible(model: nn.Module, ctx: PruneContext, method: str, dense: bool = False,
+              aligned: bool = False) -> tuple[list[_Layer], Any]:
+    """Conv2d (groups = 1) and Linear layers that may be factored, with their per-entry costs.
+
+    ``aligned`` (the ``aligned_ranks`` option): ranks in the runtime's channel blocks, and a layer factored
+    only where the cost model says the chain is faster than the dense layer (unless ``latency_aware`` is off).
+    """
     from prunekit.surgery.graph import analyze
 
     graph = ctx.graph
@@ -142,7 +147,7 @@ def _eligible(model: nn.Module, ctx: PruneContext, method: str, dense: bool = Fa
         ctx.graph = graph
     ignored = set(ctx.budget.ignored) if ctx.budget.ignored is not None else set(graph.output_layers)
     uses = {t.path[: -len(".weight")]: t.macs_per_entry for t in graph.cost.tensors if t.path.endswith(".weight")}
-    latency = proxy_layer_latency() if latency_mode(ctx.budget.latency_aware) != "off" else None
+    latency = proxy_layer_latency() if aligned and latency_mode(ctx.budget.latency_aware) != "off" else None
     layers = []
     for path, m in model.named_modules():
         if path in ignored or any(path.startswith(f"{i}.") for i in ignored):
@@ -253,7 +258,10 @@ def _plan_meta(layers: list[_Layer], ranks: dict[str, int], kind: str, base: flo
 
 
 class _LowRankBase(Method):
-    defaults: dict[str, Any] = {"keep_ratio": None, "target_kind": None}
+    defaults: dict[str, Any] = {"keep_ratio": None, "target_kind": None, "aligned_ranks": False}
+    option_help = {"aligned_ranks": "ranks in multiples of the runtime's channel block and a layer factored only "
+                                    "where the chain is faster (deployed speed; at a FLOPs target it costs "
+                                    "accuracy: ResNet-20 svd flops=2 32 -> 10 %, see BENCHMARKS.md)"}
 
 
 # --------------------------------------------------------------------------------------------- svd
@@ -264,7 +272,7 @@ class SVD(_LowRankBase):
 
     def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
         t0 = time.perf_counter()
-        layers, graph = _eligible(model, ctx, self.name)
+        layers, graph = _eligible(model, ctx, self.name, aligned=bool(self.aligned_ranks))
         kind, goal, base = _goal(model, ctx, graph, self.keep_ratio, self.target_kind, self.name)
         for l in layers:
             l.spectrum = torch.linalg.svdvals(_matrix(model.get_submodule(l.path))) ** 2
@@ -338,7 +346,7 @@ class PCA(_LowRankBase):
     def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
         t0 = time.perf_counter()
         self.check(ctx)
-        layers, graph = _eligible(model, ctx, self.name)
+        layers, graph = _eligible(model, ctx, self.name, aligned=bool(self.aligned_ranks))
         kind, goal, base = _goal(model, ctx, graph, self.keep_ratio, self.target_kind, self.name)
         moments = _output_moments(model, [l.path for l in layers], lambda: ctx.batches(int(self.samples)))
         if not moments:
@@ -429,7 +437,8 @@ class LRank(_LowRankBase):
     def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
         t0 = time.perf_counter()
         self.check(ctx)
-        layers, graph = _eligible(model, ctx, self.name, dense=True)  # training makes every weight non-zero
+        # dense: training makes every weight non-zero
+        layers, graph = _eligible(model, ctx, self.name, dense=True, aligned=bool(self.aligned_ranks))
         kind, goal, base = _goal(model, ctx, graph, self.keep_ratio, self.target_kind, self.name, dense=True)
         work = copy.deepcopy(model)
         work.eval()
