@@ -144,10 +144,14 @@ def group_rows(group: Any, path: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def first_conv_path(model: nn.Module) -> str | None:
-    """Path of the first convolution in registration order (the stem of the zoo's CNNs)."""
+    """Path of the model's stem: its first weight layer in registration order when that is a convolution (the
+    zoo's CNNs, a ViT's patch embedding); None when the model begins with a linear layer or an embedding (an
+    MLP, a language model, a generator's projection before its transposed convolutions)."""
     for path, m in model.named_modules():
         if isinstance(m, nn.modules.conv._ConvNd):
             return path
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            return None
     return None
 
 
@@ -504,7 +508,11 @@ class GradFlowScorer(ChannelScorer):
         groups = ctx.groups()
         if self.keep_stem:
             stem = first_conv_path(model)
-            groups = [g for g in groups if stem not in {entry_path(p) for p in g.producers}]
+            rest = [g for g in groups if stem not in {entry_path(p) for p in g.producers}]
+            if groups and not rest:
+                raise PruningError(f"method {self.name!r}: the only prunable channels are those of the stem "
+                                   f"{stem!r}, which keep_stem=True keeps (pass keep_stem=False to prune them)")
+            groups = rest
         return groups
 
     # -- statistics --------------------------------------------------------------------------------
