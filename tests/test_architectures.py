@@ -610,9 +610,10 @@ def test_every_channel_method_on_a_subset(method, name):
     check_pruned(name, method)
 
 
-# every channel method x every other suite model (690 cases): 4.6 min of CPU at one thread (measured 2026-12-02:
-# 696 passed, 24 skipped -- kmp_channel needs a trajectory --, 0 failed, over this and the subset test), so it runs
-# by default; the slowest cases are the gradient-flow methods on shufflenet (~10 s each on an idle core)
+# every channel method x every other suite model: ~5 min of CPU at one thread, so it runs by default. Measured
+# 2026-12-02 over this and the subset test (30 methods x 25 models): 725 passed (599 pruned, 126 refused with the
+# layer and reason), 25 skipped (kmp_channel needs a trajectory), 0 failed; 4.6 CPU-min for the first 24 models.
+# The slowest cases are the gradient-flow methods on shufflenet (~10 s each on an idle core).
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in SUITE if n not in SUBSET])
 @pytest.mark.parametrize("method", CHANNEL_METHODS)
