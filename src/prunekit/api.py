@@ -35,6 +35,7 @@ from prunekit.surgery.graph import LAYER_TYPES, ChannelGraph, PruningWarning, an
 from prunekit.surgery.inputs import accepting_examples, is_example
 from prunekit.surgery.masks import remove_masks_
 from prunekit.surgery.plan import Plan
+from prunekit.surgery.probe import probe_groups_
 
 
 @dataclass
@@ -598,6 +599,7 @@ def _run_rounds(run: _Run) -> None:
     cost_key = "effective_flops" if tgt.kind == "flops" else "nonzero_params"
     for k in range(run.rounds):
         graph = analyze(model, shape, ignored=ctx.budget.ignored, heads=run.heads)
+        probe_groups_(model, graph)  # widths the model's code fixes (view(n, 32, 4, 4)) are not offered
         run.graph = graph
         if not run.originals:
             run.originals = {key: g.size for key, g in graph.groups.items()}

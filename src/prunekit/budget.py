@@ -181,16 +181,25 @@ class PruneContext:
         return sums, int(round(distributed.all_reduce_sum([float(count)])[0]))
 
     def loss(self, logits: Any, y: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the model's output; for a model with several outputs (tuple, dict, dataclass),
-        of its first output tensor (subclass or replace ``loss`` for anything else)."""
+        """Cross-entropy of the model's output; for a model with several outputs (tuple, dict, dataclass,
+        Hugging Face ``ModelOutput``), of its ``logits`` or else its first output tensor
+        (:func:`prunekit.surgery.inputs.primary_output`; subclass or replace ``loss`` for anything else)."""
         if not isinstance(logits, torch.Tensor):
-            from prunekit.surgery.inputs import flatten_outputs
+            from prunekit.surgery.inputs import primary_output
 
-            outs = flatten_outputs(logits)
-            if not outs:
-                raise PruningError(f"the model returned {type(logits).__name__} without a tensor: no loss")
-            logits = outs[0]
+            logits = primary_output(logits)
         return F.cross_entropy(logits, y)
+
+    @staticmethod
+    def logits(model: nn.Module, x: Any) -> torch.Tensor:
+        """``model`` run on a batch ``x`` of the prune set -- a tensor, or several / keyword inputs
+        (:class:`prunekit.surgery.inputs.ExampleInputs`, a tuple, a dict) -- and the one output tensor a
+        method's loss or logit statistics are taken of (:func:`prunekit.surgery.inputs.primary_output`)."""
+        from prunekit.surgery.inputs import as_example_inputs, primary_output, run_model
+
+        if not isinstance(x, torch.Tensor):
+            x = as_example_inputs(x)
+        return primary_output(run_model(model, x))
 
     # -- channel groups ------------------------------------------------------------------------------
     def groups(self) -> list[Any]:

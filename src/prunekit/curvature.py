@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from prunekit.errors import PruningError
+from prunekit.surgery.inputs import ExampleInputs, primary_output, run_model
 
 MODES = ("channel", "patch")
 FISHERS = ("true", "empirical")
@@ -264,11 +265,17 @@ def statistics_mode(model: nn.Module) -> contextlib.AbstractContextManager[None]
 
 
 def sampled_labels(logits: torch.Tensor, gen: torch.Generator | None, y: torch.Tensor) -> torch.Tensor:
-    """Labels drawn from the model's softmax (true Fisher) when ``gen`` is given, else ``y``."""
+    """Labels drawn from the model's softmax (true Fisher) when ``gen`` is given, else ``y``: one per example
+    for ``(N, C)`` logits, one per position for dense ``(N, C, d1, ...)`` outputs (classes on dim 1, as
+    ``F.cross_entropy`` reads them)."""
     if gen is None:
         return y
-    probs = F.softmax(logits.detach().float().reshape(len(logits), -1), -1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(1).to(logits.device)
+    z = logits.detach().float()
+    if z.dim() == 1:
+        z = z.unsqueeze(0)
+    flat = z.movedim(1, -1).reshape(-1, z.shape[1])  # one row of class scores per example / position
+    draw = torch.multinomial(F.softmax(flat, -1), 1, generator=gen).squeeze(1)
+    return draw.view(z.shape[0], *z.shape[2:]).to(logits.device)
 
 
 def _check_options(mode: str, fisher: str, average: str, decay: float) -> None:
@@ -332,7 +339,7 @@ def kfac_factors(model: nn.Module, batches: Batches, paths: list[str], loss: Los
                 handles.append(m.register_forward_hook(make_hook(p)))
             for x, y in batches:
                 captured.clear()
-                logits = model(x)
+                logits = primary_output(run_model(model, x))
                 if gen is None and fisher == "true":
                     gen = _generator(fisher, seed, logits.device)
                 total = loss(logits, sampled_labels(logits, gen, y)) * len(x)
@@ -468,6 +475,7 @@ def ekfac_eigenvalues(model: nn.Module, batches: Batches, bases: dict[str, tuple
     ``(out, d, taps)`` (see :func:`weight_taps`).
     """
     from torch.func import functional_call, grad, vmap
+    from torch.utils._pytree import tree_map
 
     _check_options(mode, fisher, "sum", 0.0)
     loss = loss or F.cross_entropy
@@ -491,16 +499,18 @@ def ekfac_eigenvalues(model: nn.Module, batches: Batches, bases: dict[str, tuple
         fixed.update(dict(model.named_buffers()))
         own = {k: params[k].detach() for k in names}
 
-        def one(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            out = functional_call(model, {**fixed, **p}, (x.unsqueeze(0),))
-            return loss(out, y.unsqueeze(0))
+        def one(p: dict[str, torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any],
+                y: torch.Tensor) -> torch.Tensor:  # one example: every input tensor gets its batch dim back
+            args, kwargs = tree_map(lambda t: t.unsqueeze(0), (args, kwargs))
+            out = functional_call(model, {**fixed, **p}, args, kwargs)
+            return loss(primary_output(out), y.unsqueeze(0))
 
-        per_example = vmap(grad(one), in_dims=(None, 0, 0))
+        per_example = vmap(grad(one), in_dims=(None, 0, 0, 0))
         for i, (x, y) in enumerate(batches):
             if i >= num_batches:
                 break
             with torch.no_grad():
-                logits = model(x)
+                logits = primary_output(run_model(model, x))
             if gen is None and fisher == "true":
                 gen = _generator(fisher, seed, logits.device)
             y = sampled_labels(logits, gen, y)
@@ -508,7 +518,8 @@ def ekfac_eigenvalues(model: nn.Module, batches: Batches, bases: dict[str, tuple
             for start in range(0, len(x), step):
                 xs, ys = x[start:start + step], y[start:start + step]
                 try:
-                    grads = per_example(own, xs, ys)
+                    inputs = (xs.args, xs.kwargs) if isinstance(xs, ExampleInputs) else ((xs,), {})
+                    grads = per_example(own, *inputs, ys)
                 except RuntimeError as e:
                     raise PruningError(f"curvature: per-example gradients (torch.func.vmap) failed on this "
                                        f"model: {str(e).splitlines()[0]}") from e

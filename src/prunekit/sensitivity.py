@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from prunekit.errors import PruningError
+from prunekit.surgery.inputs import ExampleInputs, example_for, run_model
 
 EPS = float(torch.finfo(torch.float32).eps)  # |z| <= EPS: the edge's contribution counts as 0
 DEFAULT_DELTA = 1e-16
@@ -67,8 +68,11 @@ def layer_output_sizes(model: nn.Module, input_shape: tuple[int, ...], paths: It
     mods = [(p, m) for p, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
             and (wanted is None or p in wanted)]
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    # one example: the model's own inputs where given (several / keyword / integer inputs), else zeros
+    x = example_for(model, input_shape) if isinstance(input_shape, ExampleInputs) else \
+        torch.zeros((1, *input_shape), device=dev)
     with _eval(model), _hooked([m.register_forward_hook(hook(p)) for p, m in mods]), torch.no_grad():
-        model(torch.zeros((1, *input_shape), device=dev))
+        run_model(model, x)
     return sizes
 
 
@@ -340,9 +344,9 @@ def collect_sensitivities(
     handles = [trackers[p].module.register_forward_hook(hook(trackers[p])) for p in trackers]
     with _eval(model), _hooked(handles), torch.no_grad():
         for item in batches:
-            x = item[0] if isinstance(item, (tuple, list)) else item
+            x = item[0] if isinstance(item, (tuple, list)) and not isinstance(item, ExampleInputs) else item
             for i in range(0, len(x), batch_size):
-                model(x[i:i + batch_size])
+                run_model(model, x[i:i + batch_size])
     return trackers
 
 

@@ -47,7 +47,7 @@ from prunekit.methods.registry import register_method
 from prunekit.surgery.inputs import run_model
 from prunekit.surgery.plan import Plan
 
-_CHANNEL_LAST = (nn.Linear, nn.LayerNorm)
+_CHANNEL_LAST = (nn.Linear, nn.LayerNorm, nn.Embedding, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

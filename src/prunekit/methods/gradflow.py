@@ -83,6 +83,7 @@ import torch.nn as nn
 from prunekit.errors import PruningError
 from prunekit.methods.base import ChannelScorer, PruneContext
 from prunekit.methods.registry import register_method
+from prunekit.surgery.inputs import as_example_inputs, cat_inputs
 from prunekit.surgery.plan import Plan
 
 PAPER = "Lubana & Dick, A Gradient Flow Framework for Analyzing Network Pruning, ICLR 2021"
@@ -143,10 +144,14 @@ def group_rows(group: Any, path: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def first_conv_path(model: nn.Module) -> str | None:
-    """Path of the first convolution in registration order (the stem of the zoo's CNNs)."""
+    """Path of the model's stem: its first weight layer in registration order when that is a convolution (the
+    zoo's CNNs, a ViT's patch embedding); None when the model begins with a linear layer or an embedding (an
+    MLP, a language model, a generator's projection before its transposed convolutions)."""
     for path, m in model.named_modules():
         if isinstance(m, nn.modules.conv._ConvNd):
             return path
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            return None
     return None
 
 
@@ -171,31 +176,38 @@ def class_balanced_batches(
     """Draw ``per_class`` examples of every class from ``data`` (one pass at most).
 
     Returns the examples grouped by class (class 0 first) in batches of ``batch_size`` (default: the size of the
-    loader's first batch) and the number of examples found per class (short where the data ran out).
+    loader's first batch) and the number of examples found per class (short where the data ran out). ``x`` may
+    hold several / keyword inputs (a tuple, a dict); dense labels (one per position, as for a segmentation or a
+    language model) class an example by its most frequent label and are kept as they are.
     """
     if per_class < 1:
         raise PruningError(f"class-balanced sampling needs at least one example per class, got {per_class}")
-    xs: list[list[torch.Tensor]] = [[] for _ in range(num_classes)]
+    xs: list[list[Any]] = [[] for _ in range(num_classes)]
+    ys: list[list[torch.Tensor]] = [[] for _ in range(num_classes)]
     counts = [0] * num_classes
     for x, y in data:
+        if not isinstance(x, torch.Tensor):
+            x = as_example_inputs(x)
         if batch_size is None:
             batch_size = len(x)
-        y = y.reshape(-1).long()
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        y = y.long()
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise PruningError(f"labels must lie in [0, {num_classes}) for class-balanced sampling, got "
                                f"[{int(y.min())}, {int(y.max())}]")
-        for c in torch.unique(y).tolist():
+        cls = y.reshape(-1) if y.dim() <= 1 else y.reshape(len(y), -1).mode(1).values
+        for c in torch.unique(cls).tolist():
             need = per_class - counts[c]
             if need > 0:
-                idx = (y == c).nonzero().flatten()[:need]
+                idx = (cls == c).nonzero().flatten()[:need]
                 xs[c].append(x[idx.to(x.device)])
+                ys[c].append(y[idx.to(y.device)])
                 counts[c] += len(idx)
         if min(counts) >= per_class:
             break
     if sum(counts) == 0:
         raise PruningError("no examples found for class-balanced sampling: the data is empty")
-    X = torch.cat([t for chunks in xs for t in chunks]).to(device)
-    Y = torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in enumerate(counts)]).to(device)
+    X = cat_inputs([t for chunks in xs for t in chunks]).to(device)
+    Y = torch.cat([t for chunks in ys for t in chunks]).to(device)
     bs = max(1, batch_size or len(X))
     return [(X[i: i + bs], Y[i: i + bs]) for i in range(0, len(X), bs)], counts
 
@@ -496,12 +508,16 @@ class GradFlowScorer(ChannelScorer):
         groups = ctx.groups()
         if self.keep_stem:
             stem = first_conv_path(model)
-            groups = [g for g in groups if stem not in {entry_path(p) for p in g.producers}]
+            rest = [g for g in groups if stem not in {entry_path(p) for p in g.producers}]
+            if groups and not rest:
+                raise PruningError(f"method {self.name!r}: the only prunable channels are those of the stem "
+                                   f"{stem!r}, which keep_stem=True keeps (pass keep_stem=False to prune them)")
+            groups = rest
         return groups
 
     # -- statistics --------------------------------------------------------------------------------
     def _loss(self, model: nn.Module, ctx: PruneContext, x: torch.Tensor, y: torch.Tensor, T: float) -> torch.Tensor:
-        return ctx.loss(model(x) / T, y)
+        return ctx.loss(ctx.logits(model, x) / T, y)
 
     def batch_stats(self, model: nn.Module, ctx: PruneContext, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                     paths: Sequence[str]) -> Stats:
@@ -594,7 +610,7 @@ class GradFlowScorer(ChannelScorer):
         if classes is None:  # the logit width, from one example (eval mode: BN statistics untouched)
             x, _ = next(iter(ctx.batches(1)))
             with _GradMode(model, []), torch.no_grad():
-                classes = int(model(x).shape[1])
+                classes = int(ctx.logits(model, x).shape[1])
         per_class = max(1, int(self.imp_samples) // classes)
         batches, counts = class_balanced_batches(ctx.data, classes, per_class, device=ctx.device)
         self.meta["class_balanced"] = {"classes": classes, "per_class": per_class, "found": counts}

@@ -78,6 +78,7 @@ from prunekit.methods.id_executor import _FxRunner, _GroupState, _HookRunner, _R
 from prunekit.methods.registry import register_method
 from prunekit.surgery.allocate import latency_mode, resolve_round_to, runtime_breakpoint, runtime_step
 from prunekit.surgery.cost import cpu_block
+from prunekit.surgery.inputs import cat_inputs, primary_output
 from prunekit.surgery.plan import Plan
 
 _PAPER = "Chee et al., Model Preserving Compression for Neural Networks, NeurIPS 2022"
@@ -350,7 +351,7 @@ class _IDState:
             err = num = 0.0
             with torch.inference_mode():
                 for x, y in zip(xs, ref):
-                    out = self.model(x)
+                    out = primary_output(self.model(x))
                     if out.dim() == 2:  # logits: KL(softmax(ref) || softmax(out)) per example
                         lp, lq = torch.log_softmax(y.double(), 1), torch.log_softmax(out.double(), 1)
                         err += float((lp.exp() * (lp - lq)).sum())
@@ -572,7 +573,7 @@ def _prune_batches(ctx: PruneContext, samples: int, batch_size: int, method: str
     xs = [x for x, _ in ctx.batches(samples)]
     if not xs:
         raise PruningError(f"method {method!r} saw no examples: the prune set is empty")
-    x = torch.cat(xs)
+    x = cat_inputs(xs)  # tensors, or batches of several / keyword inputs
     return list(x.split(max(1, batch_size)))
 
 
@@ -582,7 +583,8 @@ def measured_costs(model: nn.Module, input_shape: Any) -> dict[str, float]:
     predictions of the pruned model are dense counts, so a goal met by the prediction is met."""
     from prunekit.metrics import count_params, effective_flops
 
-    return {"flops": float(effective_flops(model, tuple(input_shape))),
+    shape = input_shape if isinstance(input_shape, tuple) else tuple(input_shape)  # ExampleInputs kept whole
+    return {"flops": float(effective_flops(model, shape)),
             "params": float(count_params(model)["nonzero_params"])}
 
 
@@ -829,9 +831,9 @@ class IterativeInterpolativeDecomposition(_IDBase):
         n = int(self.calibrate or 0)
         if n <= 0:
             return {}
-        xs = torch.cat(st.batches)[:n].split(max(1, int(self.batch_size)))
+        xs = cat_inputs(st.batches)[:n].split(max(1, int(self.batch_size)))
         with torch.inference_mode():
-            ref = [st.model(x) for x in xs]
+            ref = [primary_output(st.model(x)) for x in xs]
         gains: dict[str, float] = {}
         for key, g in st.groups.items():
             width = len(g.kept)

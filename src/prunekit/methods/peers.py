@@ -253,6 +253,11 @@ class _TorchPruningPeer(Method):
         graph = _graph(model, ctx)
         work = copy.deepcopy(model)  # the user's model is never touched
         n_grad = self._fill_gradients(work, ctx) if self.grad_mode else 0
+        if self.grad_mode and all(p.grad is None or not p.grad.any() for p in work.parameters()):
+            outs = ", ".join(repr(p) for p in graph.output_layers) or "none"
+            raise PruningError(f"method {self.name!r}: the loss has a zero gradient for every parameter on the prune "
+                               f"set (model outputs from {outs}; a cross-entropy over one output channel is "
+                               f"constant), so {type(self.importance()).__name__} has nothing to rank")
         ignored = self._ignored(work, graph, ctx)
         t = ctx.target
         global_pruning = (ctx.budget.scope != "layerwise") if self.global_pruning is None else self.global_pruning

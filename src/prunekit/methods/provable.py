@@ -59,6 +59,7 @@ from prunekit.methods.base import Method, PruneContext, WeightScorer
 from prunekit.methods.options import OptionType
 from prunekit.methods.registry import register_method
 from prunekit.sensitivity import DEFAULT_DELTA, LayerSensitivity, collect_sensitivities, sample_size
+from prunekit.surgery.inputs import input_tensors
 from prunekit.surgery.plan import Plan
 
 C_CONSTANT = 3.0  # the constant of the bounds (torchprune's c_constant)
@@ -85,7 +86,7 @@ def sensitivities(method: Method, model: nn.Module, ctx: PruneContext, paths: li
         raise PruningError(f"method {method.name!r}: delta must be in (0, 1), got {method.delta}")
     n = method.samples
     if n is None:
-        n = sample_size(model, tuple(ctx.input_shape), method.delta)
+        n = sample_size(model, ctx.input_shape, method.delta)
         n = -(-n // method.batch_size) * method.batch_size
     batches = [x for x, _ in ctx.batches(n)]
     key = _cache_key(model, paths, batches, weights, channels, method.batch_size)
@@ -130,7 +131,8 @@ def _cache_key(model: nn.Module, paths: list[str], batches: list[torch.Tensor], 
         h.update(name.encode())
         _digest(h, t)
     for x in batches:
-        _digest(h, x)
+        for t in input_tensors(x):  # one tensor, or each of several / keyword inputs
+            _digest(h, t)
     return h.hexdigest()
 
 

@@ -415,7 +415,46 @@ def _build_groups(work: nn.Module, dg: Any, names: dict[nn.Module, str], shapes:
             for p in g.producers + g.depthwise:
                 skipped.setdefault(p, g.reason)
         groups[path] = g
+    _block_grouped_query(work, groups, skipped, problems)
     return groups, skipped, problems
+
+
+def _kv_heads(m: nn.Module) -> tuple[int, int] | None:
+    """``(query heads, key/value heads)`` of a grouped-query attention module (fewer K/V heads than query heads:
+    ``num_key_value_heads`` / ``num_kv_heads`` / ``n_kv_heads`` beside ``num_heads`` / ``num_attention_heads``,
+    on the module or its ``config``), else None."""
+    def attr(names: tuple[str, ...]) -> int | None:
+        for src in (m, getattr(m, "config", None)):
+            for a in names:
+                if isinstance(v := getattr(src, a, None), int) and v > 0:
+                    return v
+        return None
+
+    kv = attr(("num_key_value_heads", "num_kv_heads", "n_kv_heads"))
+    h = attr(("num_heads", "num_attention_heads", "n_heads"))
+    return (h, kv) if h and kv and kv < h else None
+
+
+def _block_grouped_query(work: nn.Module, groups: dict[str, ChannelGroup], skipped: dict[str, str],
+                         problems: list[tuple[str, str]]) -> None:
+    """Grouped-query attention: several query heads share one key/value head, so a query head, its K/V group
+    and the repeat that maps one onto the other must shrink together; single channels of the q / k / v
+    projections (which the trace sees as independent groups) would break that mapping. Their groups are
+    left unpruned -- the residual stream that feeds them and the output projection stay prunable."""
+    for parent, m in work.named_modules():
+        hk = _kv_heads(m)
+        if hk is None:
+            continue
+        inside = f"{parent}." if parent else ""
+        reason = (f"grouped-query attention {parent!r} ({hk[0]} query heads share {hk[1]} key/value heads): its "
+                  "query / key / value projections keep every channel so that each query head keeps its "
+                  "key/value group")
+        for key, g in groups.items():
+            if g.prunable and g.producers and all(p.startswith(inside) for p in g.producers):
+                g.prunable, g.reason = False, reason
+                for p in g.producers:
+                    skipped[p] = reason
+                problems.append((key, reason))
 
 
 def _sort_members(work: nn.Module, groups: dict[str, ChannelGroup]) -> None:

@@ -65,12 +65,12 @@ class ExampleInputs(tuple):
         return next(t for t in (*self.args, *self.kwargs.values()) if isinstance(t, torch.Tensor))
 
     # batch-like behaviour for methods written for one tensor: ``len(x)`` is the batch size, ``x[:n]``
-    # the first n examples, ``x.shape`` / ``x.device`` those of the first tensor
+    # the first n examples (``x[idx]`` those of an index tensor), ``x.shape`` / ``x.device`` those of the first tensor
     def __len__(self) -> int:
         return self.batch_size
 
     def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
+        if isinstance(i, (slice, torch.Tensor)):  # a slice or an index tensor of examples
             return ExampleInputs(tuple(_map(a, lambda t: t[i]) for a in self.args),
                                  {k: _map(v, lambda t: t[i]) for k, v in self.kwargs.items()})
         return tuple.__getitem__(self, i)
@@ -90,6 +90,15 @@ class ExampleInputs(tuple):
         """The first ``n`` examples (every tensor sliced along its batch dimension)."""
         return ExampleInputs(tuple(_map(a, lambda t: t[:n]) for a in self.args),
                              {k: _map(v, lambda t: t[:n]) for k, v in self.kwargs.items()})
+
+    def split(self, size: int) -> tuple[ExampleInputs, ...]:
+        """Consecutive batches of at most ``size`` examples (as ``torch.Tensor.split``)."""
+        size = max(1, int(size))
+        return tuple(self[i:i + size] for i in range(0, self.batch_size, size))
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every input tensor, positional first, then keyword (nested tuples / dicts flattened)."""
+        return [t for v in (*self.args, *self.kwargs.values()) for t in flatten_outputs(v)]
 
     def to(self, device: torch.device | str) -> ExampleInputs:
         return ExampleInputs(tuple(_map(a, lambda t: t.to(device)) for a in self.args),
@@ -129,6 +138,53 @@ def _map(v: Any, fn: Any) -> Any:
     if isinstance(v, dict):
         return {k: _map(x, fn) for k, x in v.items()}
     return v
+
+
+def _cat(parts: Sequence[Any]) -> Any:
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(parts))
+    if isinstance(first, (tuple, list)):
+        return type(first)(_cat([p[i] for p in parts]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _cat([p[k] for p in parts]) for k in first}
+    return first  # a non-tensor argument (a flag, a scale): the same in every batch
+
+
+def cat_inputs(xs: Sequence[Any]) -> Any:
+    """Batches of model inputs joined along the batch dimension: tensors with ``torch.cat``; batches of several
+    / keyword inputs (:class:`ExampleInputs`, tuples, dicts) input by input, as one :class:`ExampleInputs`."""
+    if not xs:
+        raise PruningError("no input batches to concatenate")
+    if all(isinstance(x, torch.Tensor) for x in xs):
+        return torch.cat(list(xs))
+    exs = [as_example_inputs(x) for x in xs]
+    if len({(len(e.args), tuple(e.kwargs)) for e in exs}) != 1:
+        raise PruningError("the input batches do not all hold the same inputs: they cannot be concatenated")
+    return ExampleInputs(_cat([e.args for e in exs]), _cat([e.kwargs for e in exs]))
+
+
+def input_tensors(x: Any) -> list[torch.Tensor]:
+    """Every tensor of a batch of model inputs (one tensor, :class:`ExampleInputs`, a tuple or a dict)."""
+    if isinstance(x, ExampleInputs):
+        return x.tensors()
+    return flatten_outputs(x)
+
+
+def primary_output(out: Any) -> torch.Tensor:
+    """The output a loss or a logit statistic is taken of: the output itself when it is a tensor, else its
+    ``logits`` entry (Hugging Face ``ModelOutput``, dicts, dataclasses) if it has one, else its first tensor
+    (the first head of a tuple of heads)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    named = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if isinstance(named, torch.Tensor):
+        return named
+    tensors = flatten_outputs(out)
+    if not tensors:
+        raise PruningError(f"the model returned {type(out).__name__} without a tensor: there is no output to "
+                           "take a loss or logits of")
+    return tensors[0]
 
 
 def as_example_inputs(x: Any) -> ExampleInputs:
@@ -226,10 +282,13 @@ __all__ = [
     "ExampleInputs",
     "accepting_examples",
     "as_example_inputs",
+    "cat_inputs",
     "example_for",
     "flatten_outputs",
+    "input_tensors",
     "is_example",
     "max_output_difference",
     "output_names",
+    "primary_output",
     "run_model",
 ]
