@@ -823,3 +823,22 @@ def test_grouped_query_attention_keeps_kv_heads_consistent():
     a = prunekit.prune(model, "l1", "flops=2", example_inputs=ex).model.attn
     assert (a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features) == (32, 16, 16)
     assert a.q_proj.in_features < 32  # the residual stream feeding the block shrank
+
+
+# --------------------------------------------------------------------------------------------- gradient flow
+@pytest.mark.parametrize("name", ["resnext", "hf_bert", "hf_vit"])
+def test_gradflow_reads_multi_row_channels_of_grouped_convs_and_heads(name):
+    """A channel of a grouped conv or an attention head owns several weight rows: gradient-flow scores read them
+    through the group's member table instead of refusing ("has 32 rows but group has 4 channels")."""
+    if name.startswith("hf_"):
+        pytest.importorskip("transformers")
+    res = check_pruned(name, "gf_fisher")
+    assert res["ok"], res.get("reason")
+
+
+@pytest.mark.parametrize("name", ["squeeze_excite", "two_tower"])
+def test_gradflow_keep_stem_refusal_says_so_and_keep_stem_false_prunes(name):
+    res = check_pruned(name, "gf_l1")
+    assert not res["ok"] and "keep_stem=False" in res["reason"]
+    res = check_pruned(name, "gf_l1", keep_stem=False)
+    assert res["ok"] and res["speedup"] >= 1.9

@@ -135,7 +135,7 @@ def group_rows(group: Any, path: str, t: torch.Tensor) -> torch.Tensor:
     Uses the group's member table (channel order, transposed convs) when it has one.
     """
     for mb in getattr(group, "members", ()) or ():
-        if mb.tensor == path and mb.role in ("producer", "norm", "depthwise") and mb.index.shape[1] == 1:
+        if mb.tensor == path and mb.role in ("producer", "norm", "depthwise"):
             return t.movedim(mb.dim, 0)[mb.index.reshape(-1).to(t.device)].reshape(group.size, -1)
     if t.shape[0] != group.size:
         raise PruningError(f"parameter {path!r} has {t.shape[0]} rows but channel group {group.key!r} has "
@@ -703,7 +703,15 @@ class GradFlowScorer(ChannelScorer):
         if self.prune_percent is not None:
             plan = self._global_fraction_plan(model, ctx)
         else:
-            plan = super().plan(model, ctx)
+            try:
+                plan = super().plan(model, ctx)
+            except PruningError as e:
+                stem = first_conv_path(model) if self.keep_stem else None
+                if stem is None or "cannot be reached" not in str(e):
+                    raise
+                raise PruningError(f"{e}; method {self.name!r} also keeps the channels of the stem {stem!r} and of "
+                                   f"every layer coupled to it (keep_stem=True, as the seed does): pass "
+                                   f"keep_stem=False to prune them too") from None
         plan.meta.update({"gradflow": dict(self.meta), "temperature": self.temperature_used})
         if "grasp_memory" in self.meta:
             plan.meta["grasp_memory"] = self.meta["grasp_memory"]
