@@ -383,6 +383,7 @@ _X, _Y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     ([(torch.randn(8, 1, 28, 28), _Y[:8])], "shape"), ([(_X.to(torch.uint8), _Y)], "uint8"),
     ([_X], "not an \\(x, y\\) pair"), ([(_X, _Y.float())], "integer"), ([(_X, _Y + 100)], "expected 0..9"),
     ([(_X, _Y[:3])], "3 labels for 16"), ([(_X, _Y, _Y)], "tuple of 3"), ([(_X, -1 - _Y)], "expected 0..9"),
+    ([(_X, torch.tensor(3))], "per example"),
 ])
 def test_prune_batches_are_checked_where_they_enter(method, data, needle) -> None:
     from prunekit.data import DatasetFormatError

@@ -18,7 +18,8 @@ def check_batch(batch: Any, i: int, input_shape: tuple[int, ...] | None, num_cla
     """Raise :class:`DatasetFormatError` unless ``batch`` is an ``(x, y)`` pair that fits the model.
 
     ``x`` is checked only when it is a tensor (a tuple / dict of inputs goes to models with several inputs);
-    its shape only when ``input_shape`` is a plain shape. ``y``: integer labels, one per example, in
+    its shape only when ``input_shape`` is a plain shape. ``y``: integer labels, one per example (``(N,)``) or
+    one per output position (``(N, ...)``: a segmentation map, a language model's tokens), in
     ``[0, num_classes)`` when ``num_classes`` is known."""
     where = f"data batch {i}"
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -35,10 +36,10 @@ def check_batch(batch: Any, i: int, input_shape: tuple[int, ...] | None, num_cla
         if tuple(x.shape[1:]) != tuple(input_shape):
             raise DatasetFormatError(f"{where}: inputs of shape {tuple(x.shape)}; the model takes "
                                      f"N x {' x '.join(map(str, input_shape))}")
-    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.ndim != 1:
+    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.ndim < 1:
         what = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
-        raise DatasetFormatError(f"{where}: labels are {what}; expected a 1-D integer tensor (one class index "
-                                 "per example)")
+        raise DatasetFormatError(f"{where}: labels are {what}; expected an integer tensor of one class index "
+                                 "per example (N,) or per output position (N, ...)")
     n = len(x) if isinstance(x, torch.Tensor) else None
     if n is not None and len(y) != n:
         raise DatasetFormatError(f"{where}: {len(y)} labels for {n} inputs")
