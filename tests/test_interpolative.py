@@ -347,3 +347,16 @@ def test_id_iter_option_errors():
     for bad, match in (({"criterion": "magic"}, "criterion"), ({"remeasure": 0}, "remeasure")):
         with pytest.raises(PruningError, match=match):
             prunekit.prune(model, "id_iter", "flops=2", data=_data((1, 28, 28), 32), **bad)
+
+
+def test_tsqr_gram_after_a_run_under_inference_mode():
+    """The reused scratch buffer of the Gram route, first made under torch.inference_mode() (an earlier prune or
+    a forward check), must not break a later TSQR outside it ("inplace update to inference tensor")."""
+    from prunekit.linalg import release_workspace
+
+    release_workspace()
+    z = torch.randn(500, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        inside = tsqr_r(z.split(50), block="gram")
+    outside = tsqr_r(z.split(50), block="gram")
+    assert torch.allclose(inside, outside) and torch.allclose(outside.T @ outside, z.T @ z, rtol=1e-6, atol=1e-8)

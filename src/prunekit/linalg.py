@@ -85,7 +85,9 @@ _WORKSPACE: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
 def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A reused scratch tensor: converting every block into a fresh float64 buffer costs page faults
     that dominate the Gram products of narrow activations."""
-    key = (name, dtype, str(device))
+    # a buffer made under torch.inference_mode() cannot be written outside it (and the reverse is fine but
+    # would keep the other kind out): one buffer per mode
+    key = (name, dtype, str(device), torch.is_inference_mode_enabled())
     n = 1
     for s in shape:
         n *= int(s)

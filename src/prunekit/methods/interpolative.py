@@ -106,6 +106,7 @@ class _IDState:
         # a latency-aware search keeps widths at the runtime's multiples and scores steps by the latency they save
         self.latency_aware = bool(getattr(method, "searches_widths", False)) and (
             latency_mode(ctx.budget.latency_aware) != "off")
+        self.conv_groups = {g.key for g in self.graph.groups.values() if _conv_produced(model, g)}
         self.model = _working_copy(model)
         self.model.eval()
         self.batches = _prune_batches(ctx, int(method.samples), int(method.batch_size), method.name)
@@ -134,6 +135,11 @@ class _IDState:
             consumers = sorted({c for g in self.graph.groups.values() for c in g.consumers})
             return _HookRunner(self.model, self.batches, consumers, block)
 
+    def aligned(self, key: str) -> bool:
+        """Whether group ``key``'s widths follow the runtime's channel blocks: a latency-aware search, and the
+        group written by convolutions (whose blocked kernels pad channels; a linear layer's GEMM does not)."""
+        return self.latency_aware and key in self.conv_groups
+
     def _multiple(self, g: Any) -> int:
         """Kept counts are multiples of this: the group's GroupNorm groups and the shared allocator's
         channel multiple: an explicit ``round_to`` (:func:`~prunekit.surgery.allocate.resolve_round_to`),
@@ -143,8 +149,8 @@ class _IDState:
         b = self.ctx.budget
         if b.round_to is not None:
             rt = resolve_round_to(g.size, b.round_to)
-        else:
-            rt = runtime_step() if self.latency_aware and g.size >= cpu_block() else 1  # tiny groups: as they come
+        else:  # tiny groups and linear layers (no blocked-channel kernels): widths as they come
+            rt = runtime_step() if self.aligned(g.key) and g.size >= cpu_block() else 1
         if rt > 1:
             m = m * rt // math.gcd(m, rt)
         return m
@@ -803,7 +809,7 @@ class IterativeInterpolativeDecomposition(_IDBase):
         for key in st.groups:
             n = widths[key]
             ks = {st.width_options(key, int(math.floor(float(self.k) * n)))}
-            if st.latency_aware:  # also the next width where the runtime's kernels save time
+            if st.aligned(key):  # also the next width where the runtime's kernels save time
                 ks.add(st.width_options(key, runtime_breakpoint(n)))
             for k in ks:
                 if 0 < k < n:
@@ -893,6 +899,13 @@ class IterativeInterpolativeDecomposition(_IDBase):
             if st.cost(kind, {**widths, other: k_other}) > goal:
                 return other, k_other
         return key, w
+
+
+def _conv_produced(model: nn.Module, g: Any) -> bool:
+    """Whether every producer of channel group ``g`` is a convolution."""
+    paths = [p if isinstance(p, str) else p[0] if isinstance(p, tuple) else p.path for p in g.producers]
+    mods = dict(model.named_modules())
+    return bool(paths) and all(isinstance(mods.get(str(p)), nn.modules.conv._ConvNd) for p in paths)
 
 
 __all__ = ["InterpolativeDecomposition", "IterativeInterpolativeDecomposition"]
