@@ -63,11 +63,16 @@ def test_cli_prune_train_with_prune_percent_option(tmp_path, capsys) -> None:
     assert m["filters_kept"] == round(m["filters_original"] * 0.5)
 
 
+def _save_base(tmp_path) -> None:
+    """A quarter-width ResNet-20 (seed 0) saved as ``tmp_path / "base.pt"`` for the synthetic dataset."""
+    torch.manual_seed(0)
+    prunekit.save(create_model("resnet20", width=0.25), tmp_path / "base.pt", meta={"dataset": "synthetic"})
+
+
 def test_cli_prune_train_from_checkpoint_grasp(tmp_path, capsys) -> None:
     from prunekit.cli import main
 
-    torch.manual_seed(0)
-    prunekit.save(create_model("resnet20", width=0.25), tmp_path / "base.pt", meta={"dataset": "synthetic"})
+    _save_base(tmp_path)
     out = tmp_path / "ck"
     rc = main(["prune", "--checkpoint", str(tmp_path / "base.pt"), "--method", "gf_grasp", "--target", "ratio=0.3",
                "--rounds", "1", "--epochs-per-round", "0", "--final-epochs", "0.1", "--eval-rounds",
@@ -177,8 +182,7 @@ def test_cli_cascade_pfp_rounds_with_retraining(tmp_path, capsys) -> None:
     """``prunekit prune --rounds N --finetune-epochs E``: the prune -> retrain cascade from the CLI (PFP)."""
     from prunekit.cli import main
 
-    torch.manual_seed(0)
-    prunekit.save(create_model("resnet20", width=0.25), tmp_path / "base.pt", meta={"dataset": "synthetic"})
+    _save_base(tmp_path)
     out = tmp_path / "cascade"
     rc = main(["prune", "--checkpoint", str(tmp_path / "base.pt"), "--method", "pfp", "--target", "flops=2",
                "--rounds", "2", "--finetune-epochs", "0.25", "--option", "samples=16", "--no-latency",
