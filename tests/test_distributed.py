@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,13 @@ import torch
 from prunekit.data import BatchLoader, get_dataset
 from prunekit.errors import ConfigError
 from prunekit.models import create_model
+
+
+def _free_port() -> str:
+    """A port nobody listens on now (a fixed one collides with a run still closing, or another suite)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
 
 
 def _ds(n: int = 100):
@@ -64,6 +72,7 @@ _SCRIPT = textwrap.dedent("""
     if distributed.is_main():
         torch.save(model.state_dict(), out + ".pt")
         json.dump({"world": distributed.world_size(), "history": hist}, open(out + ".json", "w"))
+    distributed.shutdown()
 """)
 
 
@@ -75,7 +84,7 @@ def test_two_ranks_train_like_one_process_at_twice_the_batch(tmp_path) -> None:
                          text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", "29533", str(script), "8", str(tmp_path / "two")], env=env,
+                          "--master-port", _free_port(), str(script), "8", str(tmp_path / "two")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     info = json.loads((tmp_path / "two.json").read_text())
@@ -102,9 +111,9 @@ def test_torchrun_prune_with_fine_tuning_writes_once(tmp_path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        "29534", "-m", "prunekit", "prune", "--checkpoint", str(base), "--method", "l1", "--target",
-                        "flops=2", "--finetune-epochs", "0.25", "--prune-samples", "64", "--batch-size", "32",
-                        "--no-latency", "--quiet", "--device", "cpu", "--out", str(out)],
+                        _free_port(), "-m", "prunekit", "prune", "--checkpoint", str(base), "--method", "l1",
+                        "--target", "flops=2", "--finetune-epochs", "0.25", "--prune-samples", "64",
+                        "--batch-size", "32", "--no-latency", "--quiet", "--device", "cpu", "--out", str(out)],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
@@ -130,6 +139,7 @@ _TSQR_SCRIPT = textwrap.dedent("""
         out[block] = acc.all_reduce_().r()
         out[block + "_rows"] = torch.tensor(acc.rows)
     torch.save(out, sys.argv[1] + f".{distributed.rank()}.pt")
+    distributed.shutdown()
 """)
 
 
@@ -140,7 +150,7 @@ def test_tsqr_r_over_two_ranks_equals_the_single_process_r(tmp_path) -> None:
     script.write_text(_TSQR_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        "29535", str(script), str(tmp_path / "r")], env=env, capture_output=True, text=True,
+                        _free_port(), str(script), str(tmp_path / "r")], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     torch.manual_seed(0)
@@ -171,6 +181,7 @@ _PLAN_SCRIPT = textwrap.dedent("""
         out[method] = {k: v.tolist() for k, v in res.plan.channels.items()}
     if distributed.is_main():
         json.dump({"world": distributed.world_size(), "plans": out}, open(sys.argv[1], "w"))
+    distributed.shutdown()
 """)
 
 
@@ -184,8 +195,8 @@ def test_plans_under_two_ranks_equal_the_single_process_plans(tmp_path) -> None:
                          text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          "29536", str(script), str(tmp_path / "two.json")], env=env, capture_output=True, text=True,
-                         timeout=600)
+                          _free_port(), str(script), str(tmp_path / "two.json")], env=env, capture_output=True,
+                         text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     a = json.loads((tmp_path / "one.json").read_text())
     b = json.loads((tmp_path / "two.json").read_text())

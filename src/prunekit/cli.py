@@ -639,7 +639,9 @@ def main(argv: list[str] | None = None) -> int:
             from prunekit import distributed
 
             distributed.init_from_env(getattr(args, "device", None))  # under torchrun: join the process group
-            return int(args.fn(args) or 0)
+            code = int(args.fn(args) or 0)
+            distributed.shutdown()  # every rank finished: leave the group together
+            return code
         except PrunekitError as e:
             if verbose:
                 traceback.print_exc()

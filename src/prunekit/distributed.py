@@ -19,6 +19,7 @@ Without ``torchrun`` (``WORLD_SIZE`` unset or 1) nothing here does anything.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from typing import Any
@@ -62,7 +63,22 @@ def init_from_env(device: str | None = None) -> bool:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     except (RuntimeError, ValueError) as e:
         raise ConfigError(f"could not join the torchrun process group ({backend}): {e}") from None
+    atexit.register(shutdown, wait=False)  # a process that exits with gloo's threads alive dies in std::terminate
     return True
+
+
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group (a no-op outside torchrun or when already left).
+
+    ``wait``: first wait at a barrier until every rank got here, so no rank tears the group down while
+    another still talks to it; the exit hook :func:`init_from_env` registers leaves without waiting
+    (after an error the other ranks may never reach a barrier).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait and world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def barrier() -> None:
@@ -110,4 +126,4 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 __all__ = ["active", "all_reduce_sum", "barrier", "broadcast_object", "check_same", "init_from_env", "is_main",
-           "rank", "world_size", "wrap"]
+           "rank", "shutdown", "world_size", "wrap"]
