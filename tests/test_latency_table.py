@@ -140,6 +140,8 @@ def test_measured_allocation_meets_target_and_reports() -> None:
 def test_latency_mode_values() -> None:
     assert [latency_mode(v) for v in (True, None, "proxy", False, "off", "measured")] == [
         "proxy", "proxy", "proxy", "off", "off", "measured"]
+    assert [latency_mode(v) for v in ("measured@eager", "onnxruntime", "measured@onnxruntime", "ORT")] == [
+        "measured", "onnxruntime", "onnxruntime", "onnxruntime"]
     model = create_model("lenet5")
     with pytest.raises(PruningError, match="latency_aware must be one of"):
         prunekit.prune(model, "l1", "flops=2", latency_aware="fastest")
@@ -155,6 +157,7 @@ def test_cli_latency_model_flag() -> None:
 
     assert _latency_model(parser.parse_args(base)) == "proxy"
     assert _latency_model(parser.parse_args([*base, "--latency-model", "measured"])) == "measured"
+    assert _latency_model(parser.parse_args([*base, "--latency-model", "onnxruntime"])) == "onnxruntime"
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--latency-model", "fastest"])
 
@@ -193,3 +196,54 @@ def test_measured_allocation_on_every_zoo_model(name: str, recwarn) -> None:
     assert res.model(torch.randn(2, *info.input_size)).shape[0] == 2
     assert "latency_table" in res.report  # the measured path ran
     assert not [w for w in recwarn if "latency worker failed" in str(w.message)]
+
+
+# --------------------------------------------------------------------------------------------- ONNX Runtime
+def test_onnxruntime_table_times_the_deployed_layer_and_keeps_its_own_entries(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "lat.json"
+    conv = LayerSpec("conv2d", 8, 16, (8, 8), (3, 3), (1, 1), (1, 1), (1, 1), 1, True, True)  # conv + add + ReLU
+    specs = [conv, LayerSpec("conv2d", 16, 16, (8, 8), (3, 3), (1, 1), "same", (1, 1), 16),
+             LayerSpec("linear", 16, 4, (5,))]
+    ort = LatencyTable(batch_size=2, threads=1, repeats=3, cache_file=path, runtime="onnxruntime")
+    times = [ort.ms(s) for s in specs]
+    assert all(t > 0 for t in times) and ort.measured == 3
+    ort.save()
+    eager = LatencyTable(batch_size=2, threads=1, repeats=3, cache_file=path)
+    assert eager.ms(conv) > 0 and eager.measured == 1  # an eager timing is another entry, not the ORT one
+    eager.save()
+    keys = list(json.loads(path.read_text())["ms"])
+    assert sum("onnxruntime" in k for k in keys) == 3 and len(keys) == 4
+    again = LatencyTable(batch_size=2, threads=1, repeats=3, cache_file=path, runtime="onnxruntime")
+    assert again.ms(conv) == times[0] and again.measured == 0
+    there = _time_in_worker(specs, 2, 1, 3, 1, 0.5, runtime="onnxruntime")
+    assert there is not None and len(there) == 3 and all(t > 0 for t in there)
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        LatencyTable(runtime="tensorrt")
+
+
+def test_onnxruntime_measured_allocation_meets_target_and_reports() -> None:
+    pytest.importorskip("onnxruntime")
+    info = get_model_info("resnet20")
+    torch.manual_seed(0)
+    model = create_model("resnet20", **info.tiny_kwargs).eval()
+    res = prunekit.prune(model, "l1", "flops=2", latency_aware="measured@onnxruntime")
+    assert abs(res.report["flops_speedup"] / 2 - 1) <= 0.05
+    assert res.report["latency_aware"] == "onnxruntime"
+    assert res.report["latency_table"]["runtime"] == "onnxruntime"
+    assert res.model(torch.randn(2, *info.input_size)).shape == (2, 10)
+
+
+def test_onnxruntime_missing_is_a_clear_error(monkeypatch) -> None:
+    import builtins
+
+    real = builtins.__import__
+
+    def no_ort(name, *a, **k):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'", name="onnxruntime")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_ort)
+    with pytest.raises(PruningError, match=r"prunekit\[deploy\]"):
+        LatencyTable(runtime="onnxruntime")

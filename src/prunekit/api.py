@@ -336,7 +336,8 @@ def prune(
             ``latency_aware`` the global ranking also weighs each channel by the CPU time its
             removal saves (see :class:`BudgetOptions`).
         latency_aware: ``True`` / ``"proxy"`` (default): the time a channel saves comes from an analytic
-            CPU cost model; ``"measured"``: from timing the model's layers on this machine
+            CPU cost model; ``"measured"``: from timing the model's layers on this machine in eager PyTorch;
+            ``"onnxruntime"``: the same in ONNX Runtime (each layer exported alone, BN folded)
             (:mod:`prunekit.surgery.latency`; a few seconds, cached per machine); ``False`` / ``"off"``:
             channels are ranked by score alone.
         ignored: layer paths whose output channels (channel methods) / weights (weight methods) are not

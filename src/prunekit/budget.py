@@ -95,7 +95,8 @@ class BudgetOptions:
     tolerance: float = 0.05  # achieved/target may be off by this fraction
     nm: str | None = None  # weight methods: "N:M" structured sparsity (keep N of every M weights along a row)
     # global channel ranking: score / CPU latency saved per channel, estimated by the analytic proxy
-    # (True / "proxy"), by timing the model's layers on this machine ("measured"), or not at all (False / "off")
+    # (True / "proxy"), by timing the model's layers on this machine in eager PyTorch ("measured") or in ONNX
+    # Runtime ("onnxruntime"), or not at all (False / "off")
     latency_aware: bool | str = True
     latency_batch: int = 64  # "measured": batch size the layers are timed at
     latency_threads: int | None = None  # "measured": threads while timing (None: torch's current setting)

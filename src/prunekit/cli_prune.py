@@ -468,10 +468,11 @@ def add_commands(sub: Any) -> None:
     s.add_argument(
         "--latency-model",
         default=None,
-        choices=["measured", "proxy", "off"],
+        choices=["measured", "onnxruntime", "proxy", "off"],
         help="how the global channel ranking weighs the time a channel costs: 'proxy' (default: an analytic "
-        "CPU cost model), 'measured' (time the model's layers on this CPU, a few seconds, cached per "
-        "machine), 'off' (scores alone)",
+        "CPU cost model), 'measured' (time the model's layers on this CPU in eager PyTorch, a few seconds, "
+        "cached per machine), 'onnxruntime' (the same in ONNX Runtime; needs prunekit[deploy]), 'off' "
+        "(scores alone)",
     )
     s.add_argument(
         "--option",

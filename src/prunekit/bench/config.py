@@ -151,8 +151,9 @@ class PruneSpec(_Strict):
     rounds: int | None = Field(None, ge=1)
     floor: float | None = Field(None, ge=0, lt=1)  # every layer keeps at least this fraction (engine default 0.05)
     cap: float | None = Field(None, gt=0, le=1)  # at most this fraction of a layer is removed
-    # latency-aware channel ranking: "proxy" (engine default), "measured" (time layers on this machine), "off"
-    latency_aware: Literal["proxy", "measured", "off"] | None = None
+    # latency-aware channel ranking: "proxy" (engine default), "measured" (time layers on this machine in eager
+    # PyTorch), "onnxruntime" (time them in ONNX Runtime), "off"
+    latency_aware: Literal["proxy", "measured", "onnxruntime", "off"] | None = None
     prune_set: int = Field(1024, ge=0)  # examples held out of the training split for the methods (per seed)
     batch_size: int = Field(128, ge=1)
     # the prune -> retrain cascade: with rounds >= 2, retrain this many epochs (the finetune section's settings,

@@ -427,11 +427,12 @@ def _merge(parts: list[torch.Tensor], descending: bool) -> tuple[torch.Tensor, t
     return ids[order], order
 
 
-LATENCY_MODES = ("proxy", "measured", "off")
+LATENCY_MODES = ("proxy", "measured", "onnxruntime", "off")
 
 
 def latency_mode(value: Any) -> str:
-    """``BudgetOptions.latency_aware`` as one of :data:`LATENCY_MODES` (True: ``"proxy"``, False: ``"off"``)."""
+    """``BudgetOptions.latency_aware`` as one of :data:`LATENCY_MODES` (True: ``"proxy"``, False: ``"off"``;
+    ``"measured@eager"`` / ``"measured@onnxruntime"`` spell the two measured runtimes like latency targets)."""
     if value is True or value is None:
         return "proxy"
     if value is False:
@@ -441,8 +442,10 @@ def latency_mode(value: Any) -> str:
         return "proxy"
     if v in ("off", "false", "no", "0", "none"):
         return "off"
-    if v == "measured":
+    if v in ("measured", "measured@eager", "eager"):
         return "measured"
+    if v in ("onnxruntime", "measured@onnxruntime", "ort"):
+        return "onnxruntime"
     raise PruningError(f"latency_aware must be one of {', '.join(LATENCY_MODES)} (or True / False), got {value!r}")
 
 
@@ -455,8 +458,8 @@ def _latency_weights(
     ``"proxy"`` (default): the graph's analytic CPU latency proxy (:meth:`CostModel.latency`) for one
     channel less at full width. ``"measured"`` (``ctx.budget.latency_aware``): the layers touching each
     group are timed on this machine at full width and with one rounding step (the group's multiple) less
-    (:func:`prunekit.surgery.latency.measured_channel_savings`); groups whose layers could not be timed
-    keep their proxy weight."""
+    (:func:`prunekit.surgery.latency.measured_channel_savings`) in eager PyTorch; ``"onnxruntime"``: the same
+    in ONNX Runtime; groups whose layers could not be timed keep their proxy weight."""
     cost = prob.graph.cost
     if cost is None:
         return [1.0] * len(prob.keys)
@@ -467,15 +470,17 @@ def _latency_weights(
         per.append(max(ref - cost.latency({**full, k: max(0, hi - 1)}, block=1), 0.0))
     per = _relative(per)
     mode = latency_mode(ctx.budget.latency_aware) if ctx is not None else "proxy"
-    if mode == "measured" and model is not None:
+    if mode in ("measured", "onnxruntime") and model is not None:
         from prunekit.surgery.latency import LatencyTable, measured_channel_savings
 
         b = ctx.budget
-        table = LatencyTable(batch_size=b.latency_batch, threads=b.latency_threads)
+        table = LatencyTable(batch_size=b.latency_batch, threads=b.latency_threads,
+                             runtime="eager" if mode == "measured" else "onnxruntime")
         widths = {k: g.size for k, g in prob.graph.groups.items()}
         widths.update(full)
         saved = measured_channel_savings(model, prob.graph, prob.keys, prob.mult, widths, table)
-        ctx.latency_table = {"layers_timed": table.measured, "cache": str(table.cache_file or "")}
+        ctx.latency_table = {"layers_timed": table.measured, "cache": str(table.cache_file or ""),
+                             "runtime": table.runtime}
         if any(v > 0 for v in saved):
             measured = _relative(saved)
             per = [m if v > 0 else p for m, v, p in zip(measured, saved, per)]

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
     from prunekit.surgery.graph import ChannelGraph
 
 
+RUNTIMES = ("eager", "onnxruntime")  # where a LatencyTable times layers
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """One conv / linear layer as timed: its type, channels, hyper-parameters and input size."""
@@ -107,6 +110,9 @@ class LatencyTable:
             of timed runs have accumulated (at least three are always timed).
         cache_file: a JSON file to read timings from and add them to; ``"default"``:
             :func:`default_cache_file`; None: memory only.
+        runtime: ``"eager"`` (PyTorch) or ``"onnxruntime"``: each layer exported alone to ONNX (its batch norm
+            folded into it, so only a bias is left) and run in an ONNX Runtime session with all graph
+            optimisations, as :func:`prunekit.export` models are deployed. Timings are kept per runtime.
     """
 
     def __init__(
@@ -117,7 +123,14 @@ class LatencyTable:
         warmup: int = 5,
         budget_s: float = 0.5,
         cache_file: str | os.PathLike | None = "default",
+        runtime: str = "eager",
     ):
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        if runtime == "onnxruntime":
+            _require_onnxruntime()
+        self.runtime = runtime
+        self._suffix = "" if runtime == "eager" else f"|onnxruntime {_require_onnxruntime().__version__}"
         if batch_size < 1 or repeats < 1 or warmup < 0:
             raise ValueError(f"need batch_size >= 1, repeats >= 1, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
         self.batch_size = int(batch_size)
@@ -147,7 +160,7 @@ class LatencyTable:
         return int(self.threads or torch.get_num_threads())
 
     def _key(self, spec: LayerSpec) -> str:
-        return spec.key(self.batch_size, self._threads())
+        return spec.key(self.batch_size, self._threads()) + self._suffix
 
     def prefetch(self, specs: list[LayerSpec]) -> None:
         """Time every spec not yet known, all in one worker process (see :func:`time_specs`)."""
@@ -158,9 +171,9 @@ class LatencyTable:
         if not todo:
             return
         args = (list(todo.values()), self.batch_size, self._threads(), self.repeats, self.warmup, self.budget_s)
-        times = _time_in_worker(*args)
+        times = _time_in_worker(*args, runtime=self.runtime)
         if times is None:  # no worker (frozen interpreter, no fork...): time here
-            times = time_specs(*args)
+            times = time_specs(*args, runtime=self.runtime)
         for key, ms in zip(todo, times):
             self._ms[key] = float(ms)
         self._dirty = True
@@ -202,11 +215,12 @@ def time_specs(
     warmup: int = 5,
     budget_s: float = 0.5,
     passes: int = 2,
+    runtime: str = "eager",
 ) -> list[float]:
     """Fastest timed run (ms) of each spec: ``passes`` passes over all specs (the second in reverse
     order, so that a slow spell of the machine does not hit the same specs twice), each with ``warmup``
     untimed and up to ``repeats`` timed runs per spec; a spec's timing in a pass stops early after
-    ``budget_s`` seconds of timed runs (at least three are timed)."""
+    ``budget_s`` seconds of timed runs (at least three are timed). ``runtime``: see :class:`LatencyTable`."""
     old = torch.get_num_threads()
     best = [math.inf] * len(specs)
     try:
@@ -214,7 +228,8 @@ def time_specs(
         for p in range(max(1, int(passes))):
             order = range(len(specs)) if p % 2 == 0 else reversed(range(len(specs)))
             for i in order:
-                fn, x = _build(specs[i], batch)  # built per use: only one layer's tensors live at a time
+                # built per use: only one layer's tensors (and ONNX Runtime session) live at a time
+                fn, x = _build(specs[i], batch) if runtime == "eager" else _build_ort(specs[i], batch, threads)
                 with torch.inference_mode():
                     for _ in range(warmup):
                         fn(x)
@@ -232,11 +247,12 @@ def time_specs(
 
 
 def _time_in_worker(
-    specs: list[LayerSpec], batch: int, threads: int, repeats: int, warmup: int, budget_s: float
+    specs: list[LayerSpec], batch: int, threads: int, repeats: int, warmup: int, budget_s: float,
+    runtime: str = "eager",
 ) -> list[float] | None:
     payload = json.dumps({
         "specs": [dataclasses.asdict(s) for s in specs], "batch": batch, "threads": threads,
-        "repeats": repeats, "warmup": warmup, "budget_s": budget_s,
+        "repeats": repeats, "warmup": warmup, "budget_s": budget_s, "runtime": runtime,
     })
     env = {**os.environ, **_WORKER_ENV, "OMP_NUM_THREADS": str(threads)}
     try:
@@ -263,7 +279,8 @@ def _worker_main() -> None:
     for d in job["specs"]:
         d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
         specs.append(LayerSpec(**d))
-    times = time_specs(specs, job["batch"], job["threads"], job["repeats"], job["warmup"], job["budget_s"])
+    times = time_specs(specs, job["batch"], job["threads"], job["repeats"], job["warmup"], job["budget_s"],
+                       runtime=job.get("runtime", "eager"))
     print(json.dumps(times))
 
 
@@ -295,6 +312,59 @@ def _build(spec: LayerSpec, batch: int) -> tuple[Any, torch.Tensor]:
         return F.relu(y) if spec.norm_act else y
 
     return fn, x
+
+
+class _Deployed(nn.Module):
+    """One layer as deployed: the conv / linear (batch norm folded into its bias), the residual addition of
+    a second input, the ReLU."""
+
+    def __init__(self, layer: nn.Module, spec: LayerSpec):
+        super().__init__()
+        self.layer = layer
+        self.add = spec.add
+        self.act = spec.norm_act
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.layer(x)
+        if other is not None:
+            y = y + other
+        return F.relu(y) if self.act else y
+
+
+def _require_onnxruntime() -> Any:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError as e:
+        from prunekit.errors import PruningError
+
+        raise PruningError(f"latency measured in ONNX Runtime needs onnx and onnxruntime ({e.name} is missing): "
+                           "pip install 'prunekit[deploy]', or use latency_aware='measured' (eager PyTorch)"
+                           ) from None
+    return onnxruntime
+
+
+def _build_ort(spec: LayerSpec, batch: int, threads: int) -> tuple[Any, Any]:
+    """An ONNX Runtime session running the layer of ``spec`` (see :class:`_Deployed`) and its inputs."""
+    import io
+
+    ort = _require_onnxruntime()
+    fn, x = _build(dataclasses.replace(spec, norm_act=False, add=False), batch)
+    module = _Deployed(fn, spec).eval()
+    inputs = (x, torch.randn(module.layer(x).shape)) if spec.add else (x,)
+    names = ["x", "other"][: len(inputs)]
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, inputs, buf, input_names=names, output_names=["y"], dynamo=False)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(buf.getvalue(), sess_options=opts, providers=["CPUExecutionProvider"])
+    feed = {n: t.numpy() for n, t in zip(names, inputs)}
+    return (lambda _x: sess.run(None, feed)), x
 
 
 # --------------------------------------------------------------------------------------------- model layers
