@@ -49,6 +49,10 @@ def main() -> None:
     ap.add_argument("--out", default="runs/deployed")
     ap.add_argument("--exact-ranks", action="store_true",
                     help="low-rank methods with their default exact ranks (no aligned_ranks=True)")
+    ap.add_argument("--latency-model", default=None, choices=["proxy", "measured", "onnxruntime", "off"],
+                    help="latency_aware for every method (default: the engine's, 'proxy'); the global channel "
+                         "ranking of l1 / tp-style scorers uses it, id_iter and the low-rank methods use the proxy "
+                         "unless 'off'")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,6 +76,8 @@ def main() -> None:
             warnings.simplefilter("ignore")
             lowrank = get_method_info(m).granularity == "lowrank"
             kw = {"aligned_ranks": True} if lowrank and not a.exact_ranks else {}
+            if a.latency_model is not None and not m.startswith("tp_"):
+                kw["latency_aware"] = a.latency_model
             res = prunekit.prune(base, m, a.target, data=prune_loader, **kw)
         pm = res.model.eval()
         models[m] = pm
@@ -85,6 +91,7 @@ def main() -> None:
     lat = measure_runtimes(models, shape, runtimes=a.runtimes, threads=a.threads, rounds=a.rounds,
                            repeats=10, time_budget_s=3.0)
     meta = {"date": time.strftime("%Y-%m-%d"), "threads": lat["threads"], "target": a.target,
+            "latency_model": a.latency_model or "proxy",
             "torch": torch.__version__, "cpu_count": torch.get_num_threads(), "skipped": lat["skipped"]}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "latency": lat}, indent=2))
 
