@@ -14,7 +14,7 @@ import torch
 import prunekit
 from prunekit.methods.lowrank import _bisect_threshold, _c_step, _Layer
 from prunekit.models import create_model
-from prunekit.surgery.allocate import runtime_breakpoint, runtime_step
+from prunekit.surgery.allocate import runtime_breakpoint, runtime_multiple, runtime_step
 from prunekit.surgery.cost import (
     LayerShape,
     aligned_rank,
@@ -89,6 +89,9 @@ def test_unreachable_with_fast_chains_falls_back_to_plain_ranks():
 def test_runtime_steps_and_breakpoints():
     assert runtime_step(16) == 4 and runtime_step(8) == 2
     assert [runtime_breakpoint(n, 16) for n in (64, 60, 33, 32, 17, 16, 12, 8)] == [48, 48, 32, 16, 16, 8, 8, 4]
+    # id_iter's multiples: exact below one block, a quarter block up to four blocks, whole blocks from there
+    assert [runtime_multiple(n, 16) for n in (8, 15, 16, 32, 63, 64, 128)] == [1, 1, 4, 4, 4, 16, 16]
+    assert [runtime_multiple(n, 8) for n in (7, 8, 31, 32)] == [1, 2, 2, 8]
 
 
 def test_svd_ranks_are_multiples_and_narrow_layers_stay_dense():
@@ -111,9 +114,9 @@ def test_id_iter_widths_are_runtime_multiples_when_latency_aware():
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(32, 3, 32, 32, generator=g), torch.arange(32) % 10) for _ in range(2)]
     res = prunekit.prune(model, "id_iter", "flops=1.5", data=data, samples=64, calibrate=0)
-    step, block = runtime_step(), cpu_block()
+    block = cpu_block()
     full = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
     convs = {n: m.out_channels for n, m in res.model.named_modules() if isinstance(m, torch.nn.Conv2d)}
     wide = {n: c for n, c in convs.items() if full[n] >= block}  # groups below one block keep exact widths
-    assert wide and all(c % step == 0 for c in wide.values()), convs
+    assert wide and all(c % runtime_multiple(full[n]) == 0 for n, c in wide.items()), convs
     assert any(c < full[n] for n, c in wide.items())

@@ -76,8 +76,7 @@ from prunekit.linalg import (
 from prunekit.methods.base import Method, PruneContext, Target
 from prunekit.methods.id_executor import _FxRunner, _GroupState, _HookRunner, _ReadPoint, _Runner
 from prunekit.methods.registry import register_method
-from prunekit.surgery.allocate import latency_mode, resolve_round_to, runtime_breakpoint, runtime_step
-from prunekit.surgery.cost import cpu_block
+from prunekit.surgery.allocate import latency_mode, resolve_round_to, runtime_breakpoint, runtime_multiple
 from prunekit.surgery.inputs import cat_inputs, primary_output
 from prunekit.surgery.plan import Plan
 
@@ -143,14 +142,14 @@ class _IDState:
     def _multiple(self, g: Any) -> int:
         """Kept counts are multiples of this: the group's GroupNorm groups and the shared allocator's
         channel multiple: an explicit ``round_to`` (:func:`~prunekit.surgery.allocate.resolve_round_to`),
-        else, when the search is latency-aware, the runtime's channel step
-        (:func:`~prunekit.surgery.allocate.runtime_step`)."""
+        else, when the search is latency-aware, the runtime's channel multiple for the group's width
+        (:func:`~prunekit.surgery.allocate.runtime_multiple`)."""
         m = max(1, int(g.multiple_of))
         b = self.ctx.budget
         if b.round_to is not None:
             rt = resolve_round_to(g.size, b.round_to)
         else:  # tiny groups and linear layers (no blocked-channel kernels): widths as they come
-            rt = runtime_step() if self.aligned(g.key) and g.size >= cpu_block() else 1
+            rt = runtime_multiple(g.size) if self.aligned(g.key) else 1
         if rt > 1:
             m = m * rt // math.gcd(m, rt)
         return m

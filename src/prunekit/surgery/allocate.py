@@ -88,6 +88,25 @@ def runtime_step(block: int | None = None) -> int:
     return max(1, b // 4)
 
 
+def runtime_multiple(size: int, block: int | None = None) -> int:
+    """The channel multiple of a latency-aware width search for a group of ``size`` channels written by
+    convolutions: 1 below one SIMD block, :func:`runtime_step` up to four blocks, a whole block from four
+    blocks up (16 channels with AVX-512 from 64 channels).
+
+    ONNX Runtime's blocked kernels pad output channels to whole blocks, and a partial block costs as much as
+    a whole one or more: measured on this machine (2-core AVX-512, batch 64, 8x8 maps), a 52-channel conv
+    ran in 1.8 ms against 1.28 ms at 48 channels. On ResNet-20 at flops=2 (ONNX Runtime, batch 64, 7
+    rounds), id_iter with this rule kept more accuracy (68.8 % against 67.7 %) and ran faster (1.54x
+    against 1.44x) than with the quarter-block step everywhere.
+    """
+    from prunekit.surgery.cost import cpu_block
+
+    b = cpu_block() if block is None else int(block)
+    if size < b:
+        return 1
+    return b if size >= 4 * b else runtime_step(b)
+
+
 def runtime_breakpoint(n: int, block: int | None = None) -> int:
     """The next narrower width below ``n`` at which the block-aligned kernels save time: the multiple of
     the block below ``n``, or half a block below one block (input channels below one block run in half
@@ -876,6 +895,7 @@ __all__ = [
     "prunable_weights",
     "resolve_round_to",
     "runtime_breakpoint",
+    "runtime_multiple",
     "runtime_step",
 ]
 
