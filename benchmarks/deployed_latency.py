@@ -34,13 +34,31 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _variant(spec: str) -> tuple[str, str, dict]:
+    """``"svd"`` -> ``("svd", "svd", {})``; ``"svd_out=svd:side=output"`` -> ``("svd_out", "svd", {"side": ...})``."""
+    label, _, rest = spec.partition("=") if "=" in spec.split(":", 1)[0] else (spec.split(":", 1)[0], "", spec)
+    method, _, options = (rest or label).partition(":")
+    opts = {}
+    for item in filter(None, options.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--methods {spec!r}: options are key=value, got {item!r}")
+        try:
+            opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key] = value
+    return label, method, opts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="benchmarks/checkpoints/resnet20-cifar10.pt")
     ap.add_argument("--dataset", default="cifar10-jpeg")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--target", default="flops=2")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS),
+                    help="method names, or LABEL=METHOD:key=value,... for a variant with options (values read "
+                         "as JSON where they parse), e.g. svd_out=svd:side=output")
     ap.add_argument("--prune-samples", type=int, default=1024)
     ap.add_argument("--eval-subset", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
@@ -70,15 +88,18 @@ def main() -> None:
     models = {"base": base}
     rows: dict[str, dict] = {"base": {"top1": evaluate(base, test_loader)["top1"], "flops": count_flops(base, shape),
                                       "params": count_params(base)["params"]}}
-    for m in a.methods:
+    for spec in a.methods:
+        label, method, opts = _variant(spec)
+        m = label
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            lowrank = get_method_info(m).granularity == "lowrank"
+            lowrank = get_method_info(method).granularity == "lowrank"
             kw = {"aligned_ranks": True} if lowrank and not a.exact_ranks else {}
-            if a.latency_model is not None and not m.startswith("tp_"):
+            if a.latency_model is not None and not method.startswith("tp_"):
                 kw["latency_aware"] = a.latency_model
-            res = prunekit.prune(base, m, a.target, data=prune_loader, **kw)
+            kw.update(opts)
+            res = prunekit.prune(base, method, a.target, data=prune_loader, **kw)
         pm = res.model.eval()
         models[m] = pm
         rows[m] = {"top1": evaluate(pm, test_loader)["top1"], "flops": count_flops(pm, shape),

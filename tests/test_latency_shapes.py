@@ -97,12 +97,17 @@ def test_runtime_steps_and_breakpoints():
 def test_svd_ranks_are_multiples_and_narrow_layers_stay_dense():
     torch.manual_seed(0)
     model = create_model("resnet20")
-    res = prunekit.prune(model, "svd", "flops=1.5", input_shape=(3, 32, 32), aligned_ranks=True)
-    mult = res.plan.meta["rank_multiple"]
-    assert mult >= 4
-    for path, (r, _) in res.plan.meta["ranks"].items():
+    out = prunekit.prune(model, "svd", "flops=1.5", input_shape=(3, 32, 32), aligned_ranks=True, side="output")
+    mult = out.plan.meta["rank_multiple"]
+    assert mult >= 4 and out.plan.meta["input_side"] == []
+    for path, (r, _) in out.plan.meta["ranks"].items():
         assert r % mult == 0, path
-        assert not path.startswith("layer1.")  # 16-channel convs: no chain is faster than the conv
+        assert not path.startswith("layer1.")  # 16-channel convs: no output-side chain is faster than the conv
+    res = prunekit.prune(model, "svd", "flops=1.5", input_shape=(3, 32, 32), aligned_ranks=True)
+    layer1 = [p for p in res.plan.meta["ranks"] if p.startswith("layer1.")]
+    # side="auto": a rank below one block is cheap as the core's input, so stage 1 is factored on the input side
+    assert layer1 and set(layer1) <= set(res.plan.meta["input_side"])
+    assert all(r % mult == 0 for r, _ in res.plan.meta["ranks"].values())
     for kw in ({"aligned_ranks": True, "latency_aware": "off"}, {}):  # off, and the default: exact ranks
         off = prunekit.prune(model, "svd", "flops=1.5", input_shape=(3, 32, 32), **kw)
         assert any(p.startswith("layer1.") for p in off.plan.meta["ranks"])

@@ -162,3 +162,69 @@ def test_composition_after_id_iter():
         assert count_params(second.model)["params"] < n_first / 1.25
         with torch.no_grad():
             assert second.model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+class _InputRankNet(nn.Module):
+    """A strided 3x3 conv whose weight has rank 2 on its input side (``W[o, i] = sum_r C[o, r] P[r, i]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.conv = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        self.head = nn.Linear(16 * 2 * 2, 10)
+        with torch.no_grad():
+            core = torch.randn(16, 2, 3, 3, generator=g)
+            pre = torch.randn(2, 16, generator=g)
+            self.conv.weight.copy_(torch.einsum("orhw,ri->oihw", core, pre))
+            self.conv.bias.uniform_(-1, 1, generator=g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(torch.relu(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("method", ["svd", "pca"])
+def test_input_side_factors_are_exact_and_cost_as_predicted(method):
+    """side='input': 1x1 pre (r x in) + core (out x r, the kernel); a weight of input rank 2 (svd) or inputs in a
+    2-dim channel subspace (pca) are reproduced exactly, masked == physical, and the chain's parameters and
+    multiply-adds are what the plan predicted."""
+    from prunekit.metrics import count_flops
+
+    model = _InputRankNet().eval()
+    shape = (16, 8, 8)
+    g = torch.Generator().manual_seed(2)
+    basis = torch.randn(2, 16, generator=g)
+    data = [(torch.einsum("nrhw,ri->nihw", torch.randn(32, 2, 8, 8, generator=g), basis), torch.arange(32) % 10)
+            for _ in range(2)]
+    if method == "pca":  # a full-rank weight: only the inputs are low rank
+        with torch.no_grad():
+            model.conv.weight.normal_(generator=g)
+    plan, ctx = _plan(method, model, "params=2", shape, data=data, side="input")
+    f = plan.lowrank["conv"]
+    assert f.pre is not None and f.post is None
+    assert f.pre.shape == (2, 16, 1, 1) or f.pre.shape == (2, 16)
+    assert f.core.shape == (16, 2, 3, 3) and plan.meta["input_side"] == ["conv"]
+    assert plan.meta["ranks"]["conv"] == [2, 16]
+    assert torch.equal(f.bias, model.conv.bias)
+    x = torch.cat([b for b, _ in data])
+    physical = apply_plan(model, plan, ctx.graph)
+    masked = apply_plan(model, plan, ctx.graph, mode="masked")
+    assert isinstance(physical.conv, LowRankConv2d)
+    with torch.no_grad():
+        ref = model(x)
+        assert torch.allclose(physical(x), ref, atol=1e-4)
+        assert torch.allclose(masked(x), physical(x), atol=1e-5)
+    if method == "svd":
+        assert torch.allclose(f.dense_weight(), model.conv.weight, atol=1e-5)
+    # 1x1 pre at the input resolution (8x8, 16 -> 2) + 3x3 core at the output's (4x4, 2 -> 16) + the head
+    chain = 2 * 16 * 64 + 16 * 2 * 9 * 16
+    assert count_flops(physical, shape) == count_flops(model, shape) - 16 * 16 * 9 * 16 + chain
+    assert plan.meta["predicted"]["params"] == pytest.approx(count_params(physical)["params"])
+
+
+def test_side_option_is_validated_and_auto_without_a_latency_model_is_the_output_side():
+    model = _InputRankNet()
+    with pytest.raises(PruningError, match="side"):
+        _plan("svd", model, "params=2", (16, 8, 8), side="left")
+    plan, _ = _plan("svd", model, "params=2", (16, 8, 8))
+    assert plan.meta["input_side"] == [] and plan.lowrank["conv"].post is not None

@@ -20,6 +20,17 @@ kernel / stride / padding) followed by a 1x1 conv / linear ``post`` (``out x r``
   bisection at every C step so that the chosen ranks meet the target. The result is the last
   C step's factors, with the other parameters as trained by the L steps.
 
+**Which side** (option ``side`` of svd and pca): a ``k x k`` convolution can also be factored on its
+input side, a 1x1 ``pre`` (``r x in``) then ``core`` (``out x r``, the layer's kernel): svd takes the
+truncated SVD of the weight read as ``(out * kh * kw, in)``, pca the top-``r`` principal directions
+``P_r`` of the layer's *input* channels (second moment over samples x positions; ``pre = P_r^T``,
+``core = W P_r``, the bias unchanged). Both sides have the same multiply-adds at stride 1 with
+``in = out``, but not the same speed: the runtimes' blocked kernels pad a conv's output channels to
+whole SIMD blocks and read fewer input channels directly, so a rank below one block is cheap as the
+core's input and costs a whole block as its output. ``side="auto"`` (the default) takes the input side
+for ``k x k`` convolutions where the latency model (``aligned_ranks``) says its chain is faster, the
+output side otherwise; linear layers and 1x1 convs are always factored on the output side.
+
 Targets: ``params=X`` (default kind), ``flops=X`` (costs are multiply-adds), ``ratio=F`` (keep
 ``1 - F`` of the parameters, or of ``target_kind``); option ``keep_ratio`` (fraction of the
 parameters to keep) overrides the target. The classifier (the layers producing the model's
@@ -42,9 +53,17 @@ import torch.nn as nn
 from prunekit.errors import PruningError
 from prunekit.methods.base import Method, PruneContext
 from prunekit.methods.interpolative import cost_goal, measured_costs
+from prunekit.methods.options import OptionType
 from prunekit.methods.registry import register_method
 from prunekit.surgery.allocate import latency_mode
-from prunekit.surgery.cost import LayerLatency, LayerShape, aligned_rank, proxy_layer_latency, rank_multiple
+from prunekit.surgery.cost import (
+    LayerLatency,
+    LayerShape,
+    aligned_rank,
+    chain_latency,
+    proxy_layer_latency,
+    rank_multiple,
+)
 from prunekit.surgery.graph import PruningWarning
 from prunekit.surgery.plan import LowRankFactors, Plan
 
@@ -71,6 +90,29 @@ class _Layer:
     shape: LayerShape | None = None  # channels and kernel taps, for the latency check of its chains
     latency: LayerLatency | None = None  # the shared cost model's layer latency (None: ranks as they come)
     multiple: int = 1  # ranks are multiples of this (the runtime's rank step) when ``latency`` is set
+    side: str = "output"  # "output": core (in -> r, the kernel) + 1x1 post; "input": 1x1 pre + core (r -> out)
+    cin: int = 0  # input channels (``cols = cin * taps``)
+    stride_area: float = 1.0  # input positions per output position (the input side's 1x1 runs on the input)
+
+    @property
+    def taps(self) -> int:
+        return self.cols // self.cin if self.cin else 1
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.out * self.taps, self.cin) if self.side == "input" else min(self.out, self.cols)
+
+    @property
+    def per_rank(self) -> int:
+        """Weights of the chain per unit of rank."""
+        return self.cin + self.out * self.taps if self.side == "input" else self.cols + self.out
+
+    @property
+    def per_rank_macs(self) -> float:
+        """Multiply-adds of the chain per unit of rank, per example."""
+        if self.side == "input":
+            return (self.cin * self.stride_area + self.out * self.taps) * self.uses
+        return (self.cols + self.out) * self.uses
 
     @property
     def dense(self) -> int:
@@ -83,7 +125,7 @@ class _Layer:
 
     def factored(self, r: int | None) -> bool:
         """Whether the rank-``r`` chain has fewer parameters than the layer (``None``: kept dense)."""
-        return r is not None and r * (self.cols + self.out) + self._new_bias < self.dense
+        return r is not None and r * self.per_rank + self._new_bias < self.dense
 
     def aligned(self, r: int) -> int | None:
         """The rank the layer is factorised at instead of ``r``: with a latency model, ``r`` rounded up to the
@@ -91,7 +133,8 @@ class _Layer:
         (:func:`~prunekit.surgery.cost.aligned_rank`); without one, ``r`` itself."""
         if self.latency is None or self.shape is None:
             return r
-        ra = aligned_rank(self.shape, r, self.latency, self.multiple, self.max_useful_rank())
+        ra = aligned_rank(self.shape, r, self.latency, self.multiple, self.max_useful_rank(),
+                          pre=self.side == "input")
         return ra if ra is not None and self.factored(ra) else None
 
     def rank_options(self) -> list[int]:
@@ -103,15 +146,15 @@ class _Layer:
 
     def max_useful_rank(self) -> int:
         """Largest rank whose chain is smaller than the layer (0: never worth it)."""
-        return max(0, (self.dense - self._new_bias - 1) // (self.cols + self.out))
+        return max(0, (self.dense - self._new_bias - 1) // self.per_rank)
 
     def cost(self, r: int | None, kind: str) -> float:
         """Parameters or multiply-adds of the layer at rank ``r`` (``None`` or a useless rank: as it is)."""
         if r is None or not self.factored(r):
             return float(self.nonzero * self.uses if kind == "flops" else self.nonzero)
-        n = r * (self.cols + self.out)
         if kind == "flops":
-            return n * self.uses
+            return r * self.per_rank_macs
+        n = r * self.per_rank
         extra = 0
         if self.adds_bias:
             extra = self.zero_bias if self.has_bias else self.out
@@ -133,12 +176,15 @@ class _Layer:
 
 
 def _eligible(model: nn.Module, ctx: PruneContext, method: str, dense: bool = False,
-              aligned: bool = False) -> tuple[list[_Layer], Any]:
+              aligned: bool = False, side: str = "output") -> tuple[list[_Layer], Any]:
     """Conv2d (groups = 1) and Linear layers that may be factored, with their per-entry costs.
 
     ``aligned`` (the ``aligned_ranks`` option): ranks in the runtime's channel blocks, and a layer factored
     only where the cost model says the chain is faster than the dense layer (unless ``latency_aware`` is off).
+    ``side``: which side ``k x k`` convolutions are factored on (:func:`_side_of`).
     """
+    if side not in ("auto", "output", "input"):
+        raise PruningError(f"method {method!r}: side must be 'auto', 'output' or 'input', got {side!r}")
     from prunekit.surgery.graph import analyze
 
     graph = ctx.graph
@@ -158,16 +204,34 @@ def _eligible(model: nn.Module, ctx: PruneContext, method: str, dense: bool = Fa
             w = m.weight.detach()
             nonzero = w.numel() if dense else int(torch.count_nonzero(w))
             zero_bias = 0 if m.bias is None or dense else int(m.bias.numel() - torch.count_nonzero(m.bias))
+            taps = int(w[0, 0].numel()) if w.dim() > 2 else 1
+            stride = math.prod(m.stride) if isinstance(m, nn.Conv2d) else 1
             layer = _Layer(path, int(w.shape[0]), int(w[0].numel()), float(uses[path]), m.bias is not None, nonzero,
-                           zero_bias)
+                           zero_bias, cin=int(w.shape[1]), stride_area=float(stride))
+            shape = LayerShape(int(w.shape[1]), int(w.shape[0]), taps, stride)
             if latency is not None:
-                layer.shape = LayerShape(int(w.shape[1]), int(w.shape[0]), int(w[0, 0].numel()) if w.dim() > 2 else 1)
-                layer.latency, layer.multiple = latency, rank_multiple()
+                layer.shape, layer.latency, layer.multiple = shape, latency, rank_multiple()
+            layer.side = _side_of(shape, side, latency)
             if layer.max_useful_rank() >= 1:
                 layers.append(layer)
     if not layers:
         raise PruningError(f"method {method!r} found no conv / linear layer whose factorisation would be smaller")
     return layers, graph
+
+
+def _side_of(shape: LayerShape, side: str, latency: LayerLatency | None) -> str:
+    """The side a layer is factored on: ``"output"`` for linear layers and 1x1 convs; for a ``k x k`` conv
+    ``side`` itself, or with ``"auto"`` the input side where the latency model says its chain is faster at the
+    rank multiple (the output side without a latency model)."""
+    if shape.taps == 1 or side == "output":
+        return "output"
+    if side == "input":
+        return "input"
+    if latency is None:
+        return "output"
+    r = rank_multiple()
+    faster = chain_latency(shape, r, latency, pre=True) < chain_latency(shape, r, latency, pre=False)
+    return "input" if faster else "output"
 
 
 def _goal(model: nn.Module, ctx: PruneContext, graph: Any, keep_ratio: float | None, target_kind: str | None,
@@ -227,17 +291,33 @@ def _bisect_threshold(layers: list[_Layer], kind: str, base: float, goal: float,
     return lo, ranks_at(lo)
 
 
-def _matrix(layer: nn.Module) -> torch.Tensor:
+def _matrix(layer: nn.Module, side: str = "output") -> torch.Tensor:
+    """The weight as a matrix: ``(out, in * kh * kw)``, or on the input side ``(out * kh * kw, in)``."""
     w = layer.weight.detach()
+    if side == "input":
+        return w.movedim(1, -1).reshape(-1, w.shape[1]).double()
     return w.reshape(w.shape[0], -1).double()
+
+
+def _input_side_factors(layer: nn.Module, pre: torch.Tensor, bias: torch.Tensor | None) -> LowRankFactors:
+    """Input-side factors from an orthonormal ``pre`` (``r x in``, float64): ``core = W pre^T`` (the weight with
+    its input channels projected onto ``pre``'s rows)."""
+    w = layer.weight.detach()
+    core = torch.einsum("oi...,ri->or...", w.double(), pre.to(w.device))
+    return LowRankFactors(core=core.to(w.dtype).contiguous(), pre=pre.to(w.device, w.dtype).contiguous(),
+                          bias=None if bias is None else bias.detach().clone())
 
 
 def _core_shape(layer: nn.Module, r: int) -> tuple[int, ...]:
     return (r, *layer.weight.shape[1:])
 
 
-def _svd_factors(layer: nn.Module, r: int, bias: torch.Tensor | None) -> LowRankFactors:
-    """Rank-``r`` truncated SVD of a layer: ``core = S_r V_r^T`` (reshaped to a kernel), ``post = U_r``."""
+def _svd_factors(layer: nn.Module, r: int, bias: torch.Tensor | None, side: str = "output") -> LowRankFactors:
+    """Rank-``r`` truncated SVD of a layer: ``core = S_r V_r^T`` (reshaped to a kernel), ``post = U_r``; on the
+    input side ``pre = V_r^T`` and ``core = U_r S_r`` (of the ``(out * kh * kw, in)`` matrix)."""
+    if side == "input":
+        _, _, vh = torch.linalg.svd(_matrix(layer, "input"), full_matrices=False)
+        return _input_side_factors(layer, vh[:r], bias)
     u, s, vh = torch.linalg.svd(_matrix(layer), full_matrices=False)
     dtype = layer.weight.dtype
     core = (s[:r, None] * vh[:r]).reshape(_core_shape(layer, r)).to(dtype)
@@ -248,7 +328,8 @@ def _svd_factors(layer: nn.Module, r: int, bias: torch.Tensor | None) -> LowRank
 def _plan_meta(layers: list[_Layer], ranks: dict[str, int], kind: str, base: float, goal: float,
                extra: dict[str, Any]) -> dict[str, Any]:
     return {
-        "ranks": {l.path: [ranks[l.path], min(l.out, l.cols)] for l in layers if l.factored(ranks[l.path])},
+        "ranks": {l.path: [ranks[l.path], l.full_rank] for l in layers if l.factored(ranks[l.path])},
+        "input_side": sorted(l.path for l in layers if l.side == "input" and l.factored(ranks[l.path])),
         "rank_multiple": max((l.multiple for l in layers if l.latency is not None), default=1),
         "kept_dense": sorted(l.path for l in layers if not l.factored(ranks[l.path])),
         "predicted": {kind: _total(layers, ranks, kind, base)},
@@ -264,40 +345,50 @@ class _LowRankBase(Method):
                                     "accuracy: ResNet-20 svd flops=2 32 -> 10 %, see BENCHMARKS.md)"}
 
 
+_SIDE = {"side": OptionType("str", choices=("auto", "output", "input"),
+                            help="factor k x k convs on the output side (core + 1x1 post), the input side (1x1 pre "
+                                 "+ core) or, auto, the input side where the latency model says it is faster")}
+
+
 # --------------------------------------------------------------------------------------------- svd
 @register_method("svd", granularity="lowrank", family="lowrank",
                  description="Truncated SVD of each weight at one global energy threshold (data-free).")
 class SVD(_LowRankBase):
     """Plain weight SVD; the global energy threshold is bisected to meet the target."""
 
+    defaults = {**_LowRankBase.defaults, "side": "auto"}
+    option_types = dict(_SIDE)
+
     def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
         t0 = time.perf_counter()
-        layers, graph = _eligible(model, ctx, self.name, aligned=bool(self.aligned_ranks))
+        layers, graph = _eligible(model, ctx, self.name, aligned=bool(self.aligned_ranks), side=str(self.side))
         kind, goal, base = _goal(model, ctx, graph, self.keep_ratio, self.target_kind, self.name)
         for l in layers:
-            l.spectrum = torch.linalg.svdvals(_matrix(model.get_submodule(l.path))) ** 2
+            l.spectrum = torch.linalg.svdvals(_matrix(model.get_submodule(l.path), l.side)) ** 2
         tau, ranks = _bisect_threshold(layers, kind, base, goal, self.name)
         lowrank = {}
         for l in layers:
             if l.factored(ranks[l.path]):
                 mod = model.get_submodule(l.path)
-                lowrank[l.path] = _svd_factors(mod, ranks[l.path], mod.bias)
+                lowrank[l.path] = _svd_factors(mod, ranks[l.path], mod.bias, l.side)
         meta = _plan_meta(layers, ranks, kind, base, goal, {"threshold": tau,
                                                             "time_s": round(time.perf_counter() - t0, 3)})
         return Plan(method=self.name, lowrank=lowrank, meta=meta)
 
 
 # --------------------------------------------------------------------------------------------- pca
-def _output_moments(model: nn.Module, paths: list[str], batches: Callable[[], Any]) -> dict[str, tuple]:
-    """``(count, mean, covariance)`` (float64) of every layer's output channels over the prune set."""
+def _output_moments(model: nn.Module, paths: list[str], batches: Callable[[], Any],
+                    inputs: frozenset[str] = frozenset()) -> dict[str, tuple]:
+    """``(count, mean, covariance)`` (float64) of every layer's output channels over the prune set; for the
+    layers in ``inputs``, of its input channels instead."""
     sums: dict[str, torch.Tensor] = {}
     grams: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {p: 0 for p in paths}
     handles = []
 
     def make(path: str, linear: bool) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
-            y = out.detach()
+        def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor | None = None) -> None:
+            y = (args[0] if out is None else out).detach()
             y = y.reshape(-1, y.shape[-1]) if linear else y.movedim(1, -1).reshape(-1, y.shape[1])
             y = y.double()
             if path not in sums:
@@ -310,7 +401,8 @@ def _output_moments(model: nn.Module, paths: list[str], batches: Callable[[], An
 
     for p in paths:
         mod = model.get_submodule(p)
-        handles.append(mod.register_forward_hook(make(p, isinstance(mod, nn.Linear))))
+        hook = make(p, isinstance(mod, nn.Linear))
+        handles.append(mod.register_forward_pre_hook(hook) if p in inputs else mod.register_forward_hook(hook))
     training = model.training
     model.eval()
     try:
@@ -336,28 +428,35 @@ def _output_moments(model: nn.Module, paths: list[str], batches: Callable[[], An
                  description="Top principal directions of each layer's outputs on the prune set, one global "
                              "explained-variance threshold (no labels).")
 class PCA(_LowRankBase):
-    """Data-driven low rank: ``W -> U_r (U_r^T W)`` with the output mean restored by the bias.
+    """Data-driven low rank: ``W -> U_r (U_r^T W)`` with the output mean restored by the bias; on the input
+    side ``W -> (W P_r) P_r^T`` with ``P_r`` the top principal directions of the input's second moment (not
+    centred: zero padding stays zero, and the bias needs no correction).
 
-    Options: ``samples`` (prune-set size, 5000), ``keep_ratio``, ``target_kind``.
+    Options: ``samples`` (prune-set size, 5000), ``keep_ratio``, ``target_kind``, ``side``.
     """
 
-    defaults = {**_LowRankBase.defaults, "samples": 5000}
+    defaults = {**_LowRankBase.defaults, "samples": 5000, "side": "auto"}
+    option_types = dict(_SIDE)
 
     def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
         t0 = time.perf_counter()
         self.check(ctx)
-        layers, graph = _eligible(model, ctx, self.name, aligned=bool(self.aligned_ranks))
+        layers, graph = _eligible(model, ctx, self.name, aligned=bool(self.aligned_ranks), side=str(self.side))
         kind, goal, base = _goal(model, ctx, graph, self.keep_ratio, self.target_kind, self.name)
-        moments = _output_moments(model, [l.path for l in layers], lambda: ctx.batches(int(self.samples)))
+        inputs = frozenset(l.path for l in layers if l.side == "input")
+        moments = _output_moments(model, [l.path for l in layers], lambda: ctx.batches(int(self.samples)), inputs)
         if not moments:
             raise PruningError("method 'pca' saw no examples: the prune set is empty")
         layers = [l for l in layers if l.path in moments]
         bases = {}
         for l in layers:
-            evals, evecs = torch.linalg.eigh(moments[l.path][2])
+            n, mean, cov = moments[l.path]
+            if l.side == "input":  # the second moment: directions of the input itself, not of its spread
+                cov = cov + torch.outer(mean, mean)
+            evals, evecs = torch.linalg.eigh(cov)
             evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
             l.spectrum = evals
-            l.adds_bias = True  # the chain restores the output mean with a bias
+            l.adds_bias = l.side == "output"  # the output-side chain restores the output mean with a bias
             bases[l.path] = evecs
         tau, ranks = _bisect_threshold(layers, kind, base, goal, self.name)
         lowrank = {}
@@ -366,6 +465,9 @@ class PCA(_LowRankBase):
             if not l.factored(r):
                 continue
             mod = model.get_submodule(l.path)
+            if l.side == "input":
+                lowrank[l.path] = _input_side_factors(mod, bases[l.path][:, :r].T, mod.bias)
+                continue
             u = bases[l.path][:, :r]  # (out, r) float64
             mean = moments[l.path][1]
             core = (u.T @ _matrix(mod)).reshape(_core_shape(mod, r))
