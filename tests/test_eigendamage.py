@@ -202,3 +202,41 @@ def test_metadata_options_and_errors() -> None:
         prunekit.prune(model, "eigendamage", "params=2")
     with pytest.raises(PruningError, match="cannot reach"):
         prunekit.prune(model, "eigendamage", "params=50", data)
+
+
+@pytest.mark.parametrize("method", ["eigendamage", "eigendamage_improved"])
+def test_aligned_ranks_are_multiples_and_chains_faster_by_the_latency_model(method: str) -> None:
+    """aligned_ranks: every kept side is a multiple of the runtime's rank step (or the whole side), every chain
+    is faster than its layer by the proxy, masked == physical, and without it the ranks are free."""
+    from prunekit.surgery.cost import LayerShape, dense_latency, proxy_layer_latency
+
+    torch.manual_seed(0)
+    model = create_model("resnet20").eval()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", category=prunekit.surgery.graph.PruningWarning)  # no fallback here
+        res = prunekit.prune(model, method, "flops=1.5", data=data, aligned_ranks=True, samples=32)
+    mult = res.plan.meta["rank_multiple"]
+    assert mult >= 4 and res.plan.lowrank
+    lat = proxy_layer_latency()
+    for path, f in res.plan.lowrank.items():
+        layer = model.get_submodule(path)
+        r_out, r_in = f.core.shape[:2]
+        full_out, full_in = layer.out_channels, layer.in_channels
+        assert r_out % mult == 0 or r_out == full_out, path
+        assert r_in % mult == 0 or r_in == full_in, path
+        shape = LayerShape(full_in, full_out, 9, layer.stride[0] * layer.stride[1])
+        chain = 0.0
+        if f.pre is not None:
+            chain += lat(full_in, r_in, 1, float(shape.stride_area))
+        chain += lat(r_in if f.pre is not None else full_in, r_out if f.post is not None else full_out, 9, 1.0)
+        if f.post is not None:
+            chain += lat(r_out, full_out, 1, 1.0)
+        assert chain < dense_latency(shape, lat), path
+    x = torch.randn(4, 3, 32, 32)
+    masked = apply_plan(model, res.plan, mode="masked").eval()
+    with torch.no_grad():
+        assert (masked(x) - res.model(x)).abs().max() < 1e-4
+    free = prunekit.prune(model, method, "flops=1.5", data=data, samples=32)
+    assert free.plan.meta["rank_multiple"] == 1

@@ -36,6 +36,12 @@ gets back its best removed direction. ``finetune_batches`` SGD minibatches on th
 frozen) run between steps (default 0: no fine-tuning; the seed trained for 200 epochs per step);
 their weight changes go into :attr:`Plan.weights` / the factors.
 
+**Latency-aware ranks** (option ``aligned_ranks``, both methods, off by default): each side's kept count is
+rounded up to the runtime's rank multiple (:func:`~prunekit.surgery.cost.rank_multiple`), the chain variant
+(with / without its 1x1 sides) is the one the shared latency model says is fastest, and a layer is replaced
+only where that chain is also faster than the layer (:func:`~prunekit.surgery.cost.dense_latency`); when the
+target needs more, the ranks are chosen without the latency model, with a warning.
+
 Costs are counted as :func:`prunekit.prune` measures them (non-zero weights, multiply-adds). The
 method never edits the model: rounds work on copies built with
 :func:`prunekit.surgery.apply_plan`.
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +64,8 @@ from prunekit.methods.base import Method, PruneContext
 from prunekit.methods.lowrank import _eligible, _goal, _Layer
 from prunekit.methods.options import OptionType
 from prunekit.methods.registry import register_method
+from prunekit.surgery.cost import chain_latency, dense_latency
+from prunekit.surgery.graph import PruningWarning
 from prunekit.surgery.plan import LowRankFactors, Plan
 
 _PAPER = "Wang, Grosse, Fidler & Zhang, EigenDamage: Structured Pruning in the Kronecker-Factored Eigenbasis, ICML 2019"
@@ -141,18 +150,49 @@ class _Directions:
             out[(False, True)] = float((r_out * c * t + o * r_out) * pout)
         return out
 
+    @property
+    def timed(self) -> bool:
+        """Whether the shared latency model chooses this layer's ranks and chain (option ``aligned_ranks``)."""
+        return self.layer.latency is not None and self.layer.shape is not None
+
+    def latency(self, variant: tuple[bool, bool], r_out: int, r_in: int) -> float:
+        """The latency model's time of the chain ``variant`` (``(pre?, post?)``) at these ranks."""
+        lat, s = self.layer.latency, self.layer.shape
+        assert lat is not None and s is not None
+        if variant == (True, True):
+            return (lat(s.cin, r_in, 1, float(s.stride_area)) + lat(r_in, r_out, s.taps, 1.0)
+                    + lat(r_out, s.cout, 1, 1.0))
+        return chain_latency(s, r_in, lat, pre=True) if variant[0] else chain_latency(s, r_out, lat)
+
+    def faster(self, variant: tuple[bool, bool], r_out: int, r_in: int) -> bool:
+        """Whether the latency model says the chain is faster than the layer it replaces."""
+        assert self.layer.shape is not None and self.layer.latency is not None
+        return self.latency(variant, r_out, r_in) < dense_latency(self.layer.shape, self.layer.latency)
+
+    def aligned(self, r_out: int, r_in: int) -> tuple[int, int]:
+        """Kept counts rounded up to the runtime's rank multiple (at most every direction of the side)."""
+        if not self.timed:
+            return r_out, r_in
+        m = max(1, int(self.layer.multiple))
+        return (min(len(self.out_rank), -(-r_out // m) * m), min(len(self.in_rank), -(-r_in // m) * m))
+
     def best(self, r_out: int, r_in: int, kind: str) -> tuple[tuple[bool, bool], float, float]:
-        """``((pre?, post?), cost in kind, params)`` of the cheapest chain at these ranks."""
+        """``((pre?, post?), cost in kind, params)`` of the cheapest chain at these ranks (with a latency model:
+        the fastest)."""
         costs = self.variants(r_out, r_in, kind)
         params = self.variants(r_out, r_in, "params")
-        key = min(costs, key=lambda k: (costs[k], params[k]))
+        if self.timed:
+            key = min(costs, key=lambda k: (self.latency(k, r_out, r_in), costs[k], params[k]))
+        else:
+            key = min(costs, key=lambda k: (costs[k], params[k]))
         return key, costs[key], params[key]
 
     def cost(self, r_out: int, r_in: int, kind: str) -> tuple[float, bool]:
-        """``(cost, factored)`` at ranks ``(r_out, r_in)``: the chain where it is smaller, else the layer."""
+        """``(cost, factored)`` at ranks ``(r_out, r_in)``: the chain where it is smaller (and, with a latency
+        model, faster), else the layer."""
         dense = self.layer.cost(None, kind)
-        _, chain, params = self.best(r_out, r_in, kind)
-        if params < self.full and chain < dense:
+        variant, chain, params = self.best(r_out, r_in, kind)
+        if params < self.full and chain < dense and (not self.timed or self.faster(variant, r_out, r_in)):
             return chain, True
         return dense, False
 
@@ -170,7 +210,7 @@ def _total(dirs: list[_Directions], ranks: dict[str, tuple[int, int]], kind: str
 
 
 def _ranks_at(dirs: list[_Directions], k: int, cap: float) -> dict[str, tuple[int, int]]:
-    return {d.layer.path: (_kept(d.out_rank, k, cap), _kept(d.in_rank, k, cap)) for d in dirs}
+    return {d.layer.path: d.aligned(_kept(d.out_rank, k, cap), _kept(d.in_rank, k, cap)) for d in dirs}
 
 
 def _rank_globally(dirs: list[_Directions]) -> int:
@@ -196,6 +236,13 @@ def _threshold(dirs: list[_Directions], kind: str, base: float, goal: float,
     """
     total = _rank_globally(dirs)
     if _total(dirs, _ranks_at(dirs, total, cap), kind, base) > goal:
+        if any(d.timed for d in dirs):
+            warnings.warn("eigendamage: the target needs chains the latency model says are not faster than the "
+                          "layers they replace (aligned_ranks); ranks are chosen without it", PruningWarning,
+                          stacklevel=3)
+            for d in dirs:
+                d.layer.latency = None
+            return _threshold(dirs, kind, base, goal, cap)
         return total, _ranks_at(dirs, total, cap), False
     if _total(dirs, _ranks_at(dirs, 0, cap), kind, base) <= goal:
         return 0, _ranks_at(dirs, 0, cap), True
@@ -216,7 +263,7 @@ class _EigenBase(Method):
     defaults: dict[str, Any] = {"samples": 1024, "fisher": "true", "seed": 0, "target_kind": None,
                                 "ratio_limit": None, "damping": 0.0, "average": "sum", "decay": 0.9, "ekfac": False,
                                 "ekfac_batches": 1, "tucker": False, "back_ratio": 0.0, "pool_momentum": 0.5,
-                                "finetune_batches": 0, "finetune_lr": 1e-3, "fold": True}
+                                "finetune_batches": 0, "finetune_lr": 1e-3, "fold": True, "aligned_ranks": False}
     option_types = {
         "target_kind": OptionType("str", choices=("params", "flops"), optional=True,
                                   help="cost a ratio= target is measured in (default params)"),
@@ -237,6 +284,8 @@ class _EigenBase(Method):
         "finetune_batches": "SGD minibatches on the prune set between rounds (BN frozen; 0: none)",
         "finetune_lr": "learning rate of the fine-tuning between rounds (momentum 0.9)",
         "fold": "multiply a 1x1 side of the chain into the middle layer where that is cheaper (same function)",
+        "aligned_ranks": "ranks in multiples of the runtime's channel block, the fastest chain variant, and a layer "
+                         "replaced only where the latency model says that chain is faster (deployed speed)",
     }
 
     # -- schedule (overridden) -----------------------------------------------------------------
@@ -252,7 +301,7 @@ class _EigenBase(Method):
     def plan(self, model: nn.Module, ctx: PruneContext) -> Plan:
         t0 = time.perf_counter()
         self.check(ctx)
-        layers, graph = _eligible(model, ctx, self.name)
+        layers, graph = _eligible(model, ctx, self.name, aligned=bool(self.aligned_ranks))
         kind, goal, base = _goal(model, ctx, graph, None, self.target_kind, self.name)
         cap = float(self.ratio_limit) if self.ratio_limit is not None else self.default_cap()
         dirs = [_new_directions(model, layer, bool(self.fold)) for layer in layers]
@@ -288,6 +337,7 @@ class _EigenBase(Method):
                                f"{goal:.4g}; steps: {[round(h[kind]) for h in history]})")
         weights = {k: v for k, v in weights.items() if not any(k.startswith(f"{p}.") for p in factors)}
         meta = {"ranks": {p: [int(f.core.shape[0]), int(f.core.shape[1])] for p, f in factors.items()},
+                "rank_multiple": max((d.layer.multiple for d in dirs if d.timed), default=1),
                 "kept_dense": sorted(d.layer.path for d in dirs if d.layer.path not in factors),
                 "predicted": {kind: now}, "goal": {kind: goal}, "history": history,
                 "time_s": round(time.perf_counter() - t0, 3)}
