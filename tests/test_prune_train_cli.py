@@ -193,3 +193,45 @@ def test_cli_cascade_pfp_rounds_with_retraining(tmp_path, capsys) -> None:
     first, last = m["round_achieved"]
     assert abs(first / math.sqrt(2) - 1) <= 0.05 and abs(last / 2 - 1) <= 0.05
     assert abs(m["flops_speedup"] / 2 - 1) <= 0.05
+
+
+def test_global_count_in_runtime_multiples_keeps_the_best_channels() -> None:
+    """round_to="runtime" (or any explicit round_to): each group's count of the global count is rounded to its
+    multiple, the best-scored channels kept, the total within half a multiple per group of the target."""
+    from prunekit.surgery.allocate import allocate_filter_count, resolve_round_to, runtime_multiple
+
+    assert [resolve_round_to(n, "runtime") for n in (8, 16, 32, 64)] == [runtime_multiple(n) for n in (8, 16, 32, 64)]
+    with pytest.raises(PruningError, match="runtime"):
+        resolve_round_to(16, "fast")
+    g = torch.Generator().manual_seed(0)
+    scores = {"a": torch.rand(64, generator=g), "b": torch.rand(32, generator=g) * 0.5, "c": torch.rand(8, generator=g)}
+    sizes = {k: len(v) for k, v in scores.items()}
+    mult = {k: resolve_round_to(n, "runtime") for k, n in sizes.items()}
+    keep, kept = allocate_filter_count(scores, sizes, 52, 0.05, mult)
+    counts = {k: len(keep[k]) if k in keep else sizes[k] for k in scores}
+    assert all(c % mult[k] == 0 or c == sizes[k] for k, c in counts.items())
+    assert kept == sum(counts.values()) and abs(kept - 52) <= sum(m / 2 for m in mult.values())
+    for k, idx in keep.items():  # the best-scored channels of each group
+        best = torch.argsort(scores[k], descending=True)[:len(idx)].sort().values
+        assert torch.equal(idx, best)
+    exact, n = allocate_filter_count(scores, sizes, 52, 0.05)
+    assert n == 52
+
+
+def test_one_shot_prune_percent_with_round_to_runtime() -> None:
+    from prunekit.surgery.allocate import runtime_multiple
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", width=1.0).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = prunekit.prune(model, "gf_l1", "ratio=0.5", input_shape=(3, 32, 32), prune_percent=0.4,
+                             round_to="runtime", verify=False)
+    alloc = res.report["allocation"]
+    assert alloc["round_to"] == "runtime"
+    graph = analyze(model, (3, 32, 32), warn=False)
+    for k, g in analyze(res.model, (3, 32, 32), warn=False).groups.items():
+        full = graph.groups[k].size if k in graph.groups else g.size
+        m = runtime_multiple(full)
+        assert g.size % m == 0 or g.size == full, (k, g.size, full)
+    assert abs(alloc["filters_kept"] - alloc["filters_target"]) <= 8 * len(graph.groups)

@@ -332,7 +332,9 @@ def prune(
         mode: ``"physical"`` (remove channels; bake weight masks) or ``"masked"`` (reversible zeros).
         scope: ``"global"`` (one ranking across layers, default) or ``"layerwise"``.
         round_to: channel multiple (default ``"auto"``: 32 from 64 channels, 16 for 32-63, 8 for 16-31,
-            none below; ``1``: no rounding; or a callable ``width -> multiple``). With the default
+            none below; ``1``: no rounding; ``"runtime"``: exact below one SIMD block, quarter blocks up to
+            four blocks, whole blocks above; or a callable ``width -> multiple``). An explicit ``round_to``
+            also rounds the gradient-flow global count (``prune_percent``). With the default
             ``latency_aware`` the global ranking also weighs each channel by the CPU time its
             removal saves (see :class:`BudgetOptions`).
         latency_aware: ``True`` / ``"proxy"`` (default): the time a channel saves comes from an analytic

@@ -89,7 +89,7 @@ class BudgetOptions:
     scope: str = "global"  # "global": one ranking across layers; "layerwise": same fraction per layer
     floor: float = 0.05  # every layer keeps at least floor(floor * width) + 1 units (never zero)
     cap: float = 1.0  # at most this fraction of a layer's units is removed
-    round_to: int | None = None  # keep channel counts at multiples of this (None: engine default, 8/16/32 by width)
+    round_to: int | str | None = None  # channel multiple (None: engine default, 8/16/32 by width; "runtime")
     ignored: tuple[str, ...] | None = None  # layer paths never pruned (None: the classifier)
     normalize: str | None = None  # per-layer score normalisation before a global ranking: None, "l2", "max", "mean"
     tolerance: float = 0.05  # achieved/target may be off by this fraction

@@ -33,12 +33,15 @@ from prunekit.errors import PrunekitError
 def _round_to(text: str | None) -> int | str | None:
     if text is None or text == "auto":
         return None
+    if text == "runtime":
+        return text
     try:
         value = int(text)
     except ValueError:
-        raise PrunekitError(f"--round-to must be an integer >= 1 or 'auto', got {text!r}") from None
+        raise PrunekitError(f"--round-to must be an integer >= 1, 'auto' or 'runtime', got {text!r}") from None
     if value < 1:
-        raise PrunekitError(f"--round-to must be an integer >= 1 (1: no rounding) or 'auto', got {value}")
+        raise PrunekitError(f"--round-to must be an integer >= 1 (1: no rounding), 'auto' or 'runtime', got "
+                            f"{value}")
     return value
 
 
@@ -458,7 +461,10 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--mode", default="physical", choices=["physical", "masked"])
     s.add_argument("--scope", default=None, choices=["global", "layerwise"])
     s.add_argument(
-        "--round-to", default=None, help="channel multiple (integer, 1 = none) or 'auto' (default)"
+        "--round-to", default=None,
+        help="channel multiple (integer, 1 = none), 'auto' (default: 8/16/32 by width) or 'runtime' (exact "
+             "below one SIMD block, quarter blocks up to four, whole blocks above; also rounds the gradient-flow "
+             "global count, prune_percent)"
     )
     s.add_argument("--floor", type=T.FRACTION, default=None, help="every layer keeps floor(floor*width)+1 units")
     s.add_argument("--rounds", type=T.POSITIVE_INT, default=1,

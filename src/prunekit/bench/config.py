@@ -32,7 +32,7 @@ import json
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -147,7 +147,9 @@ class PruneSpec(_Strict):
 
     mode: Literal["physical", "masked"] | None = None
     scope: Literal["global", "layerwise"] | None = None
-    round_to: int | None = Field(None, ge=1)
+    # channel multiple: an int (1: none), "runtime" (the latency-aware search's multiples; also rounds the
+    # gradient-flow global count) or None (the engine default, 8/16/32 by width)
+    round_to: Annotated[int, Field(ge=1)] | Literal["runtime"] | None = None
     rounds: int | None = Field(None, ge=1)
     floor: float | None = Field(None, ge=0, lt=1)  # every layer keeps at least this fraction (engine default 0.05)
     cap: float | None = Field(None, gt=0, le=1)  # at most this fraction of a layer is removed

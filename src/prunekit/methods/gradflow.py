@@ -724,7 +724,7 @@ class GradFlowScorer(ChannelScorer):
         ``floor(min_width * original width) + 1`` channels. The context's target is ignored (the engine's
         ``ratio=F`` removes F of *every* layer; this is the global count). Channels already masked (masked mode)
         count as removed."""
-        from prunekit.surgery.allocate import allocate_filter_count
+        from prunekit.surgery.allocate import allocate_filter_count, resolve_round_to
 
         p = float(self.prune_percent)
         if p > 1:
@@ -746,12 +746,17 @@ class GradFlowScorer(ChannelScorer):
         n0 = sum(int(original.get(k, len(s))) for k, s in scores.items())
         target_keep = int(round(n0 * (1 - p)))
         floor = float(ctx.budget.floor if ctx.budget is not None else self.min_width)
-        keep, kept = allocate_filter_count(scores, original, target_keep, floor)
-        if kept != target_keep:
+        round_to = ctx.budget.round_to if ctx.budget is not None else None
+        multiples = None
+        if round_to is not None:  # an explicit channel multiple: counts in it (the seed's count is exact)
+            multiples = {k: resolve_round_to(int(original.get(k, len(s))), round_to) for k, s in scores.items()}
+        keep, kept = allocate_filter_count(scores, original, target_keep, floor, multiples)
+        if kept != target_keep and multiples is None:
             warnings.warn(f"prunekit: {self.name} keeps {kept} of {n0} filters instead of {target_keep}: the "
                           f"per-layer floor ({floor}) leaves nothing more to remove", stacklevel=2)
         info = {"global_filter_fraction": p, "filters_original": n0, "filters_kept": kept,
-                "filters_target": target_keep, "already_masked": masked}
+                "filters_target": target_keep, "already_masked": masked,
+                "round_to": None if round_to is None else str(round_to)}
         self.meta["global_fraction"] = info
         ctx.allocation = {**info, "widths": {k: len(v) for k, v in keep.items()}}
         return Plan(method=self.name, channels=keep, meta={"scores": {k: v.tolist() for k, v in scores.items()}})

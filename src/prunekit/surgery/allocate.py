@@ -122,18 +122,22 @@ def runtime_breakpoint(n: int, block: int | None = None) -> int:
 
 
 def resolve_round_to(size: int, round_to: int | str | None) -> int:
-    """The channel multiple used for a group: ``None`` / ``"auto"`` -> :func:`default_round_to`; an int
-    applies to every group (1 or 0: no rounding); a callable maps the group's width to its multiple."""
+    """The channel multiple used for a group: ``None`` / ``"auto"`` -> :func:`default_round_to`;
+    ``"runtime"`` -> :func:`runtime_multiple` (the latency-aware width search's multiples: exact below one SIMD
+    block, quarter blocks up to four blocks, whole blocks above); an int applies to every group (1 or 0: no
+    rounding); a callable maps the group's width to its multiple."""
     if round_to is None or round_to == "auto":
         return default_round_to(size)
+    if round_to == "runtime":
+        return runtime_multiple(size)
     if callable(round_to):
         return max(1, int(round_to(size)))
     try:
         r = int(round_to)
     except (TypeError, ValueError):
-        raise PruningError(f"round_to must be a positive int or 'auto', got {round_to!r}") from None
+        raise PruningError(f"round_to must be a positive int, 'auto' or 'runtime', got {round_to!r}") from None
     if r < 0:
-        raise PruningError(f"round_to must be a positive int or 'auto', got {round_to!r}")
+        raise PruningError(f"round_to must be a positive int, 'auto' or 'runtime', got {round_to!r}")
     return max(1, r)
 
 
@@ -934,15 +938,39 @@ def allocate_global_count(scores: dict[str, torch.Tensor], n_remove: int,
 
 
 def allocate_filter_count(scores: dict[str, torch.Tensor], original_sizes: dict[str, int], target_keep: int,
-                          floor: float) -> tuple[dict[str, torch.Tensor], int]:
+                          floor: float, multiples: dict[str, int] | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """Keep ``target_keep`` channels over all scored groups (the gradient-flow "global count" allocator).
 
     The globally lowest scores go first (:func:`allocate_global_count`); every group keeps
-    ``floor(floor * original width) + 1`` channels. Returns ``(kept indices per group that loses channels,
-    channels kept in all)``; the count is above ``target_keep`` when the floors forbid more removal.
+    ``floor(floor * original width) + 1`` channels. With ``multiples`` (``{group: channel multiple}``, e.g.
+    from :func:`resolve_round_to`), each group's count is then rounded to its nearest multiple (at least its
+    floor's, at most its width), keeping its best-scored channels: the total moves by at most half a multiple
+    per group. Returns ``(kept indices per group that loses channels, channels kept in all)``; the count is
+    above ``target_keep`` when the floors forbid more removal.
     """
     floors = {k: math.floor(floor * int(original_sizes.get(k, len(s)))) + 1 for k, s in scores.items()}
     alive = sum(len(s) for s in scores.values())
     keep = allocate_global_count(scores, max(0, alive - int(target_keep)), floors)
+    if multiples:
+        keep = _snap_counts(scores, keep, floors, multiples)
     kept = alive - sum(len(scores[k]) - len(idx) for k, idx in keep.items())
     return keep, kept
+
+
+def _snap_counts(scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor], floors: dict[str, int],
+                 multiples: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Each group's kept count rounded to its multiple, the best-scored channels kept (sorted indices)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, s in scores.items():
+        n = len(s)
+        count = len(keep[key]) if key in keep else n
+        m = max(1, int(multiples.get(key, 1)))
+        target = _snap(count, min(n, max(1, floors.get(key, 1))), n, m) if m > 1 else count
+        if target >= n:
+            continue
+        if target == count:
+            out[key] = keep[key]
+            continue
+        order = torch.argsort(torch.as_tensor(s, dtype=torch.float64).flatten().cpu(), descending=True, stable=True)
+        out[key] = order[:target].sort().values
+    return out
