@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import prunekit
+from prunekit.budget import BudgetOptions
 from prunekit.data import BatchLoader, get_dataset
 from prunekit.data.datasets import train_holdout_split
 from prunekit.deploy import export, measure_runtimes
@@ -65,6 +66,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runtimes", nargs="+", default=["eager", "torchscript", "onnxruntime"])
     ap.add_argument("--out", default="runs/deployed")
+    ap.add_argument("--tolerance", type=float, default=None,
+                    help="target tolerance of every method (BudgetOptions.tolerance; default the engine's 0.05)")
     ap.add_argument("--exact-ranks", action="store_true",
                     help="low-rank methods with their default exact ranks (no aligned_ranks=True)")
     ap.add_argument("--latency-model", default=None, choices=["proxy", "measured", "onnxruntime", "off"],
@@ -99,7 +102,8 @@ def main() -> None:
             if a.latency_model is not None and not method.startswith("tp_"):
                 kw["latency_aware"] = a.latency_model
             kw.update(opts)
-            res = prunekit.prune(base, method, a.target, data=prune_loader, **kw)
+            budget = BudgetOptions(tolerance=a.tolerance) if a.tolerance is not None else None
+            res = prunekit.prune(base, method, a.target, data=prune_loader, budget=budget, **kw)
         pm = res.model.eval()
         models[m] = pm
         rows[m] = {"top1": evaluate(pm, test_loader)["top1"], "flops": count_flops(pm, shape),
@@ -112,6 +116,7 @@ def main() -> None:
     lat = measure_runtimes(models, shape, runtimes=a.runtimes, threads=a.threads, rounds=a.rounds,
                            repeats=10, time_budget_s=3.0)
     meta = {"date": time.strftime("%Y-%m-%d"), "threads": lat["threads"], "target": a.target,
+            "tolerance": a.tolerance, "methods": list(a.methods),
             "latency_model": a.latency_model or "proxy",
             "torch": torch.__version__, "cpu_count": torch.get_num_threads(), "skipped": lat["skipped"]}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "latency": lat}, indent=2))
