@@ -125,3 +125,26 @@ def test_id_iter_widths_are_runtime_multiples_when_latency_aware():
     wide = {n: c for n, c in convs.items() if full[n] >= block}  # groups below one block keep exact widths
     assert wide and all(c % runtime_multiple(full[n]) == 0 for n, c in wide.items()), convs
     assert any(c < full[n] for n, c in wide.items())
+
+
+def test_id_iter_flops_fallback_weighs_steps_that_save_no_time():
+    """A step the latency proxy sees saving time is scored by that time; one it does not (a width the runtime pads
+    back) by its FLOPs times ``flops_fallback``; without a latency-aware search, by its FLOPs."""
+    from types import SimpleNamespace
+
+    from prunekit.errors import PruningError
+    from prunekit.methods.interpolative import _IDState
+
+    def state(fallback: float, aware: bool = True) -> SimpleNamespace:
+        lat = {16: 10.0, 12: 10.0, 8: 6.0}  # 16 -> 12 is padded back: no time saved
+        return SimpleNamespace(latency_aware=aware, method=SimpleNamespace(flops_fallback=fallback),
+                               latency=lambda w: lat[w["a"]], cost=lambda kind, w: float(w["a"] * 100))
+
+    for fallback in (1.0, 0.25, 0.0):
+        st = state(fallback)
+        assert _IDState.saved(st, "flops", {"a": 16}, "a", 8) == 4.0  # time saved
+        assert _IDState.saved(st, "flops", {"a": 16}, "a", 12) == fallback * 400.0  # FLOPs only, weighted
+    assert _IDState.saved(state(0.25, aware=False), "flops", {"a": 16}, "a", 12) == 400.0
+    with pytest.raises(PruningError, match="flops_fallback"):
+        prunekit.prune(create_model("resnet20", width=0.25), "id_iter", "flops=1.5", input_shape=(3, 32, 32),
+                       data=[(torch.randn(8, 3, 32, 32), torch.arange(8) % 10)], flops_fallback=1.5)
