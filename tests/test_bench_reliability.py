@@ -417,3 +417,13 @@ def test_any_truncation_then_append_keeps_whole_rows_only(n, cut, junk):
         got = [json.loads(line)["cell_id"] for line in lines]  # no torn line survives
         assert got == whole + ["new"]
         assert whole == [r["cell_id"] for r in rows][: len(whole)]
+
+
+def test_a_whole_last_row_with_trailing_junk_whitespace_is_completed_cleanly(tmp_path):
+    """Found by the property test above: a row whose newline was lost and a vertical tab written after it."""
+    R.append_row(tmp_path, {"cell_id": "c0", "status": "ok", "v": ""})
+    data = (tmp_path / R.JSONL).read_bytes()
+    (tmp_path / R.JSONL).write_bytes(data[:-1] + b"\x0b")
+    R.append_row(tmp_path, {"cell_id": "new", "status": "ok"})
+    lines = (tmp_path / R.JSONL).read_bytes().split(b"\n")[:-1]
+    assert [json.loads(line)["cell_id"] for line in lines] == ["c0", "new"]

@@ -237,7 +237,11 @@ def repair_torn_tail(fd: int) -> str | None:
             break
         pos = lo
     tail = _pread(fd, size - start, start)
-    if _parse_row(tail) is not None:
+    if _parse_row(tail) is not None:  # a whole row: rewritten without any trailing junk whitespace (e.g. \x0b)
+        clean = tail.strip()
+        if clean != tail:
+            os.ftruncate(fd, start)
+            os.write(fd, clean)
         os.write(fd, b"\n")
         return "completed"
     os.ftruncate(fd, start)
