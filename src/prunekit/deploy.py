@@ -41,7 +41,14 @@ import torch.nn as nn
 
 from prunekit.errors import PrunekitError
 from prunekit.metrics._common import InputShape, example_input
-from prunekit.surgery.cost import LayerLatency, LayerShape, chain_latency, dense_latency, proxy_layer_latency
+from prunekit.surgery.cost import (
+    LayerLatency,
+    LayerShape,
+    chain_latency,
+    dense_latency,
+    proxy_layer_latency,
+    two_sided_chain_latency,
+)
 from prunekit.surgery.lowrank import LowRankConv2d, LowRankLinear
 from prunekit.surgery.masks import remove_masks_
 
@@ -69,9 +76,7 @@ def _lowrank_ratio(m: nn.Module, latency: LayerLatency | None = None) -> float:
     lat = latency or proxy_layer_latency()
     shape = _lowrank_shape(m)
     if "pre" in m._modules and "post" in m._modules:  # pre -> core -> post: both projections
-        r_in, r_out = int(m.r_in), int(m.r_out)
-        chain = (lat(shape.cin, r_in, 1, float(shape.stride_area)) + lat(r_in, r_out, shape.taps, 1.0)
-                 + lat(r_out, shape.cout, 1, 1.0))
+        chain = two_sided_chain_latency(shape, int(m.r_in), int(m.r_out), lat)
     elif "pre" in m._modules:
         chain = chain_latency(shape, int(m.r_in), lat, pre=True)
     else:

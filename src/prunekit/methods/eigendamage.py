@@ -64,7 +64,7 @@ from prunekit.methods.base import Method, PruneContext
 from prunekit.methods.lowrank import _eligible, _goal, _Layer
 from prunekit.methods.options import OptionType
 from prunekit.methods.registry import register_method
-from prunekit.surgery.cost import chain_latency, dense_latency
+from prunekit.surgery.cost import chain_latency, dense_latency, two_sided_chain_latency
 from prunekit.surgery.graph import PruningWarning
 from prunekit.surgery.plan import LowRankFactors, Plan
 
@@ -160,8 +160,7 @@ class _Directions:
         lat, s = self.layer.latency, self.layer.shape
         assert lat is not None and s is not None
         if variant == (True, True):
-            return (lat(s.cin, r_in, 1, float(s.stride_area)) + lat(r_in, r_out, s.taps, 1.0)
-                    + lat(r_out, s.cout, 1, 1.0))
+            return two_sided_chain_latency(s, r_in, r_out, lat)
         return chain_latency(s, r_in, lat, pre=True) if variant[0] else chain_latency(s, r_out, lat)
 
     def faster(self, variant: tuple[bool, bool], r_out: int, r_in: int) -> bool:

@@ -212,6 +212,13 @@ def chain_latency(shape: LayerShape, r: int, latency: LayerLatency, pre: bool = 
     return latency(shape.cin, r, shape.taps, 1.0) + latency(r, shape.cout, 1, 1.0)
 
 
+def two_sided_chain_latency(shape: LayerShape, r_in: int, r_out: int, latency: LayerLatency) -> float:
+    """Latency of the chain 1x1 ``pre`` (``cin -> r_in``, at the input's resolution), ``core`` (``r_in -> r_out``,
+    the layer's kernel), 1x1 ``post`` (``r_out -> cout``): EigenDamage's / a Tucker factorisation's chain."""
+    return (latency(shape.cin, r_in, 1, float(shape.stride_area)) + latency(r_in, r_out, shape.taps, 1.0)
+            + latency(r_out, shape.cout, 1, 1.0))
+
+
 def aligned_rank(shape: LayerShape, r: int, latency: LayerLatency, multiple: int, max_rank: int,
                  pre: bool = False) -> int | None:
     """The rank a low-rank method should use for ``shape`` instead of ``r``: ``r`` rounded up to
