@@ -964,8 +964,7 @@ def _snap_counts(scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor],
     for key, s in scores.items():
         n = len(s)
         count = len(keep[key]) if key in keep else n
-        m = max(1, int(multiples.get(key, 1)))
-        target = _snap(count, min(n, max(1, floors.get(key, 1))), n, m) if m > 1 else count
+        target = _snap(count, min(n, max(1, floors.get(key, 1))), n, max(1, int(multiples.get(key, 1))))
         if target >= n:
             continue
         if target == count:
